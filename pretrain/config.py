@@ -1,0 +1,254 @@
+"""Typed configuration: one dataclass per section, loaded from YAML, validated in one place.
+
+Unknown keys are errors (a typo in a YAML file must not silently fall back to a default), and
+every message names the offending option by its dotted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "HippoConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "CONFIG_DIR",
+    "from_dict",
+    "to_dict",
+    "load_config",
+    "load_yaml",
+    "apply_overrides",
+    "resolve_config_path",
+]
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+MixerKind = Literal["h3", "s4d", "attention"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The language model: sizes, and which mixer each layer uses."""
+
+    vocab_size: int = 50257
+    """Tokenizer vocabulary; the embedding is padded up to a multiple of `pad_vocab_multiple`."""
+    pad_vocab_multiple: int = 8
+    d_model: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    """Attention heads (attention layers only)."""
+    mixer: MixerKind = "h3"
+    """Mixer of every layer not listed in `attn_layer_idx`."""
+    attn_layer_idx: list[int] = field(default_factory=list)
+    """Layers that use causal attention instead of `mixer` (the hybrid models)."""
+    d_state: int = 64
+    """SSM state size N: shift-SSM taps, and 2x the diagonal SSM's complex modes."""
+    mlp_ratio: int = 4
+    position_embedding: Literal["none", "learned", "rotary"] = "none"
+    """H3 and hybrid models use none; Transformers learned or rotary."""
+    max_position_embeddings: int = 2048
+    """Only for learned positions: the longest sequence the model accepts."""
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.0
+    """Dropout on embeddings and on each residual branch."""
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "pad_vocab_multiple", "d_model", "n_layer", "n_head", "d_state", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_state % 2:
+            raise ConfigError(f"model.d_state must be even (N/2 complex modes), got {self.d_state}")
+        bad = [i for i in self.attn_layer_idx if not 0 <= i < self.n_layer]
+        if bad:
+            raise ConfigError(f"model.attn_layer_idx {bad} outside [0, n_layer={self.n_layer})")
+        if len(set(self.attn_layer_idx)) != len(self.attn_layer_idx):
+            raise ConfigError(f"model.attn_layer_idx has duplicates: {self.attn_layer_idx}")
+        if self.uses_attention and self.d_model % self.n_head:
+            raise ConfigError(f"model.n_head={self.n_head} must divide model.d_model={self.d_model}")
+        if self.position_embedding == "rotary" and (self.d_model // self.n_head) % 2:
+            raise ConfigError("model.position_embedding=rotary needs an even head dimension")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return math.ceil(self.vocab_size / m) * m
+
+    @property
+    def layer_mixers(self) -> list[MixerKind]:
+        attn = set(self.attn_layer_idx)
+        return ["attention" if i in attn else self.mixer for i in range(self.n_layer)]
+
+    @property
+    def uses_attention(self) -> bool:
+        return "attention" in self.layer_mixers
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with the paper's SSM parameter rule, and the warmup + cosine schedule."""
+
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_fraction: float = 0.01
+    """Linear warmup over this fraction of the total steps."""
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    ssm_lr_cap: float = 1e-3
+    """SSM dynamics (log_dt, A, B of both SSMs) train at min(ssm_lr_cap, lr), without decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"optim.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        self.betas = tuple(self.betas)  # YAML gives lists
+
+
+# ------------------------------------------------------------------------------ loading
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Coerce a YAML value into annotation `tp`, recursing into dataclasses."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{path} must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}={value!r} does not match {tp}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "6e-4" as a string
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{path} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys raise naming the option."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    prefix = f"{path}." if path else ""
+    if unknown:
+        raise ConfigError(f"unknown option(s) {[prefix + k for k in unknown]}; valid: {sorted(names)}")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain (YAML/JSON-serializable) form of a config dataclass."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a shipped config in `configs/` (with or without .yaml)."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"config {str(name_or_path)!r} not found (nor in {CONFIG_DIR})")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = resolve_config_path(path)
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides (values parsed as YAML) to a nested mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+@dataclass(kw_only=True)
+class HippoConfig:
+    """The whole run. Sections are added as components land; each validates its own fields."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> HippoConfig:
+    """YAML file (or shipped config name) + `key=value` overrides -> validated HippoConfig."""
+    data = apply_overrides(load_yaml(path), overrides or [])
+    return from_dict(HippoConfig, data)

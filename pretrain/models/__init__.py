@@ -1,0 +1,25 @@
+"""Hippo's models: H3, S4D and attention mixers in a pre-norm language model."""
+
+from pretrain.models.attention import CausalSelfAttention
+from pretrain.models.block import Block
+from pretrain.models.h3 import H3
+from pretrain.models.inference import InferenceParams
+from pretrain.models.linear import SINGLE_PROCESS, Linears
+from pretrain.models.lm import HippoLM, build_block, count_parameters, init_weights
+from pretrain.models.mlp import MLP
+from pretrain.models.s4d import S4D
+
+__all__ = [
+    "Block",
+    "CausalSelfAttention",
+    "H3",
+    "HippoLM",
+    "InferenceParams",
+    "Linears",
+    "MLP",
+    "S4D",
+    "SINGLE_PROCESS",
+    "build_block",
+    "count_parameters",
+    "init_weights",
+]

@@ -1,0 +1,58 @@
+"""The H3 layer (Fu, Dao et al., "Hungry Hungry Hippos"), head_dim 1.
+
+    Q, K, V = linear maps of u
+    K' = ShiftSSM(K)                (a learned 64-tap causal filter per channel, + skip)
+    S  = DiagonalSSM(K' * V)        (S4D-Lin long convolution per channel, + skip)
+    out = W_o (Q * S)
+
+Q, K, V are column-parallel and W_o row-parallel, and both SSMs work per channel, so a
+tensor-parallel rank runs the whole layer on its d_model / TP channels with no communication
+until W_o.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from pretrain.models.inference import InferenceParams
+from pretrain.models.linear import SINGLE_PROCESS, Linears
+from pretrain.models.ssm import DiagonalSSM, ShiftSSM
+
+
+class H3(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 64, *, layer_idx: int, linears: Linears = SINGLE_PROCESS):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.q_proj = linears.column(d_model, d_model, bias=True)
+        self.k_proj = linears.column(d_model, d_model, bias=True)
+        self.v_proj = linears.column(d_model, d_model, bias=True)
+        channels = linears.shard(d_model, "model.d_model")
+        self.shift_ssm = ShiftSSM(d_model, d_state, channel_slice=channels)
+        self.diag_ssm = DiagonalSSM(d_model, d_state, channel_slice=channels)
+        self.out_proj = linears.row(d_model, d_model, bias=True)
+
+    def forward(self, u: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
+        """u: (B, L, D) -> (B, L, D). With inference_params, prefill (offset 0) or step (offset > 0)."""
+        if inference_params is not None and inference_params.seqlen_offset > 0:
+            return self._step(u, inference_params)
+        q, k, v = (p(u).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, D, L)
+        kv = self.shift_ssm(k) * v
+        y = q * self.diag_ssm(kv)
+        if inference_params is not None:
+            inference_params.states[self.layer_idx] = (
+                self.shift_ssm.state_from_prefix(k),
+                self.diag_ssm.state_from_prefix(kv),
+            )
+        return self.out_proj(y.transpose(1, 2))
+
+    def _step(self, u: torch.Tensor, inference_params: InferenceParams) -> torch.Tensor:
+        """u: (B, 1, D): one token through both recurrences."""
+        shift_state, diag_state = inference_params.states[self.layer_idx]
+        x = u[:, 0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        k, shift_state = self.shift_ssm.step(shift_state, k)
+        kv = k * v
+        s, diag_state = self.diag_ssm.step(diag_state, kv)
+        inference_params.states[self.layer_idx] = (shift_state, diag_state)
+        return self.out_proj(q * s).unsqueeze(1)

@@ -1,0 +1,38 @@
+"""The paper's S4D baseline mixer: a diagonal SSM per channel, GELU, gated (GLU) output map.
+
+No shift SSM and no multiplicative Q/K/V interaction: the ablation that shows why H3 needs them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.models.inference import InferenceParams
+from pretrain.models.linear import SINGLE_PROCESS, Linears
+from pretrain.models.ssm import DiagonalSSM
+
+
+class S4D(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 64, *, layer_idx: int, linears: Linears = SINGLE_PROCESS):
+        super().__init__()
+        if linears.tp_size != 1:
+            raise ValueError("the S4D baseline mixer does not support tensor parallelism")
+        self.layer_idx = layer_idx
+        self.ssm = DiagonalSSM(d_model, d_state)
+        self.out_proj = nn.Linear(d_model, 2 * d_model)
+
+    def forward(self, u: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
+        """u: (B, L, D) -> (B, L, D)."""
+        if inference_params is not None and inference_params.seqlen_offset > 0:
+            y, inference_params.states[self.layer_idx] = self.ssm.step(
+                inference_params.states[self.layer_idx], u[:, 0]
+            )
+            y = y.unsqueeze(1)
+        else:
+            x = u.transpose(1, 2)
+            y = self.ssm(x).transpose(1, 2)
+            if inference_params is not None:
+                inference_params.states[self.layer_idx] = self.ssm.state_from_prefix(x)
+        return F.glu(self.out_proj(F.gelu(y)), dim=-1)

@@ -1,0 +1,69 @@
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule.
+
+The model never builds its optimizer: grouping reads tags the layers put on their parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from pretrain.config import OptimConfig
+from pretrain.models.ssm import is_ssm_dynamics
+
+
+def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Three groups: SSM dynamics (no decay, lr capped), biases and norms (no decay), the rest.
+
+    Parameter order inside each group follows `model.named_parameters()`, so every rank and
+    every run builds identical groups.
+    """
+    no_decay_modules = (nn.LayerNorm,)
+    no_decay_ids = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, no_decay_modules)
+        for p in m.parameters(recurse=False)
+    }
+    ssm, plain_no_decay, decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if is_ssm_dynamics(p):
+            ssm.append(p)
+        elif id(p) in no_decay_ids or name.endswith("bias"):
+            plain_no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+        {"name": "no_decay", "params": plain_no_decay, "weight_decay": 0.0, "lr": cfg.lr},
+        {"name": "ssm", "params": ssm, "weight_decay": 0.0, "lr": min(cfg.ssm_lr_cap, cfg.lr)},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of each group's base lr at `step` (0-based): linear warmup, cosine to the floor."""
+    warmup = max(1, math.ceil(cfg.warmup_fraction * total_steps)) if cfg.warmup_fraction > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_steps = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps, cfg))
+
+
+def group_sizes(groups: Iterable[dict]) -> dict[str, int]:
+    return {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}

@@ -1,0 +1,117 @@
+"""SSM kernel generators vs their definitions, and convolution vs token-by-token recurrence."""
+
+import math
+
+import pytest
+import torch
+
+from kernels import (
+    diagonal_kernel,
+    diagonal_state_from_prefix,
+    diagonal_step,
+    discretize_diagonal,
+    fftconv,
+    shift_kernel,
+    shift_state_from_prefix,
+    shift_step,
+)
+
+C_, N = 3, 8
+
+
+def _diag_params(dtype=torch.float64, channels=C_, modes=N // 2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    log_dt = torch.empty(channels, dtype=dtype).uniform_(math.log(1e-3), math.log(1e-1), generator=g)
+    log_A_real = torch.full((channels, modes), math.log(0.5), dtype=dtype)
+    A_imag = math.pi * torch.arange(modes, dtype=dtype).expand(channels, modes).clone()
+    B = torch.randn(channels, modes, 2, dtype=dtype, generator=g)
+    C = torch.randn(channels, modes, 2, dtype=dtype, generator=g)
+    return log_dt, log_A_real, A_imag, B, C
+
+
+def test_shift_kernel_definition():
+    B = torch.randn(C_, N, dtype=torch.float64)
+    Cs = torch.randn(C_, N, dtype=torch.float64)
+    k = shift_kernel(B, Cs, 12)
+    assert k.shape == (C_, 12)
+    for c in range(C_):
+        for l in range(12):
+            expect = sum(B[c, n] * Cs[c, n + l] for n in range(N - l)) if l < N else 0.0
+            assert abs(k[c, l] - expect) < 1e-12
+    assert shift_kernel(B, Cs, 5).shape == (C_, 5)
+
+
+def test_shift_kernel_equals_C_when_B_is_e1():
+    B = torch.zeros(C_, N)
+    B[:, 0] = 1
+    Cs = torch.randn(C_, N)
+    torch.testing.assert_close(shift_kernel(B, Cs, N), Cs)
+
+
+def test_diagonal_kernel_definition_float64():
+    ssm = discretize_diagonal(*_diag_params())
+    L = 50
+    k = diagonal_kernel(ssm, L)
+    log_dt, log_A_real, A_imag, B, C = _diag_params()
+    for c in range(C_):
+        dt = math.exp(log_dt[c])
+        for l in (0, 1, 7, 49):
+            total = 0
+            for n in range(N // 2):
+                A = complex(-math.exp(log_A_real[c, n]), A_imag[c, n])
+                dA = (1 + dt * A / 2) / (1 - dt * A / 2)
+                dB = complex(B[c, n, 0], B[c, n, 1]) * dt / (1 - dt * A / 2)
+                total += complex(C[c, n, 0], C[c, n, 1]) * dB * dA**l
+            assert abs(k[c, l].item() - 2 * total.real) < 1e-10
+
+
+@pytest.mark.parametrize("L", [1, 5, 64, 100])
+def test_shift_conv_equals_recurrence(L):
+    x = torch.randn(2, C_, L, dtype=torch.float64)
+    B = torch.randn(C_, N, dtype=torch.float64)
+    Cs = torch.randn(C_, N, dtype=torch.float64)
+    D = torch.randn(C_, dtype=torch.float64)
+    conv = fftconv(x, shift_kernel(B, Cs, L), D)
+    state = torch.zeros(2, C_, N, dtype=torch.float64)
+    for t in range(L):
+        y, state = shift_step(state, x[..., t], B, Cs, D)
+        assert torch.allclose(y, conv[..., t], atol=1e-10)
+    torch.testing.assert_close(shift_state_from_prefix(x, B), state)
+
+
+@pytest.mark.parametrize("L", [1, 5, 64, 300])
+def test_diagonal_conv_equals_recurrence(L):
+    ssm = discretize_diagonal(*_diag_params())
+    x = torch.randn(2, C_, L, dtype=torch.float64)
+    D = torch.randn(C_, dtype=torch.float64)
+    conv = fftconv(x, diagonal_kernel(ssm, L), D)
+    state = torch.zeros(2, C_, N // 2, dtype=torch.complex128)
+    for t in range(L):
+        y, state = diagonal_step(state, x[..., t], ssm, D)
+        assert torch.allclose(y, conv[..., t], atol=1e-9)
+    torch.testing.assert_close(diagonal_state_from_prefix(x, ssm), state)
+
+
+def test_diagonal_prefix_state_chunked_and_with_initial_state(monkeypatch):
+    import kernels.ssm as ssm_mod
+
+    monkeypatch.setattr(ssm_mod, "_PREFIX_CHUNK", 16)  # force several chunks
+    ssm = discretize_diagonal(*_diag_params())
+    x = torch.randn(2, C_, 70, dtype=torch.float64)
+    x0 = torch.randn(2, C_, N // 2, dtype=torch.complex128)
+    state = x0
+    for t in range(70):
+        state = ssm.dA * state + ssm.dB * x[..., t, None]
+    torch.testing.assert_close(diagonal_state_from_prefix(x, ssm, x0), state)
+
+
+def test_kernel_gradcheck():
+    params = [p.requires_grad_() for p in _diag_params(modes=2, channels=2)]
+
+    def f(*ps):
+        return diagonal_kernel(discretize_diagonal(*ps), 6)
+
+    assert torch.autograd.gradcheck(f, params)
+    B = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    Cs = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda b, c: shift_kernel(b, c, 6), (B, Cs))
