@@ -15,12 +15,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from kernels import h3_core
 from pretrain.models.inference import InferenceParams
 from pretrain.models.linear import SINGLE_PROCESS, Linears
 from pretrain.models.ssm import DiagonalSSM, ShiftSSM
 
 
 class H3(nn.Module):
+    # Convolution-mode path for the SSM core (`kernels.h3_core` impl): "auto" picks the fast
+    # chunked path; "reference" selects the full-length FFT oracle.
+    conv_impl: str = "auto"
+
     def __init__(self, d_model: int, d_state: int = 64, *, layer_idx: int, linears: Linears = SINGLE_PROCESS):
         super().__init__()
         self.layer_idx = layer_idx
@@ -37,13 +42,17 @@ class H3(nn.Module):
         if inference_params is not None and inference_params.seqlen_offset > 0:
             return self._step(u, inference_params)
         q, k, v = (p(u).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, D, L)
-        kv = self.shift_ssm(k) * v
-        y = q * self.diag_ssm(kv)
-        if inference_params is not None:
-            inference_params.states[self.layer_idx] = (
-                self.shift_ssm.state_from_prefix(k),
-                self.diag_ssm.state_from_prefix(kv),
-            )
+        sh, dg = self.shift_ssm, self.diag_ssm
+        prefill = inference_params is not None
+        # y = q * DiagSSM(ShiftSSM(k) * v); a prefill also gets the diagonal state at the end.
+        out = h3_core(
+            q, k, v, sh.B, sh.C, sh.D, dg.discrete(), dg.D, impl=self.conv_impl, return_state=prefill
+        )
+        if prefill:
+            y, diag_state = out
+            inference_params.states[self.layer_idx] = (sh.state_from_prefix(k), diag_state)
+        else:
+            y = out
         return self.out_proj(y.transpose(1, 2))
 
     def _step(self, u: torch.Tensor, inference_params: InferenceParams) -> torch.Tensor:
