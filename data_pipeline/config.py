@@ -1,0 +1,107 @@
+"""The `data` section of the training config, and the layout checks to run before any work."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from .layout import supported_dp_sizes
+
+__all__ = ["DataConfig", "validate_data_layout"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where training data comes from and how it is ordered."""
+
+    paths: list[str]
+    """Prepared folders: local paths or URL prefixes (e.g. http://127.0.0.1:8000/pile)."""
+    weights: list[float] | None = None
+    """Per folder, passes over it per epoch (the Pile's per-component epochs); None = 1.0 each."""
+    seed: int = 1234
+    """Fixes the order of every epoch (with the epoch number)."""
+    num_workers: int = 0
+    """DataLoader worker processes per data-parallel rank (0 = read in the training process)."""
+    shuffle_window: int = 1024
+    """Samples per block of each virtual stream's in-stream shuffle (memory: window x seq_len x 2 B per stream)."""
+    virtual_streams: int = 8
+    """Fixed number of sample streams; the supported data-parallel sizes are its divisors."""
+    strict: bool = False
+    """Raise on a corrupt sample instead of replacing it (counted and logged) and continuing."""
+    split: str = "train"
+    """Which split of the prepared folders to read: train or validation."""
+    max_epochs: int | None = None
+    """Raise DataExhaustedError after this many epochs; None = repeat forever."""
+    samples_per_transfer: int = 32
+    """Samples a DataLoader worker sends to the training process at a time."""
+    retries: int = 5
+    """Reconnections per shard (remote paths) before a fetch error is raised."""
+    timeout_s: float = 60.0
+    """Socket timeout for remote paths, so a stalled server fails instead of hanging."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.paths, str):
+            raise ValueError(f"data.paths must be a list of folders, got the string {self.paths!r}")
+        self.paths = [str(p) for p in self.paths]
+        if not self.paths:
+            raise ValueError("data.paths must name at least one prepared folder")
+        if self.weights is not None:
+            self.weights = [float(w) for w in self.weights]
+            if len(self.weights) != len(self.paths):
+                raise ValueError(f"data.weights has {len(self.weights)} entries for {len(self.paths)} data.paths")
+            bad = [w for w in self.weights if not (math.isfinite(w) and w > 0)]
+            if bad:
+                raise ValueError(f"data.weights must be finite and > 0, got {bad}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"data.seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("shuffle_window", "virtual_streams", "samples_per_transfer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.retries < 0:
+            raise ValueError(f"data.retries must be >= 0, got {self.retries}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"data.timeout_s must be > 0, got {self.timeout_s}")
+        if self.split not in ("train", "validation"):
+            raise ValueError(f"data.split must be 'train' or 'validation', got {self.split!r}")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ValueError(f"data.max_epochs must be >= 1 or None, got {self.max_epochs}")
+
+    @property
+    def source_weights(self) -> list[float]:
+        return list(self.weights) if self.weights is not None else [1.0] * len(self.paths)
+
+
+def validate_data_layout(cfg: DataConfig, dp_size: int, micro_batch_size: int, global_batch_size: int) -> None:
+    """Refuse a data-parallel layout the stream cannot serve identically; cheap, reads no files.
+
+    Raises:
+        ValueError naming the option: dp_size must divide data.virtual_streams, and
+        global_batch_size must be a multiple of dp_size * micro_batch_size.
+    """
+    for name, value in (("dp_size", dp_size), ("micro_batch_size", micro_batch_size),
+                        ("global_batch_size", global_batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if cfg.virtual_streams % dp_size:
+        raise ValueError(
+            f"data-parallel size {dp_size} does not divide data.virtual_streams={cfg.virtual_streams}; "
+            f"supported data-parallel sizes: {supported_dp_sizes(cfg.virtual_streams)} "
+            "(raise data.virtual_streams to a multiple of the DP sizes you need; it changes the sample order)"
+        )
+    if global_batch_size % (dp_size * micro_batch_size):
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a multiple of dp_size * micro_batch_size = "
+            f"{dp_size} * {micro_batch_size} = {dp_size * micro_batch_size}"
+        )
+    per_worker = cfg.virtual_streams // dp_size
+    if cfg.num_workers > 1 and per_worker % cfg.num_workers:
+        logger.warning(
+            "data.num_workers=%d does not divide the %d virtual streams of each rank: every worker reads "
+            "all of its rank's streams and keeps 1/%d of the samples (correct, but %dx the reading)",
+            cfg.num_workers, per_worker, cfg.num_workers, cfg.num_workers,
+        )

@@ -1,0 +1,147 @@
+"""`hippo data inspect` (summary + a few decoded samples) and `hippo data verify` (full re-check)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import zstandard
+
+from .manifest import Manifest, load_manifest
+from .remote import join_url, open_url
+from .shard_io import CorruptSample, decode_sample, iter_shard_members
+from .tokenizer import load_tokenizer
+
+__all__ = ["summarize", "decoded_samples", "verify", "VerifyReport"]
+
+
+def _fmt(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.4g}{unit}"
+        n /= 1000
+    return f"{n:.4g}P"
+
+
+def summarize(m: Manifest, folder: str) -> str:
+    """A human-readable summary of a manifest."""
+    t = m.tokenizer
+    lines = [
+        f"{folder}",
+        f"  tokenizer: {t['name']} (vocab {t['vocab_size']}, eos {t['eos_id']}, hash {t['hash']})",
+        f"  seq_len: {m.seq_len} (windows of {m.window} tokens, {m.dtype})",
+    ]
+    for name, s in m.splits.items():
+        if not s.shards:
+            continue
+        size = sum(sh.bytes for sh in s.shards)
+        lines.append(f"  {name}: {s.samples} samples in {len(s.shards)} shards ({_fmt(size)}B), "
+                     f"{s.documents} documents, {_fmt(s.tokens)} tokens (+{s.pad_tokens} padding)")
+        for set_name, c in sorted(s.set_names.items(), key=lambda kv: -kv[1]["tokens"]):
+            lines.append(f"    {set_name}: {c['documents']} docs, {_fmt(c['tokens'])} tokens")
+    skipped = m.skipped()
+    lines.append("  skipped records: " + (", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"))
+    for s in m.splits.values():
+        for ex in s.skipped_examples[:5]:
+            lines.append(f"    {ex['file']}:{ex['line']}: {ex['reason']}: {ex['detail']}")
+    lines.append(f"  sources: {len(m.inputs)} files")
+    for inp in m.inputs[:20]:
+        info = f" {inp['info']}" if "info" in inp else ""
+        lines.append(f"    {inp['path']} ({_fmt(inp['bytes'])}B, {inp['split']}){info}")
+    return "\n".join(lines)
+
+
+def decoded_samples(folder: str, *, split: str = "train", count: int = 3, max_chars: int = 300) -> list[str]:
+    """The first `count` samples of a split's first shard, decoded back to text."""
+    m = load_manifest(folder)
+    tok = load_tokenizer(folder)
+    shard = m.split(split).shards[0]
+    url = join_url(folder, shard.name)
+    out = []
+    dctx = zstandard.ZstdDecompressor()
+    with open_url(url, expected_size=shard.bytes) as f:
+        for _, _, data in iter_shard_members(f, url):
+            ids = decode_sample(data, np.dtype(m.dtype), m.window, dctx)
+            text = tok.decode(ids.tolist())
+            out.append(text[:max_chars] + ("..." if len(text) > max_chars else ""))
+            if len(out) == count:
+                break
+    return out
+
+
+class _HashingReader(io.RawIOBase):
+    def __init__(self, f) -> None:
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        data = self.f.read(len(buf))
+        buf[:len(data)] = data
+        self.sha.update(data)
+        self.n += len(data)
+        return len(data)
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_shard(folder: str, m: Manifest, name: str, samples: int, size: int, sha: str) -> Iterator[str]:
+    url = join_url(folder, name)
+    dctx = zstandard.ZstdDecompressor()
+    try:
+        f = open_url(url, expected_size=size)
+    except FileNotFoundError:
+        yield f"{name}: missing"
+        return
+    with f:
+        h = _HashingReader(f)
+        n = 0
+        try:
+            for idx, member, data in iter_shard_members(io.BufferedReader(h), url):
+                if idx != n:
+                    yield f"{name}: member {member} out of order (expected sample {n})"
+                try:
+                    decode_sample(data, np.dtype(m.dtype), m.window, dctx)
+                except CorruptSample as e:
+                    yield f"{name}: sample {n}: {e}"
+                n += 1
+        except CorruptSample as e:
+            yield f"{name}: {e}"
+        while h.readinto(bytearray(1 << 20)):
+            pass  # hash the trailing padding too
+    if n != samples:
+        yield f"{name}: {n} samples, manifest says {samples}"
+    if h.n != size:
+        yield f"{name}: {h.n} bytes, manifest says {size}"
+    if h.sha.hexdigest() != sha:
+        yield f"{name}: sha256 {h.sha.hexdigest()[:16]}... differs from the manifest"
+
+
+def verify(folder: str, *, progress: bool = False) -> VerifyReport:
+    """Re-read every shard: size, sha256, sample count, and that every sample decodes."""
+    from tqdm import tqdm
+
+    m = load_manifest(folder)
+    report = VerifyReport()
+    shards = [(s, sh) for s in m.splits.values() for sh in s.shards]
+    for s, sh in tqdm(shards, desc="verify", unit="shard", disable=not progress):
+        report.shards += 1
+        report.samples += sh.samples
+        report.problems.extend(_check_shard(folder, m, sh.name, sh.samples, sh.bytes, sh.sha256))
+    for name, s in m.splits.items():
+        if sum(sh.samples for sh in s.shards) != s.samples:
+            report.problems.append(f"{name}: shard sample counts do not add up to {s.samples}")
+    return report

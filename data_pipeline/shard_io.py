@@ -1,0 +1,163 @@
+"""Token shards on disk: webdataset tar files of zstd-compressed fixed windows.
+
+A sample is one window of `seq_len + 1` token ids stored as `<key>.u16.zst` or `<key>.u32.zst`
+(the extension carries the dtype, as the raw bytes carry none). Keys are
+`<shard stem>-<index in shard>` so a reader can tell exactly which samples a damaged shard
+lost. Tar members are written by hand with fixed metadata (mtime 0, root owner), so the same
+input always gives byte-identical shards: a resumed prepare reproduces the checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from .errors import ShardFetchError
+
+__all__ = [
+    "ShardInfo",
+    "ShardWriter",
+    "CorruptSample",
+    "sample_extension",
+    "decode_sample",
+    "iter_shard_members",
+    "dtype_for_vocab",
+]
+
+
+@dataclass(slots=True)
+class ShardInfo:
+    """One finished shard as the manifest lists it."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class CorruptSample(Exception):
+    """A sample whose bytes do not decode to a window of the expected length."""
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (GPT-2, NeoX, byte), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def sample_extension(dtype: np.dtype) -> str:
+    return {np.dtype(np.uint16): "u16.zst", np.dtype(np.uint32): "u32.zst"}[np.dtype(dtype)]
+
+
+def decode_sample(data: bytes, dtype: np.dtype, window: int, dctx: zstandard.ZstdDecompressor) -> np.ndarray:
+    """Token ids of one stored window; CorruptSample if zstd fails or the length is wrong."""
+    try:
+        raw = dctx.decompress(data)
+    except zstandard.ZstdError as e:
+        raise CorruptSample(f"zstd: {e}") from None
+    arr = np.frombuffer(raw, dtype=dtype)
+    if arr.size != window or len(raw) != window * np.dtype(dtype).itemsize:
+        raise CorruptSample(f"{len(raw)} bytes, expected {window} tokens of {np.dtype(dtype).name}")
+    return arr
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header of a regular file (mode 644, mtime 0, owner 0:0).
+
+    Built directly: `tarfile.TarInfo.tobuf` costs more than compressing the sample itself.
+    """
+    raw = name.encode("utf-8")
+    if len(raw) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name}")
+    head = b"".join((
+        raw.ljust(100, b"\0"), b"0000644\0", b"0000000\0", b"0000000\0",
+        b"%011o\0" % size, b"00000000000\0",
+    ))
+    tail = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (64 + 16 + 167)  # uname/gname, dev numbers, prefix
+    checksum = sum(head) + sum(tail) + 8 * 0x20  # the checksum field counts as eight spaces
+    return head + b"%06o\0 " % checksum + tail
+
+
+class ShardWriter:
+    """Writes one shard under `<name>.tmp` and renames it to `<name>` only when complete.
+
+    A reader (or a resumed prepare) therefore never sees a half-written shard under its final name.
+    """
+
+    def __init__(self, folder: Path, name: str, dtype: np.dtype, level: int = 3) -> None:
+        self.folder = Path(folder)
+        self.name = name
+        self.stem = name.removesuffix(".tar")
+        self.ext = sample_extension(dtype)
+        self.dtype = np.dtype(dtype)
+        self._tmp = self.folder / (name + ".tmp")
+        self._f = open(self._tmp, "wb")
+        self._sha = hashlib.sha256()
+        # The 4-byte content checksum lets readers tell a damaged sample from a valid one.
+        self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        self.samples = 0
+        self.bytes = 0
+
+    def _write(self, b: bytes) -> None:
+        self._f.write(b)
+        self._sha.update(b)
+        self.bytes += len(b)
+
+    def add(self, window: np.ndarray) -> None:
+        """Append one window (already of the shard's dtype and length)."""
+        data = self._cctx.compress(np.ascontiguousarray(window, dtype=self.dtype).tobytes())
+        self._write(ustar_header(f"{self.stem}-{self.samples:08d}.{self.ext}", len(data)))
+        self._write(data)
+        if len(data) % 512:
+            self._write(b"\0" * (512 - len(data) % 512))
+        self.samples += 1
+
+    def close(self) -> ShardInfo:
+        """Finish the archive, fsync, and move it to its final name."""
+        self._write(b"\0" * 1024)  # tar end-of-archive marker
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self._tmp, self.folder / self.name)
+        return ShardInfo(self.name, self.samples, self.bytes, self._sha.hexdigest())
+
+    def abort(self) -> None:
+        self._f.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def sample_index(member_name: str) -> int | None:
+    """Index within its shard of a member named `<stem>-<index>.<ext>`, or None if not ours."""
+    base = member_name.split(".", 1)[0]
+    _, _, idx = base.rpartition("-")
+    return int(idx) if idx.isdigit() else None
+
+
+def iter_shard_members(stream: io.BufferedIOBase, url: str) -> Iterator[tuple[int | None, str, bytes]]:
+    """(index, member name, bytes) for each member, via webdataset's tar iterator.
+
+    I/O failures become `ShardFetchError` (never skipped: samples must not vanish silently);
+    what the tar reader raises about the bytes themselves means damaged content: CorruptSample.
+    """
+    from webdataset.tariterators import tar_file_iterator
+
+    def reraise(exn: Exception) -> bool:
+        raise exn
+
+    try:
+        for member in tar_file_iterator(stream, handler=reraise):
+            yield sample_index(member["fname"]), member["fname"], member["data"]
+    except ShardFetchError:
+        raise
+    except OSError as e:
+        # I/O failed below the tar layer (a pipe command failed, a disk error): not bad content.
+        raise ShardFetchError(f"{url}: read failed: {e}") from None
+    except (tarfile.TarError, EOFError, ValueError, zstandard.ZstdError) as e:
+        raise CorruptSample(f"{url}: unreadable tar: {e}") from None

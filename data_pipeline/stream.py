@@ -1,0 +1,447 @@
+"""The training-side stream: batches of (micro_batch, seq_len + 1) token ids, resumable exactly.
+
+`build_stream` returns a `TokenStream` for one data-parallel rank. Which samples it yields is
+fixed by `layout.Layout` (see there): rank r of D reads the virtual streams v % D == r and
+yields global samples r, r + D, r + 2D, ... of the run, in micro-batches, B / D samples per
+global batch. With DataLoader workers, worker w of W produces every W-th of the rank's samples
+and the training process puts them back in order, so workers change speed, not content.
+
+Reading uses webdataset's tar iterator on streams opened by `remote.open_url`. A corrupt
+sample (bad tar member, bad zstd, wrong length) is replaced by the next good sample of its
+shuffle block (or, if the whole block is unreadable, a window of EOS tokens), counted and
+logged; with `strict` it raises CorruptShardError. Replacing rather than dropping keeps every
+rank's batch count equal, so a damaged shard can never desynchronise (hang) the ranks. Fetch
+failures (a connection lost beyond its retries) always raise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zstandard
+
+from .config import DataConfig, validate_data_layout
+from .errors import CorruptShardError, DataExhaustedError, ManifestError, ShardFetchError
+from .layout import EpochPlan, Layout, Segment
+from .manifest import Manifest, load_manifest
+from .remote import join_url, open_url
+from .shard_io import CorruptSample, decode_sample, iter_shard_members, sample_extension
+
+__all__ = ["TokenStream", "build_stream", "STATE_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_MAX_CORRUPT_WARNINGS = 20
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What a reader needs of one prepared folder: shard URLs and sizes."""
+
+    folder: str
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _ReadSpec:
+    """Everything a (possibly forked) reader needs; small and picklable."""
+
+    sources: tuple[_Source, ...]
+    layout: Layout
+    dtype: str
+    window: int
+    eos_id: int
+    dp_rank: int
+    dp_size: int
+    strict: bool
+    retries: int
+    timeout_s: float
+
+
+class _StreamReader:
+    """Virtual stream v of one epoch, from a position on, decoded one shuffle block at a time."""
+
+    def __init__(self, spec: _ReadSpec, plan: EpochPlan, v: int, pos: int, corrupt: list[int]) -> None:
+        self.spec = spec
+        self.plan = plan
+        self.v = v
+        first_block = pos // plan.window
+        begin = plan.stream_start[v] + first_block * plan.window
+        self._inputs = self._iter_inputs(plan.pieces(begin, plan.stream_start[v] + plan.stream_len[v]))
+        self._rows: list[np.ndarray] = []
+        self._perm: np.ndarray | None = None
+        self._loaded = first_block - 1  # blocks before the start position are never read
+        self._dctx = zstandard.ZstdDecompressor()
+        self.corrupt = corrupt  # [count], shared by all readers of one rank/worker
+
+    def get(self, pos: int) -> np.ndarray:
+        """The sample at stream position `pos` (positions must not decrease)."""
+        b = pos // self.plan.window
+        while self._loaded < b:
+            self._load_block()
+        return self._rows[self._perm[pos - b * self.plan.window]]
+
+    def _iter_inputs(self, pieces: list[Segment]) -> Iterator[tuple[bytes | None, str]]:
+        """(sample bytes, where) in stream order; (None, reason) for samples that cannot be read."""
+        for seg in pieces:
+            yield from self._read_segment(seg)
+
+    def _read_segment(self, seg: Segment) -> Iterator[tuple[bytes | None, str]]:
+        src = self.spec.sources[seg.source]
+        url = join_url(src.folder, src.names[seg.shard])
+        ext = "." + sample_extension(np.dtype(self.spec.dtype))
+        want, reason = seg.start, ""
+        try:
+            f = open_url(url, expected_size=src.sizes[seg.shard], retries=self.spec.retries,
+                         timeout=self.spec.timeout_s)
+        except FileNotFoundError as e:
+            raise ManifestError(f"{url}: shard listed in the manifest is missing ({e})") from None
+        read_to_end = False
+        try:
+            for idx, name, data in iter_shard_members(f, url):
+                if idx is None or idx < want:
+                    continue
+                while want < min(idx, seg.stop):
+                    yield None, f"{url}: sample {want} is missing"
+                    want += 1
+                if want >= seg.stop:
+                    break
+                where = f"{url}: sample {idx}"
+                yield (data, where) if name.endswith(ext) else (None, f"{where}: {name} is not a {ext} member")
+                want += 1
+                if want >= seg.stop:
+                    break
+            else:
+                read_to_end = True
+        except CorruptSample as e:
+            # Damaged bytes, or a `pipe:` command that failed mid-way: read to the end so that
+            # closing can tell (a failed command must raise, not be counted as corruption).
+            reason = str(e)
+            try:
+                while f.read(1 << 20):
+                    pass
+            except OSError as err:
+                raise ShardFetchError(f"{url}: {err}") from None
+            read_to_end = True
+        finally:
+            _close(f, url, check=read_to_end)
+        while want < seg.stop:
+            yield None, reason or f"{url}: sample {want} is missing (shard ended early)"
+            want += 1
+
+    def _load_block(self) -> None:
+        plan, spec = self.plan, self.spec
+        b = self._loaded + 1
+        size = min(plan.window, plan.stream_len[self.v] - b * plan.window)
+        rows: list[np.ndarray | None] = []
+        bad: list[str] = []
+        for _ in range(size):
+            data, reason = next(self._inputs)
+            row = None
+            if data is not None:
+                try:
+                    row = decode_sample(data, np.dtype(spec.dtype), spec.window, self._dctx)
+                except CorruptSample as e:
+                    reason = f"{reason}: {e}"
+            if row is None:
+                if spec.strict:
+                    raise CorruptShardError(f"{reason} (data.strict is set)")
+                bad.append(reason)
+            rows.append(row)
+        if bad:
+            rows = _fill_corrupt(rows, spec.window, spec.dtype, spec.eos_id)
+            self.corrupt[0] += len(bad)
+            if self.corrupt[0] - len(bad) < _MAX_CORRUPT_WARNINGS:
+                logger.warning("replaced %d unreadable sample(s) of epoch %d stream %d block %d, e.g. %s",
+                               len(bad), plan.epoch, self.v, b, bad[0])
+        self._rows = rows
+        self._perm = plan.block_permutation(self.v, b)
+        self._loaded = b
+
+
+def _close(f, url: str, *, check: bool) -> None:
+    """Close a shard stream. A pipe (`pipe:` URLs) reports its command's failure only here, so a
+    stream read to its end must close cleanly; one abandoned early may not (the command gets SIGPIPE)."""
+    try:
+        f.close()
+    except OSError as e:
+        if check:
+            raise ShardFetchError(f"{url}: {e}") from None
+
+
+def _fill_corrupt(rows: list, window: int, dtype: str, eos_id: int) -> list[np.ndarray]:
+    """Each missing row becomes the next good row of the block (cyclically), else all EOS."""
+    good = [i for i, r in enumerate(rows) if r is not None]
+    if not good:
+        pad = np.full(window, eos_id, dtype=dtype)
+        return [pad] * len(rows)
+    out = []
+    for i, r in enumerate(rows):
+        if r is None:
+            k = next((j for j in good if j > i), good[0])
+            r = rows[k]
+        out.append(r)
+    return out
+
+
+def _rank_samples(spec: _ReadSpec, start: int, stop: int | None, step: int) -> Iterator[tuple[np.ndarray, int]]:
+    """This rank's samples start, start + step, ... (rank-local indices, over epochs): (row, corrupt so far)."""
+    layout, D, r = spec.layout, spec.dp_size, spec.dp_rank
+    per_rank_epoch = layout.samples_per_epoch // D
+    readers: dict[tuple[int, int], _StreamReader] = {}
+    corrupt = [0]
+    J = start
+    while stop is None or J < stop:
+        epoch, j = divmod(J, per_rank_epoch)
+        g = r + j * D
+        v, pos = g % layout.V, g // layout.V
+        reader = readers.get((epoch, v))
+        if reader is None:
+            for k in [k for k in readers if k[0] != epoch]:  # an epoch's readers are done once a later one starts
+                del readers[k]
+            reader = readers[(epoch, v)] = _StreamReader(spec, layout.plan(epoch), v, pos, corrupt)
+        yield reader.get(pos), corrupt[0]
+        J += step
+
+
+class _WorkerDataset(torch.utils.data.IterableDataset):
+    """One rank's samples for DataLoader workers: worker w makes every W-th, in slabs."""
+
+    def __init__(self, spec: _ReadSpec, start: int, stop: int | None, slab: int) -> None:
+        super().__init__()
+        self.spec, self.start, self.stop, self.slab = spec, start, stop, slab
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        rows, k, corrupt = [], 0, 0
+        for row, corrupt in _rank_samples(self.spec, self.start + w, self.stop, W):
+            rows.append(row)
+            if len(rows) == self.slab:
+                yield w, k, np.stack(rows), corrupt
+                rows, k = [], k + 1
+        if rows:
+            yield w, k, np.stack(rows), corrupt
+
+
+def _identity(x):
+    return x
+
+
+class TokenStream:
+    """Batches for one data-parallel rank; `state_dict` is the global consumed-sample count.
+
+    Iterating yields LongTensors of shape (micro_batch_size, seq_len + 1): for each global batch,
+    global_batch_size / dp_size / micro_batch_size micro-batches in order. Training streams
+    run over epochs forever (or until data.max_epochs: DataExhaustedError); one-pass streams
+    (evaluation) yield the manifest order once, from the start each time they are iterated.
+    """
+
+    def __init__(self, cfg: DataConfig, manifests: list[Manifest], *, dp_rank: int, dp_size: int,
+                 micro_batch_size: int, global_batch_size: int, one_pass: bool = False,
+                 max_batches: int | None = None) -> None:
+        self.cfg = cfg
+        self.manifests = manifests
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.micro_batch_size = micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.one_pass = one_pass
+        self.max_batches = max_batches
+        first = manifests[0]
+        self.seq_len: int = first.seq_len
+        self.vocab_size: int = first.tokenizer["vocab_size"]
+        self.eos_id: int = first.tokenizer["eos_id"]
+        self.tokenizer_spec: str = "byte" if first.tokenizer["spec"] == "byte" else join_url(
+            cfg.paths[0], first.tokenizer["file"])
+        splits = [m.split(cfg.split) for m in manifests]
+        self.layout = Layout([[sh.samples for sh in s.shards] for s in splits], weights=cfg.source_weights,
+                             seed=cfg.seed, virtual_streams=cfg.virtual_streams, shuffle_window=cfg.shuffle_window,
+                             global_batch_size=global_batch_size, shuffle=not one_pass)
+        if self.layout.batches_per_epoch == 0:
+            raise ValueError(
+                f"data.paths {cfg.paths} ({cfg.split}) give {self.layout.samples_per_epoch_total} samples per epoch, "
+                f"fewer than one global batch of {global_batch_size}"
+            )
+        self.manifest_hash = hashlib.sha256(json.dumps(
+            [[m.content_hash(cfg.split), w] for m, w in zip(manifests, cfg.source_weights)]).encode()).hexdigest()[:16]
+        self._spec = _ReadSpec(
+            sources=tuple(_Source(p, tuple(sh.name for sh in s.shards), tuple(sh.bytes for sh in s.shards))
+                          for p, s in zip(cfg.paths, splits)),
+            layout=self.layout, dtype=first.dtype, window=first.window, eos_id=self.eos_id, dp_rank=dp_rank,
+            dp_size=dp_size, strict=cfg.strict, retries=cfg.retries, timeout_s=cfg.timeout_s)
+        logger.info("data %s (%s): %d samples per epoch in %d global batches of %d; %d dropped per epoch "
+                    "(the partial last batch)", cfg.paths, cfg.split, self.layout.samples_per_epoch,
+                    self.layout.batches_per_epoch, global_batch_size, self.layout.dropped_per_epoch)
+        self.consumed_samples = 0
+        self.corrupt_samples = 0
+        """Unreadable samples met while reading (replaced); includes any read past the rank's need."""
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples used per epoch (whole global batches); the rest are `dropped_per_epoch`."""
+        return self.layout.samples_per_epoch
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        return self.layout.dropped_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed_samples // self.layout.samples_per_epoch
+
+    def __len__(self) -> int:
+        """Micro-batches this rank yields per epoch (per pass for one-pass streams)."""
+        batches = self.layout.batches_per_epoch
+        if self.max_batches is not None:
+            batches = min(batches, self.max_batches)
+        return batches * self.global_batch_size // self.dp_size // self.micro_batch_size
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "consumed_samples": self.consumed_samples,
+            "seed": self.cfg.seed,
+            "manifest_hash": self.manifest_hash,
+            "global_batch_size": self.global_batch_size,
+            "virtual_streams": self.cfg.virtual_streams,
+            "shuffle_window": self.cfg.shuffle_window,
+            "epoch": self.epoch,
+            "samples_per_epoch": self.layout.samples_per_epoch,
+            "dropped_per_epoch": self.layout.dropped_per_epoch,
+            "corrupt_samples": self.corrupt_samples,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Continue after `sd["consumed_samples"]`; any data-parallel size or worker count works."""
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"data stream state version {sd.get('version')} is not {STATE_VERSION}")
+        mine = self.state_dict()
+        for key, option in (("manifest_hash", "data.paths / data.weights (the prepared data)"),
+                            ("seed", "data.seed"), ("global_batch_size", "global_batch_size"),
+                            ("virtual_streams", "data.virtual_streams"), ("shuffle_window", "data.shuffle_window")):
+            if sd.get(key) != mine[key]:
+                raise ValueError(
+                    f"cannot resume the data stream: the checkpoint has {key}={sd.get(key)!r}, this run "
+                    f"{mine[key]!r}; {option} must stay the same for the sample order to continue"
+                )
+        consumed = int(sd["consumed_samples"])
+        if consumed % self.global_batch_size:
+            raise ValueError(f"consumed_samples={consumed} is not a multiple of global_batch_size")
+        self.consumed_samples = consumed
+        self.corrupt_samples = int(sd.get("corrupt_samples", 0))
+
+    # ------------------------------------------------------------------ iteration
+
+    def _local_range(self) -> tuple[int, int | None]:
+        """Rank-local sample indices [start, stop) this iteration covers."""
+        D, B = self.dp_size, self.global_batch_size
+        if self.one_pass:
+            batches = self.layout.batches_per_epoch
+            if self.max_batches is not None:
+                batches = min(batches, self.max_batches)
+            return 0, batches * B // D
+        start = self.consumed_samples // D
+        stop = None
+        if self.cfg.max_epochs is not None:
+            stop = self.cfg.max_epochs * self.layout.samples_per_epoch // D
+        return start, stop
+
+    def _rows(self, start: int, stop: int | None) -> Iterator[np.ndarray]:
+        W = self.cfg.num_workers
+        base_corrupt = self.corrupt_samples
+        if W == 0:
+            for row, corrupt in _rank_samples(self._spec, start, stop, 1):
+                self.corrupt_samples = base_corrupt + corrupt
+                yield row
+            return
+        loader = torch.utils.data.DataLoader(
+            _WorkerDataset(self._spec, start, stop, self.cfg.samples_per_transfer),
+            batch_size=None, num_workers=W, collate_fn=_identity, prefetch_factor=4)
+        slabs: dict[tuple[int, int], np.ndarray] = {}
+        worker_corrupt = [0] * W
+        it = iter(loader)
+        k = self.cfg.samples_per_transfer
+        J = start
+        while stop is None or J < stop:
+            w, i = (J - start) % W, (J - start) // W
+            key = (w, i // k)
+            while key not in slabs:  # workers may finish unevenly at the end: index by (worker, slab)
+                sw, si, arr, corrupt = next(it)
+                slabs[(sw, si)] = arr
+                worker_corrupt[sw] = corrupt
+            slab = slabs[key]
+            t = i % k
+            if t == len(slab) - 1:
+                del slabs[key]
+            self.corrupt_samples = base_corrupt + sum(worker_corrupt)
+            yield slab[t]
+            J += 1
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        start, stop = self._local_range()
+        if self.one_pass:
+            self.consumed_samples = 0
+        per_rank = self.global_batch_size // self.dp_size
+        micro_per_batch = per_rank // self.micro_batch_size
+        rows = self._rows(start, stop)
+        m = 0
+        batch: list[np.ndarray] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) < self.micro_batch_size:
+                continue
+            out = torch.from_numpy(np.stack(batch).astype(np.int64))
+            batch = []
+            m += 1
+            if m == micro_per_batch:
+                # Counted as the last micro-batch is handed over: a checkpoint after step k has k batches.
+                m = 0
+                self.consumed_samples += self.global_batch_size
+            yield out
+        if not self.one_pass:
+            raise DataExhaustedError(
+                f"data stream exhausted after data.max_epochs={self.cfg.max_epochs} epochs "
+                f"({self.consumed_samples} samples)"
+            )
+
+
+def build_stream(cfg: DataConfig, *, dp_rank: int, dp_size: int, micro_batch_size: int, global_batch_size: int,
+                 one_pass: bool = False, max_batches: int | None = None) -> TokenStream:
+    """The batch stream of data-parallel rank `dp_rank` of `dp_size`.
+
+    Tensor- and pipeline-parallel ranks of the same data-parallel rank must pass the same
+    dp_rank: they receive identical batches. Call `validate_data_layout` first to fail before
+    any process does work; this repeats it and also checks the manifests agree.
+
+    Args:
+        one_pass: evaluation mode: no shuffling, one pass in manifest order, then stop.
+        max_batches: with one_pass, stop after this many global batches.
+    """
+    validate_data_layout(cfg, dp_size, micro_batch_size, global_batch_size)
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} outside [0, dp_size={dp_size})")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    manifests = [load_manifest(p) for p in cfg.paths]
+    first = manifests[0]
+    for p, m in zip(cfg.paths[1:], manifests[1:]):
+        if (m.seq_len, m.tokenizer["hash"]) != (first.seq_len, first.tokenizer["hash"]):
+            raise ManifestError(
+                f"data.paths mix incompatible data: {cfg.paths[0]} has seq_len={first.seq_len}, tokenizer "
+                f"{first.tokenizer['name']} ({first.tokenizer['hash']}); {p} has seq_len={m.seq_len}, "
+                f"tokenizer {m.tokenizer['name']} ({m.tokenizer['hash']})"
+            )
+    return TokenStream(cfg, manifests, dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=micro_batch_size,
+                       global_batch_size=global_batch_size, one_pass=one_pass, max_batches=max_batches)

@@ -1,0 +1,308 @@
+"""The training stream: layout fidelity, DP/worker invariance, exact resume, mixtures, damage."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+from dp_helpers import byte_docs_from_tokens, make_docs, read_split, write_jsonl
+
+from data_pipeline.config import DataConfig
+from data_pipeline.errors import CorruptShardError, DataExhaustedError
+from data_pipeline.prepare import prepare
+from data_pipeline.stream import build_stream
+
+B, MB = 16, 2
+
+
+def _stream(paths, D=1, r=0, *, W=0, mb=MB, gb=B, **kw):
+    cfg = DataConfig(paths=[str(p) for p in paths], num_workers=W, shuffle_window=kw.pop("window", 16), **kw)
+    return build_stream(cfg, dp_rank=r, dp_size=D, micro_batch_size=mb, global_batch_size=gb)
+
+
+def _global_batches(paths, D, n_batches, *, W=0, state=None, **kw) -> list[np.ndarray]:
+    """Global batches k = 0.. as (B, T+1) arrays in global sample order, rebuilt from D ranks."""
+    per_rank = []
+    for r in range(D):
+        s = _stream(paths, D, r, W=W, **kw)
+        if state is not None:
+            s.load_state_dict(state)
+        it = iter(s)
+        rows = []
+        for _ in range(n_batches * B // D // MB):
+            rows.extend(next(it).numpy())
+        per_rank.append(rows)
+    out = []
+    for k in range(n_batches):
+        # Rank r's i-th sample of batch k is global sample k*B + r + i*D.
+        out.append(np.stack([per_rank[g % D][k * (B // D) + g // D] for g in range(B)]))
+    return out
+
+
+def _all_samples(folder, split="train") -> Counter:
+    return Counter(s.tobytes() for shard in read_split(folder, split) for s in shard)
+
+
+def test_batches_shape_and_stream_facts(small_corpus):
+    folder, _ = small_corpus
+    s = _stream([folder])
+    batch = next(iter(s))
+    assert batch.shape == (MB, 33) and str(batch.dtype) == "torch.int64"
+    assert (s.seq_len, s.vocab_size, s.tokenizer_spec, s.eos_id) == (32, 257, "byte", 256)
+    assert int(batch.max()) < 257
+    assert s.state_dict()["consumed_samples"] == 0  # half a global batch is not consumed
+
+
+def test_stream_follows_layout_and_covers_epoch_exactly_once(small_corpus):
+    folder, _ = small_corpus
+    s = _stream([folder])
+    shards = read_split(folder)
+    n_epoch = s.samples_per_epoch
+    it = iter(s)
+    rows = [r for _ in range(n_epoch // MB) for r in next(it).numpy()]
+    for g, row in enumerate(rows):
+        _, shard, idx = s.layout.locate(g)
+        assert np.array_equal(row, shards[shard][idx])
+    everything = _all_samples(folder)
+    got = Counter(r.astype(np.uint16).tobytes() for r in rows)
+    assert not got - everything and sum((everything - got).values()) == s.dropped_per_epoch < B
+    assert s.state_dict()["consumed_samples"] == n_epoch and s.epoch == 1
+
+
+@pytest.mark.parametrize("D", [1, 2, 4])
+def test_epoch_union_over_ranks_is_every_sample_once_and_batches_match_dp1(small_corpus, D):
+    folder, _ = small_corpus
+    s = _stream([folder])
+    n = s.layout.batches_per_epoch
+    ref = _global_batches([folder], 1, n)
+    got = _global_batches([folder], D, n)
+    assert all(np.array_equal(a, b) for a, b in zip(ref, got))
+    union = Counter(r.astype(np.uint16).tobytes() for b in got for r in b)
+    everything = _all_samples(folder)
+    assert not union - everything  # nothing twice, nothing foreign
+    assert sum((everything - union).values()) == s.dropped_per_epoch < B  # only the partial batch is dropped
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core machine
+@pytest.mark.parametrize("D,W", [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (2, 3)])  # (2, 3): 3 workers share 4 streams per rank
+def test_worker_layouts_give_identical_global_batches(small_corpus, D, W):
+    folder, _ = small_corpus
+    n = _stream([folder]).layout.batches_per_epoch
+    ref = _global_batches([folder], 1, n)
+    got = _global_batches([folder], D, n, W=W, samples_per_transfer=5)
+    assert all(np.array_equal(a, b) for a, b in zip(ref, got))
+    union = Counter(r.astype(np.uint16).tobytes() for b in got for r in b)
+    everything = _all_samples(folder)
+    assert not union - everything and sum((everything - union).values()) < B
+
+
+def test_resume_from_dp2_into_dp1_and_dp4_continues_exactly(small_corpus):
+    folder, _ = small_corpus
+    per_epoch = _stream([folder]).layout.batches_per_epoch
+    k, m = per_epoch - 5, 12  # the continuation crosses into the next epoch
+    ref = _global_batches([folder], 1, k + m)
+
+    # Two DP ranks train k steps; rank 0's state after step k is the checkpoint.
+    s0 = _stream([folder], 2, 0)
+    it = iter(s0)
+    for _ in range(k * B // 2 // MB):
+        next(it)
+    state = s0.state_dict()
+    assert state["consumed_samples"] == k * B
+
+    for D in (1, 4):
+        cont = _global_batches([folder], D, m, state=state)
+        assert all(np.array_equal(a, b) for a, b in zip(cont, ref[k:]))
+
+
+@pytest.mark.slow
+def test_resume_with_workers(small_corpus):
+    folder, _ = small_corpus
+    k, m = 9, 6
+    ref = _global_batches([folder], 1, k + m)
+    s = _stream([folder], 2, 1, W=2, samples_per_transfer=3)
+    it = iter(s)
+    for _ in range(k * B // 2 // MB):
+        next(it)
+    state = s.state_dict()
+    del it
+    cont = _global_batches([folder], 4, m, W=2, state=state, samples_per_transfer=3)
+    assert all(np.array_equal(a, b) for a, b in zip(cont, ref[k:]))
+
+
+def test_resume_refuses_other_data_or_seed(small_corpus, second_corpus):
+    folder, _ = small_corpus
+    state = _stream([folder]).state_dict()
+    with pytest.raises(ValueError, match="data.seed"):
+        _stream([folder], seed=99).load_state_dict(state)
+    with pytest.raises(ValueError, match="prepared data"):
+        _stream([second_corpus[0]]).load_state_dict(state)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        _stream([folder], gb=32).load_state_dict(state)
+
+
+def test_epochs_reshuffle_and_max_epochs_raises(small_corpus):
+    folder, _ = small_corpus
+    s = _stream([folder], max_epochs=2)
+    n = s.samples_per_epoch // MB
+    batches = list(_take_until_exhausted(s))
+    assert len(batches) == 2 * n
+    e0 = Counter(r.astype(np.uint16).tobytes() for b in batches[:n] for r in b.numpy())
+    e1 = Counter(r.astype(np.uint16).tobytes() for b in batches[n:] for r in b.numpy())
+    everything = _all_samples(folder)
+    for e in (e0, e1):  # each epoch: distinct samples, all but the dropped partial batch
+        assert not e - everything and sum((everything - e).values()) == s.dropped_per_epoch
+    first = [r.tobytes() for r in batches[0].numpy()]
+    assert first != [r.tobytes() for r in batches[n].numpy()]  # reshuffled
+
+
+def _take_until_exhausted(s):
+    it = iter(s)
+    while True:
+        try:
+            yield next(it)
+        except DataExhaustedError:
+            return
+
+
+def test_one_pass_eval_round_trips_documents_in_order_and_is_capped(small_corpus):
+    folder, docs = small_corpus
+    cfg = DataConfig(paths=[str(folder)], virtual_streams=1)
+    # Global batch 1: nothing is dropped, so the pass returns every window in manifest order.
+    s = build_stream(cfg, dp_rank=0, dp_size=1, micro_batch_size=1, global_batch_size=1, one_pass=True)
+    tokens = np.concatenate([b.numpy().reshape(-1) for b in s])
+    ref = np.concatenate([x for shard in read_split(folder) for x in shard])
+    assert np.array_equal(tokens, ref)
+    assert byte_docs_from_tokens(tokens) == docs  # text -> prepare -> stream -> detokenize
+
+    capped = build_stream(cfg, dp_rank=0, dp_size=1, micro_batch_size=2, global_batch_size=4, one_pass=True,
+                          max_batches=3)
+    first = [b.numpy() for b in capped]
+    again = [b.numpy() for b in capped]  # each pass starts from the beginning
+    assert len(first) == 6 == len(capped)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert np.array_equal(np.concatenate(first).reshape(-1), ref[: 12 * 33])
+
+
+def test_one_pass_eval_splits_over_ranks(small_corpus):
+    folder, _ = small_corpus
+    cfg = DataConfig(paths=[str(folder)])
+    rows = Counter()
+    for r in range(2):
+        s = build_stream(cfg, dp_rank=r, dp_size=2, micro_batch_size=2, global_batch_size=8, one_pass=True)
+        rows.update(x.astype(np.uint16).tobytes() for b in s for x in b.numpy())
+    everything = _all_samples(folder)
+    assert not rows - everything and sum((everything - rows).values()) == sum(everything.values()) % 8
+
+
+def test_mixture_weights_dp_invariance_and_resume(small_corpus, second_corpus):
+    a, b = small_corpus[0], second_corpus[0]
+    kw = dict(weights=[1.0, 2.0])
+    s = _stream([a, b], **kw)
+    n = s.layout.batches_per_epoch
+    ref = _global_batches([a, b], 1, n, **kw)
+    got = Counter(r.astype(np.uint16).tobytes() for x in ref for r in x)
+    want = _all_samples(a) + _all_samples(b) + _all_samples(b)
+    assert not got - want and sum((want - got).values()) == s.dropped_per_epoch
+    two = _global_batches([a, b], 2, n, **kw)
+    assert all(np.array_equal(x, y) for x, y in zip(ref, two))
+    cont = _global_batches([a, b], 4, 5, state={**s.state_dict(), "consumed_samples": 20 * B}, **kw)
+    assert all(np.array_equal(x, y) for x, y in zip(cont, ref[20:25]))
+
+
+def test_validation_split_stream(tmp_path):
+    docs = make_docs(200, seed=21)
+    src = write_jsonl(tmp_path / "d.jsonl", docs)
+    prepare([src], tmp_path / "out", seq_len=32, val_fraction=0.3, progress=False)
+    s = _stream([tmp_path / "out"], split="validation", gb=4, mb=2)
+    rows = Counter(r.astype(np.uint16).tobytes() for _, x in zip(range(4), s) for r in x.numpy())
+    assert not rows - _all_samples(tmp_path / "out", "validation")
+
+
+# ---------------------------------------------------------------- damaged shards
+
+
+def _members(path):
+    with tarfile.open(path) as tf:
+        return [(m, tf.extractfile(m).read()) for m in tf]
+
+
+def _rewrite(path, members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for m, data in members:
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+
+
+@pytest.fixture
+def damaged_copy(small_corpus, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(small_corpus[0], dst)
+    return dst
+
+
+def _epoch_rows(folder, **kw):
+    s = _stream([folder], **kw)
+    it = iter(s)
+    return [r for _ in range(s.samples_per_epoch // MB) for r in next(it).numpy()], s
+
+
+def test_corrupt_sample_is_replaced_and_counted_or_raises_in_strict_mode(small_corpus, damaged_copy):
+    clean, _ = _epoch_rows(small_corpus[0])
+    shard = damaged_copy / "train-000003.tar"
+    members = _members(shard)
+    m, data = members[5]
+    members[5] = (m, data[:20] + bytes(b ^ 0xFF for b in data[20:30]) + data[30:])  # checksum now fails
+    _rewrite(shard, members)
+    rows, s = _epoch_rows(damaged_copy)
+    assert s.corrupt_samples == 1
+    diff = [i for i, (a, b) in enumerate(zip(clean, rows)) if not np.array_equal(a, b)]
+    assert len(diff) == 1 and len(rows) == len(clean)
+    assert any(np.array_equal(rows[diff[0]], r) for r in clean)  # a copy of a real sample
+    with pytest.raises(CorruptShardError, match="train-000003.tar"):
+        _epoch_rows(damaged_copy, strict=True)
+
+
+def test_truncated_and_garbled_shards_never_hang_and_are_counted(small_corpus, damaged_copy):
+    clean, ref = _epoch_rows(small_corpus[0])
+    shards = json.loads((damaged_copy / "manifest.json").read_text())["splits"]["train"]["shards"]
+    t1 = damaged_copy / shards[2]["name"]
+    t1.write_bytes(t1.read_bytes()[: 1024 * 10 + 300])  # 10 samples survive, then a cut member
+    t2 = damaged_copy / shards[4]["name"]
+    raw = bytearray(t2.read_bytes())
+    raw[1024 * 20: 1024 * 20 + 512] = b"\x07" * 512  # the 21st member's header is garbage
+    t2.write_bytes(bytes(raw))
+    rows, s = _epoch_rows(damaged_copy)
+    assert len(rows) == len(clean)  # same number of batches: ranks stay in step
+
+    def lost(g: int) -> bool:
+        _, shard, idx = ref.layout.locate(g)
+        return (shard == 2 and idx >= 10) or (shard == 4 and idx >= 20)
+
+    used_lost = [g for g in range(len(rows)) if lost(g)]
+    assert used_lost and all(np.array_equal(rows[g], clean[g]) for g in range(len(rows)) if not lost(g))
+    # Counted as met while reading: every lost sample the epoch uses, at most every lost sample.
+    assert len(used_lost) <= s.corrupt_samples <= (shards[2]["samples"] - 10) + (shards[4]["samples"] - 20)
+
+
+@pytest.mark.slow
+def test_damage_seen_by_dataloader_workers_is_replaced_identically_or_raises(damaged_copy):
+    shard = damaged_copy / "train-000003.tar"
+    members = _members(shard)
+    m, data = members[5]
+    members[5] = (m, data[:20] + bytes(b ^ 0xFF for b in data[20:30]) + data[30:])
+    _rewrite(shard, members)
+    in_process, s0 = _epoch_rows(damaged_copy)
+    with_workers, s2 = _epoch_rows(damaged_copy, W=2, samples_per_transfer=4)
+    assert all(np.array_equal(a, b) for a, b in zip(in_process, with_workers))
+    assert s0.corrupt_samples == 1 and s2.corrupt_samples >= 1
+    with pytest.raises(CorruptShardError, match="train-000003.tar"):  # raised in a worker, re-raised here
+        _epoch_rows(damaged_copy, W=2, strict=True)
