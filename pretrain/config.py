@@ -21,6 +21,9 @@ __all__ = [
     "HippoConfig",
     "ModelConfig",
     "OptimConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "Layout",
     "CONFIG_DIR",
     "from_dict",
     "to_dict",
@@ -126,6 +129,77 @@ class OptimConfig:
         if self.grad_clip < 0:
             raise ConfigError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
         self.betas = tuple(self.betas)  # YAML gives lists
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Batch shapes, precision and seed of a training run."""
+
+    steps: int = 1000
+    """Optimizer steps of the whole run (the learning-rate schedule spans them)."""
+    seq_len: int = 2048
+    """Tokens per sample fed to the model (samples hold seq_len + 1 tokens: inputs and labels)."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all ranks (micro batch x accumulation x data parallel)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 is for GPUs: CPUs here run bf16 matmuls ~400x slower than fp32."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the model is split: tensor (Megatron layers), pipeline (DeepSpeed), data (ZeRO).
+
+    The data-parallel size is what is left of the world size: world / (tensor x pipeline).
+    """
+
+    tensor: int = 1
+    pipeline: int = 1
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0 (none), 1 (optimizer state), 2 (+ gradients; pipeline = 1 only)."""
+    pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+    """How blocks are spread over pipeline stages when `stage_layers` is not given."""
+    stage_layers: list[int] = field(default_factory=list)
+    """Explicit blocks per pipeline stage (embedding on the first, norm + head on the last)."""
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass (DeepSpeed's checkpointing: TP-dropout safe)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor", "pipeline"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage == 3:
+            raise ConfigError("parallel.zero_stage=3 is not supported by Hippo yet; use 1 (or 2 without a pipeline)")
+        if self.zero_stage >= 2 and self.pipeline > 1:
+            raise ConfigError(
+                f"parallel.zero_stage={self.zero_stage} with parallel.pipeline={self.pipeline}: DeepSpeed "
+                "partitions gradients (ZeRO-2/3) only without pipeline parallelism; use zero_stage 0 or 1"
+            )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The validated parallel layout of a run on `world_size` ranks."""
+
+    world_size: int
+    tensor: int
+    pipeline: int
+    data: int
+    micro_batch_size: int
+    grad_accum_steps: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.data
 
 
 # ------------------------------------------------------------------------------ loading
@@ -246,6 +320,45 @@ class HippoConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def layout(self, world_size: int) -> Layout:
+        """Check the sections against each other and the world size; refuse any layout that
+        cannot run, before a process does work. Each message names the option to change."""
+        m, p, t = self.model, self.parallel, self.train
+        tp, pp = p.tensor, p.pipeline
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = {tp} x {pp}"
+            )
+        dp = world_size // (tp * pp)
+        if m.d_model % tp:
+            raise ConfigError(f"model.d_model={m.d_model} is not divisible by parallel.tensor={tp}")
+        if m.uses_attention and m.n_head % tp:
+            raise ConfigError(f"model.n_head={m.n_head} is not divisible by parallel.tensor={tp}")
+        if m.padded_vocab_size % tp:
+            raise ConfigError(
+                f"padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tensor={tp}: "
+                f"set model.pad_vocab_multiple to a multiple of {tp}"
+            )
+        if tp > 1 and "s4d" in m.layer_mixers:
+            raise ConfigError("model.mixer=s4d (the paper's baseline) does not support parallel.tensor > 1")
+        if m.n_layer < pp:
+            raise ConfigError(f"model.n_layer={m.n_layer} is fewer than parallel.pipeline={pp} stages")
+        if p.stage_layers:
+            if len(p.stage_layers) != pp or sum(p.stage_layers) != m.n_layer or min(p.stage_layers) < 1:
+                raise ConfigError(
+                    f"parallel.stage_layers={p.stage_layers} must list parallel.pipeline={pp} counts >= 1 "
+                    f"summing to model.n_layer={m.n_layer}"
+                )
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size x "
+                f"data-parallel size = {t.micro_batch_size} x {dp}"
+            )
+        return Layout(world_size, tp, pp, dp, t.micro_batch_size, t.global_batch_size // per_step)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> HippoConfig:

@@ -118,7 +118,7 @@ def build_model(cfg: SyntheticConfig, length: int) -> HippoLM:
         position_embedding="learned" if attention else "none",
         max_position_embeddings=length,
     )
-    return HippoLM(model_cfg)
+    return HippoLM(model_cfg, seed=cfg.seed)
 
 
 @torch.no_grad()

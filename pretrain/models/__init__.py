@@ -5,7 +5,9 @@ from pretrain.models.block import Block
 from pretrain.models.h3 import H3
 from pretrain.models.inference import InferenceParams
 from pretrain.models.linear import SINGLE_PROCESS, Linears
-from pretrain.models.lm import HippoLM, build_block, count_parameters, init_weights
+from pretrain.models.embedding import TokenEmbedding
+from pretrain.models.init import init_parameters
+from pretrain.models.lm import HippoLM, count_parameters
 from pretrain.models.mlp import MLP
 from pretrain.models.s4d import S4D
 
@@ -18,8 +20,8 @@ __all__ = [
     "Linears",
     "MLP",
     "S4D",
+    "TokenEmbedding",
     "SINGLE_PROCESS",
-    "build_block",
     "count_parameters",
-    "init_weights",
+    "init_parameters",
 ]

@@ -41,6 +41,7 @@ class CausalSelfAttention(nn.Module):
         self.local_heads = linears.local(n_head, "model.n_head")
         self.rotary = rotary
         self.dropout = dropout
+        self.tp_rng = linears.tp_rng
         # Separate Q, K, V maps: each column-parallel split lands on whole heads.
         self.q_proj = linears.column(d_model, d_model, bias=True)
         self.k_proj = linears.column(d_model, d_model, bias=True)
@@ -62,9 +63,10 @@ class CausalSelfAttention(nn.Module):
         if inference_params is not None:
             k, v = self._update_cache(inference_params, k, v, offset)
         # A single new token attends to the whole cache, so only the prefill needs the causal mask.
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=L > 1, dropout_p=self.dropout if self.training else 0.0
-        )
+        with self.tp_rng():  # attention dropout acts on this rank's heads: its own mask
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=L > 1, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.out_proj(y.transpose(1, 2).reshape(B, L, -1))
 
     def _update_cache(

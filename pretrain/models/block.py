@@ -1,21 +1,47 @@
-"""Pre-norm residual block: x + mixer(LN(x)), then x + MLP(LN(x))."""
+"""Pre-norm residual block: x + mixer(LN(x)), then x + MLP(LN(x)).
+
+The mixer of layer i is `model.layer_mixers[i]`: H3, the S4D baseline, or causal attention.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from pretrain.config import ModelConfig
+from pretrain.models.attention import CausalSelfAttention
+from pretrain.models.h3 import H3
 from pretrain.models.inference import InferenceParams
+from pretrain.models.linear import SINGLE_PROCESS, Linears
+from pretrain.models.mlp import MLP
+from pretrain.models.s4d import S4D
+
+
+def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int, linears: Linears) -> nn.Module:
+    if kind == "h3":
+        return H3(cfg.d_model, cfg.d_state, layer_idx=layer_idx, linears=linears)
+    if kind == "s4d":
+        return S4D(cfg.d_model, cfg.d_state, layer_idx=layer_idx, linears=linears)
+    if kind == "attention":
+        return CausalSelfAttention(
+            cfg.d_model,
+            cfg.n_head,
+            layer_idx=layer_idx,
+            rotary=cfg.position_embedding == "rotary",
+            dropout=cfg.dropout,
+            linears=linears,
+        )
+    raise ValueError(f"unknown mixer {kind!r}")
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, mixer: nn.Module, mlp: nn.Module, *, eps: float = 1e-5, dropout: float = 0.0):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, linears: Linears = SINGLE_PROCESS):
         super().__init__()
-        self.norm1 = nn.LayerNorm(d_model, eps=eps)
-        self.mixer = mixer
-        self.norm2 = nn.LayerNorm(d_model, eps=eps)
-        self.mlp = mlp
-        self.dropout = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.mixer = build_mixer(cfg.layer_mixers[layer_idx], cfg, layer_idx, linears)
+        self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model, linears=linears)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
         x = x + self.dropout(self.mixer(self.norm1(x), inference_params))

@@ -32,9 +32,9 @@ class H3(nn.Module):
         self.q_proj = linears.column(d_model, d_model, bias=True)
         self.k_proj = linears.column(d_model, d_model, bias=True)
         self.v_proj = linears.column(d_model, d_model, bias=True)
-        channels = linears.shard(d_model, "model.d_model")
-        self.shift_ssm = ShiftSSM(d_model, d_state, channel_slice=channels)
-        self.diag_ssm = DiagonalSSM(d_model, d_state, channel_slice=channels)
+        channels = linears.local(d_model, "model.d_model")
+        self.shift_ssm = ShiftSSM(channels, d_state)
+        self.diag_ssm = DiagonalSSM(channels, d_state)
         self.out_proj = linears.row(d_model, d_model, bias=True)
 
     def forward(self, u: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Parameter-holding modules for the shift and diagonal SSMs (one filter per channel).
 
-Parameters are drawn for all `channels` of the full layer, then sliced to `channel_slice`, so a
-tensor-parallel rank starts from exactly its share of the single-process initialization.
+A module holds the channels of its tensor-parallel rank. Its `initial_value` draws a parameter at
+the full layer's size, so `pretrain.models.init` can give every layout its share of the same
+initialization.
 Parameters that set the SSM dynamics are tagged with `mark_ssm_dynamics` so the optimizer can
 give them no weight decay and a capped learning rate (the paper's rule).
 """
@@ -24,6 +25,7 @@ from kernels import (
     shift_state_from_prefix,
     shift_step,
 )
+from pretrain.models.linear import mark_tensor_parallel
 
 SSM_DYNAMICS_ATTR = "_ssm_dynamics"
 
@@ -37,27 +39,46 @@ def is_ssm_dynamics(param: torch.Tensor) -> bool:
     return getattr(param, SSM_DYNAMICS_ATTR, False)
 
 
-def _param(full: torch.Tensor, channel_slice: slice) -> nn.Parameter:
-    return nn.Parameter(full[channel_slice].contiguous())
+class _PerChannelParams(nn.Module):
+    """Parameters whose first dim is the channel: split over TP ranks like a column-parallel
+    output, each drawn by `initial_value` at the full layer's size (see `pretrain.models.init`)."""
+
+    def _add(self, name: str, *shape: int, dynamics: bool = False) -> None:
+        param = mark_tensor_parallel(nn.Parameter(torch.empty(*shape)), dim=0)
+        self.register_parameter(name, mark_ssm_dynamics(param) if dynamics else param)
+
+    def initial_value(self, name: str, shape: tuple[int, ...], gen: torch.Generator | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Standalone init from the global RNG (a model re-initializes per parameter name)."""
+        for name, p in self.named_parameters(recurse=False):
+            p.copy_(self.initial_value(name, tuple(p.shape), None))
 
 
-class ShiftSSM(nn.Module):
+class ShiftSSM(_PerChannelParams):
     """Learned causal FIR filter of d_state taps per channel, plus a skip term.
 
     B starts as e1 so the filter equals C at init.
     """
 
-    def __init__(self, channels: int, d_state: int = 64, *, channel_slice: slice | None = None):
+    def __init__(self, channels: int, d_state: int = 64):
         super().__init__()
-        sl = channel_slice or slice(0, channels)
-        B = torch.zeros(channels, d_state)
-        B[:, 0] = 1.0
-        bound = 1.0 / math.sqrt(d_state)
-        C = torch.empty(channels, d_state).uniform_(-bound, bound)
-        D = torch.randn(channels)
-        self.B = mark_ssm_dynamics(_param(B, sl))
-        self.C = _param(C, sl)
-        self.D = _param(D, sl)
+        self._add("B", channels, d_state, dynamics=True)
+        self._add("C", channels, d_state)
+        self._add("D", channels)
+        self.reset_parameters()
+
+    def initial_value(self, name: str, shape: tuple[int, ...], gen: torch.Generator | None) -> torch.Tensor:
+        if name == "B":
+            B = torch.zeros(shape)
+            B[:, 0] = 1.0
+            return B
+        if name == "C":
+            bound = 1.0 / math.sqrt(shape[-1])
+            return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+        return torch.randn(shape, generator=gen)  # D
 
     def kernel(self, length: int) -> torch.Tensor:
         return shift_kernel(self.B, self.C, min(length, self.B.shape[-1]))
@@ -77,34 +98,36 @@ class ShiftSSM(nn.Module):
         return y.to(x.dtype), new_state
 
 
-class DiagonalSSM(nn.Module):
+class DiagonalSSM(_PerChannelParams):
     """S4D-Lin diagonal SSM with d_state/2 complex modes per channel, bilinear discretization."""
 
-    def __init__(
-        self,
-        channels: int,
-        d_state: int = 64,
-        *,
-        dt_min: float = 1e-3,
-        dt_max: float = 1e-1,
-        channel_slice: slice | None = None,
-    ):
+    def __init__(self, channels: int, d_state: int = 64, *, dt_min: float = 1e-3, dt_max: float = 1e-1):
         super().__init__()
-        sl = channel_slice or slice(0, channels)
+        self.dt_min, self.dt_max = dt_min, dt_max
         modes = d_state // 2
-        log_dt = torch.rand(channels) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        log_A_real = torch.full((channels, modes), math.log(0.5))
-        A_imag = math.pi * torch.arange(modes, dtype=torch.float32).expand(channels, modes).clone()
-        B = torch.zeros(channels, modes, 2)
-        B[..., 0] = 1.0
-        C = torch.randn(channels, modes, 2) / math.sqrt(2.0)
-        D = torch.randn(channels)
-        self.log_dt = mark_ssm_dynamics(_param(log_dt, sl))
-        self.log_A_real = mark_ssm_dynamics(_param(log_A_real, sl))
-        self.A_imag = mark_ssm_dynamics(_param(A_imag, sl))
-        self.B = mark_ssm_dynamics(_param(B, sl))
-        self.C = _param(C, sl)
-        self.D = _param(D, sl)
+        self._add("log_dt", channels, dynamics=True)
+        self._add("log_A_real", channels, modes, dynamics=True)
+        self._add("A_imag", channels, modes, dynamics=True)
+        self._add("B", channels, modes, 2, dynamics=True)
+        self._add("C", channels, modes, 2)
+        self._add("D", channels)
+        self.reset_parameters()
+
+    def initial_value(self, name: str, shape: tuple[int, ...], gen: torch.Generator | None) -> torch.Tensor:
+        if name == "log_dt":  # dt log-uniform in [dt_min, dt_max]
+            lo, hi = math.log(self.dt_min), math.log(self.dt_max)
+            return torch.rand(shape, generator=gen) * (hi - lo) + lo
+        if name == "log_A_real":  # Re(A) = -0.5
+            return torch.full(shape, math.log(0.5))
+        if name == "A_imag":  # Im(A_n) = pi n
+            return math.pi * torch.arange(shape[-1], dtype=torch.float32).expand(shape).clone()
+        if name == "B":  # B = 1 (real part 1, imaginary 0)
+            B = torch.zeros(shape)
+            B[..., 0] = 1.0
+            return B
+        if name == "C":
+            return torch.randn(shape, generator=gen) / math.sqrt(2.0)
+        return torch.randn(shape, generator=gen)  # D
 
     def discrete(self) -> DiscreteDiagonalSSM:
         return discretize_diagonal(

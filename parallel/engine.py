@@ -1,0 +1,95 @@
+"""The DeepSpeed engine for a Hippo run: pipeline engine when PP > 1 (or ZeRO <= 1), the plain
+engine with Megatron's groups as `mpu` for ZeRO-2; AdamW with the paper's parameter groups and
+the warmup + cosine schedule; clipping by the global gradient norm over every group.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from parallel.groups import ParallelState
+from parallel.pipeline import SequentialLM, build_pipeline
+from parallel.runtime import import_deepspeed
+from parallel.tensor_parallel import megatron_linears
+from pretrain.config import HippoConfig
+from pretrain.optim import build_optimizer, build_scheduler
+
+
+def deepspeed_config(cfg: HippoConfig, state: ParallelState) -> dict[str, Any]:
+    layout = state.layout
+    return {
+        "train_batch_size": layout.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum_steps,
+        # DeepSpeed 0.19 clips at 1.0 unless told otherwise: always say it.
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class TrainEngine:
+    """One optimizer step per `train_batch` call, whatever the engine underneath."""
+
+    def __init__(self, cfg: HippoConfig, state: ParallelState):
+        deepspeed = import_deepspeed()
+        layout = state.layout
+        self.cfg, self.state = cfg, state
+        self.linears = megatron_linears(state.tp_rank, layout.tensor, layout.pipeline)
+        self.pipelined = layout.pipeline > 1 or cfg.parallel.zero_stage <= 1
+        if self.pipelined:
+            self.module = build_pipeline(cfg, self.linears, state.topology, self._loss)
+            mpu = None  # the pipeline module brings its own grid, built from the same topology
+        else:
+            self.module = SequentialLM(cfg, self.linears, self._loss)
+            mpu = state.mpu
+        self.module.to(state.device)
+        optimizer = build_optimizer(self.module, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
+            config=deepspeed_config(cfg, state),
+        )
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.linears.cross_entropy(logits, labels).mean()
+
+    def train_batch(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Forward/backward over this rank's micro-batches, then one optimizer step.
+
+        Returns the mean loss over the global batch (the same on every rank).
+        """
+        it: Iterator = iter(micro_batches)
+        if self.pipelined:
+            return self.engine.train_batch(data_iter=_to_device(it, self.state.device)).item()
+        total = torch.zeros((), device=self.state.device)
+        for _ in range(self.state.layout.grad_accum_steps):
+            input_ids, labels = (t.to(self.state.device) for t in next(it))
+            loss = self.engine(input_ids, labels)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach()
+        total /= self.state.layout.grad_accum_steps
+        dist.all_reduce(total, group=self.state.dp_group)
+        return (total / self.state.layout.data).item()
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state (Adam moments) this rank holds."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return sum(
+            t.numel() * t.element_size()
+            for s in inner.state.values()
+            for t in s.values()
+            if torch.is_tensor(t) and t.dim() > 0
+        )
+
+
+def _to_device(it: Iterator, device: torch.device) -> Iterator:
+    for input_ids, labels in it:
+        yield input_ids.to(device), labels.to(device)

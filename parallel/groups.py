@@ -1,0 +1,160 @@
+"""Process groups: Megatron-core's tensor/pipeline/data groups and the matching DeepSpeed topology.
+
+Megatron orders ranks TP fastest, then DP, then PP (`rank = tp + TP * (dp + DP * pp)`); DeepSpeed's
+`PipeModelDataParallelTopology` has axes (pipe, data, model) with the last fastest: the same
+layout. `init_parallel` builds both and checks, rank by rank, that they agree, so a pipeline
+stage's tensor-parallel shards and data-parallel replicas are the ones Megatron's layers talk to.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallel.runtime import backend, device, import_deepspeed
+from pretrain.config import Layout
+
+
+class MegatronMPU:
+    """Megatron-core's parallel state in the shape DeepSpeed asks of an `mpu`.
+
+    megatron-core lacks `get_model_parallel_*` (TP x PP), which DeepSpeed needs. Sequence-parallel
+    getters are left out on purpose: their presence makes DeepSpeed assume Ulysses sequence
+    parallelism and change what its data-parallel group means.
+    """
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state
+
+        self.ps = parallel_state
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.ps.get_data_parallel_group())
+
+    def get_model_parallel_group(self):
+        return self.ps.get_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(group=self.ps.get_model_parallel_group())
+
+    def get_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(group=self.ps.get_model_parallel_group())
+
+    def get_tensor_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ps.get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.ps.get_pipeline_model_parallel_world_size()
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    """This process's place in the layout, and the groups and topology built for it."""
+
+    layout: Layout
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+    topology: Any
+    """DeepSpeed's `PipeModelDataParallelTopology` for the layout."""
+    mpu: MegatronMPU
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pipeline - 1
+
+    @property
+    def tp_group(self):
+        return self.mpu.get_tensor_model_parallel_group()
+
+    @property
+    def dp_group(self):
+        return self.mpu.get_data_parallel_group()
+
+
+def init_parallel(layout: Layout, seed: int) -> ParallelState:
+    """Join the job (env:// rendezvous from the launcher), build the groups, seed the RNGs."""
+    deepspeed = import_deepspeed()
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from megatron.core import parallel_state as ps
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
+    if dist.get_world_size() != layout.world_size:
+        raise RuntimeError(f"layout is for {layout.world_size} ranks, but the job has {dist.get_world_size()}")
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline
+    )
+    topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)
+    rank = dist.get_rank()
+    coord = topology.get_coord(rank)
+    ours = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
+    if (coord.model, coord.pipe, coord.data) != ours:
+        raise RuntimeError(f"rank {rank}: DeepSpeed topology {coord} disagrees with Megatron (tp, pp, dp) = {ours}")
+    mpu = MegatronMPU()
+    state = ParallelState(layout, rank, *ours, device=device(local_rank), topology=topology, mpu=mpu)
+    seed_tensor_parallel_rng(mpu, seed)
+    return state
+
+
+def seed_tensor_parallel_rng(mpu: MegatronMPU, seed: int) -> None:
+    """Seed the default generator (same on every rank) and a tensor-parallel one (per TP rank).
+
+    Megatron's own tracker only works on CUDA; DeepSpeed's uses its accelerator's generator (the
+    CPU one here), so it is installed as Megatron's: every `get_cuda_rng_tracker().fork()`
+    (attention dropout on this rank's heads) then draws from the TP-rank stream on CPU and GPU,
+    and DeepSpeed's activation checkpointing replays it exactly.
+    """
+    import megatron.core.tensor_parallel.random as megatron_random
+
+    deepspeed = import_deepspeed()
+    deepspeed.checkpointing.configure(mpu)
+    deepspeed.checkpointing.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    megatron_random._CUDA_RNG_STATE_TRACKER = deepspeed.checkpointing.get_cuda_rng_tracker()
+    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,53 @@
+"""One rank of a parallel training run for the parity tests (launched by torchrun).
+
+Trains `--steps` optimizer steps on the global batches of `common.global_batches` and writes, per
+rank, its losses, parameter counts and optimizer-state bytes; rank 0 also writes the full
+parameters after the steps, gathered under single-process names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from parallel.engine import TrainEngine
+from parallel.gather import full_parameters
+from parallel.groups import destroy_parallel, init_parallel
+from parallel.pipeline import canonical_named_parameters
+from pretrain.config import apply_overrides, from_dict, HippoConfig
+from tests.parallel.common import BASE_CONFIG, global_batches, rank_micro_batches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--set", action="append", default=[])
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = from_dict(HippoConfig, apply_overrides(json.loads(json.dumps(BASE_CONFIG)), args.set))
+    layout = cfg.layout(int(os.environ["WORLD_SIZE"]))
+    state = init_parallel(layout, cfg.train.seed)
+    engine = TrainEngine(cfg, state)
+    losses = []
+    for batch in global_batches(cfg):
+        losses.append(engine.train_batch(rank_micro_batches(batch, layout, state.dp_rank)))
+    local = {n: p.numel() for n, p in canonical_named_parameters(engine.module)}
+    params = full_parameters(engine.module, state)
+    out = Path(args.out)
+    report = {
+        "rank": state.rank, "tp": state.tp_rank, "pp": state.pp_rank, "dp": state.dp_rank,
+        "losses": losses, "local_param_numel": local,
+        "optimizer_state_bytes": engine.optimizer_state_bytes(),
+    }
+    (out / f"rank{state.rank}.json").write_text(json.dumps(report))
+    if params is not None:
+        torch.save(params, out / "params.pt")
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()
