@@ -37,6 +37,8 @@ def deepspeed_config(cfg: HippoConfig, state: ParallelState) -> dict[str, Any]:
 class TrainEngine:
     """One optimizer step per `train_batch` call, whatever the engine underneath."""
 
+    last_step_skipped = False
+
     def __init__(self, cfg: HippoConfig, state: ParallelState):
         deepspeed = import_deepspeed()
         layout = state.layout
@@ -50,7 +52,7 @@ class TrainEngine:
             self.module = SequentialLM(cfg, self.linears, self._loss)
             mpu = state.mpu
         self.module.to(state.device)
-        optimizer = build_optimizer(self.module, cfg.optim)
+        optimizer = build_optimizer(self.module, cfg.optim, optimizer_cls=FiniteStepAdamW)
         scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
@@ -61,23 +63,55 @@ class TrainEngine:
         return self.linears.cross_entropy(logits, labels).mean()
 
     def train_batch(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Forward/backward over this rank's micro-batches, then one optimizer step.
+        """Forward/backward over this rank's micro-batches, then one optimizer step (skipped,
+        see `last_step_skipped`, when any gradient anywhere is not finite).
 
         Returns the mean loss over the global batch (the same on every rank).
         """
+        skipped_before = self.engine.skipped_steps
         it: Iterator = iter(micro_batches)
         if self.pipelined:
-            return self.engine.train_batch(data_iter=_to_device(it, self.state.device)).item()
+            loss = self.engine.train_batch(data_iter=_to_device(it, self.state.device)).item()
+        else:
+            total = torch.zeros((), device=self.state.device)
+            for _ in range(self.state.layout.grad_accum_steps):
+                input_ids, labels = (t.to(self.state.device) for t in next(it))
+                micro_loss = self.engine(input_ids, labels)
+                self.engine.backward(micro_loss)
+                self.engine.step()
+                total += micro_loss.detach()
+            loss = self._dp_mean(total / self.state.layout.grad_accum_steps)
+        self.last_step_skipped = self.engine.skipped_steps > skipped_before
+        return loss
+
+    @torch.no_grad()
+    def eval_batch(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean loss over one global batch, no update (the same on every rank)."""
+        it: Iterator = iter(micro_batches)
+        if self.pipelined:
+            return self.engine.eval_batch(data_iter=_to_device(it, self.state.device)).item()
+        self.engine.eval()
         total = torch.zeros((), device=self.state.device)
         for _ in range(self.state.layout.grad_accum_steps):
             input_ids, labels = (t.to(self.state.device) for t in next(it))
-            loss = self.engine(input_ids, labels)
-            self.engine.backward(loss)
-            self.engine.step()
-            total += loss.detach()
-        total /= self.state.layout.grad_accum_steps
-        dist.all_reduce(total, group=self.state.dp_group)
-        return (total / self.state.layout.data).item()
+            total += self.engine(input_ids, labels)
+        self.engine.train()
+        return self._dp_mean(total / self.state.layout.grad_accum_steps)
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        dist.all_reduce(value, group=self.state.dp_group)
+        return (value / self.state.layout.data).item()
+
+    @property
+    def grad_norm(self) -> float | None:
+        """Global gradient norm of the last step, before clipping (None where DeepSpeed keeps none)."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    @property
+    def lr(self) -> float:
+        """Learning rate of the main parameter group after the last step."""
+        return self.optimizer.param_groups[0]["lr"]
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state (Adam moments) this rank holds."""
@@ -88,6 +122,33 @@ class TrainEngine:
             for t in s.values()
             if torch.is_tensor(t) and t.dim() > 0
         )
+
+
+class FiniteStepAdamW(torch.optim.AdamW):
+    """AdamW that skips a step when any rank holds a non-finite gradient.
+
+    DeepSpeed's ZeRO optimizers do this check themselves before calling `step`; without ZeRO it
+    reads `overflow` from its optimizer to count the step as skipped and hold the schedule. All
+    ranks call `step` together, so the flag is agreed on by an all-reduce over the world.
+    """
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        bad = torch.zeros(())
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    bad.fill_(1.0)
+        if dist.is_initialized():
+            device = next(p.device for g in self.param_groups for p in g["params"])
+            bad = bad.to(device)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.overflow = bool(bad.item())
+        if self.overflow:
+            return None
+        return super().step(closure)
 
 
 def _to_device(it: Iterator, device: torch.device) -> Iterator:

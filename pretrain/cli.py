@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 from pretrain.config import ConfigError
 
@@ -31,6 +32,51 @@ def _cmd_params(args: argparse.Namespace) -> int:
     for path in args.configs:
         cfg = load_config(path, args.set)
         print(f"{path}: {count_parameters(cfg.model) / 1e6:.2f}M parameters ({cfg.model.layer_mixers.count('attention')} attention layers)")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config
+    from pretrain.trainer import train
+
+    cfg = load_config(args.config, args.set)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
+    result = train(cfg, run_dir, resume=args.resume)
+    return 1 if result.stopped_by == "non-finite" else 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from data_pipeline.tokenizer import load_tokenizer
+    from pretrain.export import load_export
+    from pretrain.models.generation import SamplingConfig, generate
+
+    model, meta = load_export(Path(args.model))
+    tok = load_tokenizer(meta["tokenizer"])
+    sampling = SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    gen = torch.Generator().manual_seed(args.seed)
+    for i in range(args.num_samples):
+        prompt = torch.tensor([tok.encode(args.prompt)])
+        out = generate(model, prompt, args.max_new_tokens, sampling, vocab_size=model.cfg.vocab_size, generator=gen,
+                       eos_id=tok.eos_id)
+        text = tok.decode(out[0, prompt.shape[1]:].tolist())
+        print(f"--- sample {i + 1}\n{args.prompt}{text}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pretrain.evaluation import evaluate_export
+
+    loss, tokens = evaluate_export(Path(args.model), args.data, split=args.split, max_batches=args.batches)
+    print(f"{args.split}: {tokens:,} tokens, loss {loss:.4f}, perplexity {__import__('math').exp(loss):.2f}")
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from pretrain.quickstart import quickstart
+
+    quickstart(Path(args.run_dir), overrides=args.set)
     return 0
 
 
@@ -63,6 +109,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="+", help="YAML paths or shipped config names")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser("train", help="pretrain a model (one process, or every rank under torchrun / deepspeed)")
+    p.add_argument("config", help="YAML run config (path or shipped name)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--run-dir", help="run folder: checkpoints, metrics.jsonl, MLflow store (default runs/<config>)")
+    p.add_argument("--resume", help="checkpoint to resume from (default: the run folder's latest, if any)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("quickstart", help="train a tiny hybrid on the embedded corpus, evaluate it, sample from it")
+    p.add_argument("--run-dir", default="runs/quickstart")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override tiny_hybrid.yaml")
+    p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser("generate", help="sample text from an exported model (<run dir>/export)")
+    p.add_argument("model", help="export folder written at the end of `hippo train`")
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("eval", help="loss and perplexity of an exported model on prepared data")
+    p.add_argument("model", help="export folder")
+    p.add_argument("--data", required=True, nargs="+", help="prepared folder(s)")
+    p.add_argument("--split", default="validation", choices=["train", "validation"])
+    p.add_argument("--batches", type=int, default=None, help="stop after this many batches of 8")
+    p.set_defaults(func=_cmd_eval)
 
     from data_pipeline import cli as data_cli
 

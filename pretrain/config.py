@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from data_pipeline.config import DataConfig, validate_data_layout
+
 __all__ = [
     "ConfigError",
     "HippoConfig",
@@ -24,6 +26,8 @@ __all__ = [
     "ParallelConfig",
     "TrainConfig",
     "Layout",
+    "CheckpointConfig",
+    "TrackingConfig",
     "CONFIG_DIR",
     "from_dict",
     "to_dict",
@@ -146,11 +150,27 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 is for GPUs: CPUs here run bf16 matmuls ~400x slower than fp32."""
     seed: int = 0
+    log_interval: int = 1
+    """Console lines every this many steps (metrics.jsonl and MLflow get every step)."""
+    eval_interval: int = 100
+    """Validation loss and perplexity every this many steps, and at the end (0: only at the end)."""
+    eval_batches: int = 8
+    """Global batches of the validation split per evaluation."""
+    max_skipped_steps: int = 5
+    """Stop (after a checkpoint of the last good state) after this many non-finite steps in a row."""
+    exit_interval: int = 0
+    """Checkpoint and exit when the step is a multiple of this (a job-length limit); 0: never."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of one device for MFU (e.g. 989e12 for an H100 in bf16); 0 measures nothing."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size"):
+        for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_batches",
+                     "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_interval", "exit_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)
@@ -186,6 +206,33 @@ class ParallelConfig:
             )
 
 
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept (under <run dir>/checkpoints)."""
+
+    interval: int = 1000
+    """Save every this many steps (and always at the end and on SIGTERM/SIGINT); 0: only then."""
+    keep_last: int = 3
+    """Older checkpoints are deleted once a newer one is complete."""
+
+    def __post_init__(self) -> None:
+        if self.interval < 0:
+            raise ConfigError(f"checkpoint.interval must be >= 0, got {self.interval}")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """MLflow: a local store in the run folder unless a tracking URI is given."""
+
+    enabled: bool = True
+    experiment: str = "hippo"
+    tracking_uri: str | None = None
+    """None: $MLFLOW_TRACKING_URI if set, else sqlite in the run folder (no server needed)."""
+    system_metrics: bool = True
+
+
 @dataclass(frozen=True)
 class Layout:
     """The validated parallel layout of a run on `world_size` ranks."""
@@ -218,6 +265,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error names the problem
+            return _convert(value, options[0], path)
         for arg in args:
             if arg is type(None):
                 continue
@@ -260,7 +310,16 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     if unknown:
         raise ConfigError(f"unknown option(s) {[prefix + k for k in unknown]}; valid: {sorted(names)}")
     kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required option(s) {[prefix + k for k in missing]}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # sections outside this module validate with ValueError
+        raise ConfigError(str(e)) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -322,6 +381,10 @@ class HippoConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig | None = None
+    """Prepared training data (`hippo data prepare`); required by `hippo train`."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def layout(self, world_size: int) -> Layout:
         """Check the sections against each other and the world size; refuse any layout that
@@ -352,6 +415,11 @@ class HippoConfig:
                     f"parallel.stage_layers={p.stage_layers} must list parallel.pipeline={pp} counts >= 1 "
                     f"summing to model.n_layer={m.n_layer}"
                 )
+        if self.data is not None:
+            try:
+                validate_data_layout(self.data, dp, t.micro_batch_size, t.global_batch_size)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         per_step = t.micro_batch_size * dp
         if t.global_batch_size % per_step:
             raise ConfigError(

@@ -46,8 +46,10 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, optimizer_cls: type[torch.optim.AdamW] = torch.optim.AdamW
+) -> torch.optim.AdamW:
+    return optimizer_cls(parameter_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:

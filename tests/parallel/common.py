@@ -38,13 +38,16 @@ def rank_micro_batches(batch: torch.Tensor, layout: Layout, dp_rank: int) -> lis
     return [(mb[:, :-1], mb[:, 1:]) for mb in mine.split(layout.micro_batch_size)]
 
 
-def torchrun(nproc: int, script: Path, args: list[str], *, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `script` on `nproc` local ranks (gloo on CPU); raise with its output if it fails."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), *args]
+def torchrun(nproc: int, argv: list[str], *, timeout: float = 600, env: dict[str, str] | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run `argv` (a script and its arguments, or -m module ...) on `nproc` local ranks (gloo on
+    CPU); nproc 0 runs it as a plain process, without a launcher. Raises with its output if it fails."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+                "--master-port", str(_free_port())] if nproc else []
+    cmd = [sys.executable, *launcher, *argv]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
 

@@ -47,3 +47,17 @@ def test_stage_bounds_explicit_uniform_and_balanced():
     assert stage_bounds(_cfg("parallel.pipeline=2", "parallel.pipeline_partition=uniform")) == [0, 4, 7]
     balanced = stage_bounds(_cfg("parallel.pipeline=2"))
     assert balanced[0] == 0 and balanced[-1] == 7 and 1 < balanced[1] < 6
+
+
+def test_memory_estimate_counts_the_single_process_model_and_splits_by_tensor_parallel():
+    from parallel.memory import rank_memory, stage_parameter_counts
+    from pretrain.models import count_parameters
+
+    cfg = load_config("hybrid_1.3b")
+    assert stage_parameter_counts(cfg) == [count_parameters(cfg.model)]
+    tp4 = load_config("hybrid_1.3b", ["parallel.tensor=4"])
+    replicated = cfg.model.n_layer * (2 * 2 + 2) * cfg.model.d_model + 2 * cfg.model.d_model  # LNs, row biases, norm_f
+    assert stage_parameter_counts(tp4)[0] == (count_parameters(cfg.model) - replicated) // 4 + replicated
+    mem = rank_memory(load_config("hybrid_1.3b", ["train.precision=bf16", "parallel.zero_stage=2"]), cfg.layout(8))
+    assert mem.weight_bytes == 2 * mem.parameters and mem.gradient_bytes == 2 * mem.parameters // 8
+    assert mem.optimizer_bytes == 12 * mem.parameters // 8

@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from parallel.memory import stage_parameter_counts
 from pretrain.config import HippoConfig, apply_overrides, from_dict
 from pretrain.models import HippoLM
 from pretrain.optim import build_optimizer, build_scheduler
@@ -68,7 +69,7 @@ def test_layout_matches_single_process(name, reference, tmp_path):
     tp, pp, dp, extra = LAYOUTS[name]
     options = [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", *extra]
     args = ["--out", str(tmp_path)] + [a for opt in options for a in ("--set", opt)]
-    torchrun(tp * pp * dp, ROOT / "tests/parallel/parity_worker.py", args)
+    torchrun(tp * pp * dp, [str(ROOT / "tests/parallel/parity_worker.py"), *args])
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(tp * pp * dp)]
 
     # Losses of every step, on every rank, equal the single-process run within 1e-5 relative.
@@ -91,6 +92,11 @@ def test_layout_matches_single_process(name, reference, tmp_path):
             if ".mixer." in n:
                 expected = full[n] if n.endswith("out_proj.bias") else full[n] // tp
                 assert numel == expected, (n, numel, expected)
+
+    # The memory estimator (meta-device, no process groups) counts what each rank really holds.
+    expected_counts = stage_parameter_counts(_config([f"parallel.{k}={v}" for k, v in (("tensor", tp), ("pipeline", pp))] + extra))
+    for rep in reports:
+        assert sum(rep["local_param_numel"].values()) == expected_counts[rep["pp"]], rep["rank"]
 
     # ZeRO partitions the Adam moments over the data-parallel group: 1/DP of 8 bytes per
     # parameter of the stage on each rank (plus alignment padding).

@@ -1,0 +1,73 @@
+"""Per-rank memory of parameters, gradients and optimizer state for a layout, from the sharding
+alone: each stage's layers are built on the meta device with linears of the shard's shape, so
+the counts come from the same model code that trains, and nothing is allocated.
+
+Bytes per parameter follow DeepSpeed's mixed-precision accounting: bf16 keeps bf16 weights and
+gradients and an fp32 master copy plus Adam's two moments (12 bytes); fp32 keeps weights and
+gradients in fp32 and the two moments (8 bytes). ZeRO-1 splits the optimizer bytes over the
+data-parallel group, ZeRO-2 the gradient bytes too. Activations are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from parallel.pipeline import stage_bounds
+from pretrain.config import HippoConfig, Layout
+from pretrain.models.block import Block
+from pretrain.models.embedding import TokenEmbedding
+from pretrain.models.linear import Linears
+
+GIB = 2**30
+
+
+def shard_shaped_linears(tp: int) -> Linears:
+    """Plain layers with one tensor-parallel rank's shapes (for counting only)."""
+    return Linears(
+        column=lambda i, o, *, bias=True: nn.Linear(i, o // tp, bias=bias),
+        row=lambda i, o, *, bias=True: nn.Linear(i // tp, o, bias=bias),
+        embedding=lambda v, d: nn.Embedding(v // tp, d),
+        tp_size=tp,
+    )
+
+
+def stage_parameter_counts(cfg: HippoConfig) -> list[int]:
+    """Parameters one tensor-parallel rank of each pipeline stage holds (tied embedding counted
+    on both end stages when they differ, as DeepSpeed keeps a copy on each)."""
+    m = cfg.model
+    linears = shard_shaped_linears(cfg.parallel.tensor)
+    with torch.device("meta"):
+        embedding = sum(p.numel() for p in TokenEmbedding(m, linears).parameters())
+        sizes = [embedding, *(sum(p.numel() for p in Block(m, i, linears).parameters()) for i in range(m.n_layer))]
+    sizes += [2 * m.d_model, embedding]
+    bounds = stage_bounds(cfg)
+    counts = [sum(sizes[bounds[s] : bounds[s + 1]]) for s in range(cfg.parallel.pipeline)]
+    if cfg.parallel.pipeline == 1:
+        counts[0] -= embedding  # one stage: the head reuses the embedding's weight
+    return counts
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    parameters: int
+    """Parameters held by the busiest rank."""
+    weight_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.gradient_bytes + self.optimizer_bytes
+
+
+def rank_memory(cfg: HippoConfig, layout: Layout) -> RankMemory:
+    n = max(stage_parameter_counts(cfg))
+    bf16 = cfg.train.precision == "bf16"
+    weight, grad, optim = (2, 2, 12) if bf16 else (4, 4, 8)
+    zero = cfg.parallel.zero_stage
+    optim_bytes = n * optim // (layout.data if zero >= 1 else 1)
+    grad_bytes = n * grad // (layout.data if zero >= 2 else 1)
+    return RankMemory(n, n * weight, grad_bytes, optim_bytes)

@@ -1,0 +1,367 @@
+"""MLflow tracking for training runs: one run per training run, continued on resume.
+
+Training must never wait on, or die because of, the tracking server. Params, metrics and tags go
+through a background thread that sends them with `log_batch` (one request per drain of the queue
+instead of ~55 ms per synchronous `log_metric`). If the server cannot be reached, records are kept
+in `<run_dir>/mlflow_pending.jsonl` and `upload_pending` replays them later.
+
+mlflow is imported lazily: ranks with `enabled=False` never pay its import time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+__all__ = ["PENDING_FILE", "UPLOADED_FILE", "Tracker", "upload_pending"]
+
+log = logging.getLogger(__name__)
+
+PENDING_FILE = "mlflow_pending.jsonl"
+UPLOADED_FILE = "mlflow_pending.uploaded.jsonl"
+HEALTH_TIMEOUT_S = 5
+# MLflow's defaults (7 retries with exponential backoff, 120 s timeout) would let a dead server
+# stall `close()` for minutes; these apply unless the user set them.
+HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+class Tracker:
+    """One MLflow run per training run. Only the process created with enabled=True does any I/O;
+    with enabled=False every method is a cheap no-op (other ranks).
+
+    Call `close()` (e.g. in a `finally`): it drains the background queue and ends the run.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        experiment: str = "hippo",
+        run_name: str | None = None,
+        run_id: str | None = None,
+        tracking_uri: str | None = None,
+        system_metrics: bool = True,
+    ) -> None:
+        self.run_id = run_id if enabled else None
+        self._enabled = enabled
+        if not enabled:
+            return
+        from mlflow import MlflowClient
+
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._pending = run_dir / PENDING_FILE
+        self._uri = _resolve_uri(run_dir, tracking_uri)
+        self._client: MlflowClient = MlflowClient(self._uri)
+        self._experiment, self._run_name = experiment, run_name
+        self._offline = False
+        self._lock = threading.Lock()  # the worker and the caller both append to the pending file
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._monitor = None
+        # Resumed runs recompute steps that were already logged: these guard against duplicates.
+        self._last_step: dict[str, int] = {}
+        self._params: dict[str, str] = {}
+
+        if self._uri.startswith(("http://", "https://")):
+            for name, value in HTTP_ENV_DEFAULTS.items():
+                os.environ.setdefault(name, value)
+            if reason := _unreachable(self._uri):
+                self._go_offline(reason)
+                return
+        try:
+            self._start_run()
+        except Exception as e:
+            if _is_rejection(e):  # e.g. an unknown run_id: a configuration error, not an outage
+                raise
+            self._go_offline(e)
+            return
+        if self._pending.exists():
+            log.warning("%s holds records not yet in MLflow; run upload_pending() to add them", self._pending)
+        self._worker = threading.Thread(target=self._drain, name="mlflow-tracking", daemon=True)
+        self._worker.start()
+        if system_metrics:
+            self._start_system_metrics(resumed=run_id is not None)
+
+    def _start_run(self) -> None:
+        if self.run_id is None:
+            experiment_id = _experiment_id(self._client, self._uri, self._experiment)
+            self.run_id = self._client.create_run(experiment_id, run_name=self._run_name).info.run_id
+            return
+        run = self._client.get_run(self.run_id)
+        self._client.update_run(self.run_id, status="RUNNING")
+        self._params = dict(run.data.params)
+        for key in run.data.metrics:
+            if not key.startswith("system/"):  # the system metrics monitor resumes its own steps
+                self._last_step[key] = max(m.step for m in self._client.get_metric_history(self.run_id, key))
+
+    def _start_system_metrics(self, *, resumed: bool) -> None:
+        """MLflow's own CPU/memory/disk/network (and NVIDIA GPU, with pynvml) sampler, bound to our URI.
+
+        `mlflow.start_run(log_system_metrics=True)` would start the same monitor, but only for the
+        process-global tracking URI and active run, which this class deliberately leaves alone.
+        """
+        if importlib.util.find_spec("psutil") is None:
+            log.warning("psutil is not installed: MLflow system metrics are off")
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self._uri)
+        self._monitor.start()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Nested dicts are flattened with dots ("model.d_model"). MLflow params are immutable, so
+        on resume unchanged values are skipped and changed ones are refused with a warning."""
+        if not self._enabled:
+            return
+        flat = _flatten(params)
+        changed = sorted(k for k, v in flat.items() if self._params.get(k, v) != v)
+        if changed:
+            log.warning("MLflow params cannot change within a run; keeping the logged values of %s", changed)
+        new = {k: v for k, v in flat.items() if k not in self._params}
+        self._params.update(new)
+        if new:
+            self._submit({"kind": "params", "data": new})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Points at or before the last step logged for a key are dropped (resume recomputes them)."""
+        if not self._enabled:
+            return
+        data = {k: float(v) for k, v in metrics.items() if step > self._last_step.get(k, -1)}
+        if data:
+            self._last_step.update(dict.fromkeys(data, step))
+            self._submit({"kind": "metrics", "data": data, "step": step, "timestamp": int(time.time() * 1000)})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if not self._enabled:
+            return
+        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+        self._submit({"kind": "tags", "data": {k: str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items()}})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Uploads a file or directory before returning, so the caller may delete it afterwards."""
+        if not self._enabled:
+            return
+        path = Path(path).resolve()
+        if not path.exists():
+            raise FileNotFoundError(path)
+        record = {"kind": "artifact", "path": str(path), "artifact_path": artifact_path}
+        if self._offline:
+            self._append_pending([record])
+            return
+        try:
+            _log_path(self._client, self.run_id, path, artifact_path)
+        except Exception as e:
+            self._failed([record], e)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Stops the system metrics sampler, sends everything queued, and ends the run."""
+        if not self._enabled:
+            return
+        self._enabled = False  # later calls (and a second close) are no-ops
+        if self._monitor is not None:
+            self._monitor.finish()
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+        end = {"kind": "end", "status": status}
+        if self._offline:
+            self._append_pending([end])
+            return
+        try:
+            self._client.set_terminated(self.run_id, status)
+        except Exception as e:
+            self._failed([end], e)
+
+    def _submit(self, record: dict[str, Any]) -> None:
+        if self._offline:
+            self._append_pending([record])
+        else:
+            self._queue.put(record)
+
+    def _drain(self) -> None:
+        """Worker thread: sends everything queued so far as one batch, until close() sends None."""
+        while True:
+            batch = [self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get())
+            records = [r for r in batch if r is not None]
+            if self._offline:
+                self._append_pending(records)
+            elif records:
+                try:
+                    _log_records(self._client, self.run_id, records)
+                except Exception as e:
+                    self._failed(records, e)
+            if None in batch:
+                return
+
+    def _failed(self, records: list[dict[str, Any]], error: Exception) -> None:
+        """A request MLflow refused would be refused again: drop it. Anything else is an outage."""
+        if _is_rejection(error):
+            log.warning("MLflow rejected %d record(s), dropping them: %s", len(records), error)
+            return
+        self._go_offline(error)
+        self._append_pending(records)
+
+    def _go_offline(self, reason: object) -> None:
+        with self._lock:
+            if not self._offline:
+                self._offline = True
+                log.warning(
+                    "MLflow tracking server %s unreachable (%s); training continues and records are "
+                    "kept for later upload in %s (see upload_pending)",
+                    self._uri, reason, self._pending,
+                )
+
+    def _append_pending(self, records: list[dict[str, Any]]) -> None:
+        header = {"run_id": self.run_id, "experiment": self._experiment, "run_name": self._run_name}
+        with self._lock, self._pending.open("a") as f:
+            for record in records:
+                f.write(json.dumps({**header, **record}) + "\n")
+
+
+def upload_pending(run_dir: Path, tracking_uri: str | None = None) -> int:
+    """Replays `<run_dir>/mlflow_pending.jsonl` into MLflow and returns the number of records.
+
+    Records without a run id (the server was down before any run existed) go to one new run.
+    Metric steps and params the run already has are skipped, so uploading after a resumed run
+    re-logged some steps creates no duplicates. The file is then renamed to UPLOADED_FILE.
+    """
+    from mlflow import MlflowClient
+
+    pending = Path(run_dir) / PENDING_FILE
+    records = [json.loads(line) for line in pending.read_text().splitlines() if line.strip()]
+    uri = _resolve_uri(Path(run_dir), tracking_uri)
+    client = MlflowClient(uri)
+    by_run: dict[str | None, list[dict[str, Any]]] = {}
+    for record in records:
+        by_run.setdefault(record["run_id"], []).append(record)
+    for run_id, run_records in by_run.items():
+        if run_id is None:
+            first = run_records[0]
+            experiment_id = _experiment_id(client, uri, first["experiment"])
+            run_id = client.create_run(experiment_id, run_name=first["run_name"]).info.run_id
+        _log_records(client, run_id, _not_yet_logged(client, run_id, run_records))
+    pending.rename(pending.with_name(UPLOADED_FILE))
+    return len(records)
+
+
+def _not_yet_logged(client: MlflowClient, run_id: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    existing_params = client.get_run(run_id).data.params
+    steps: dict[str, set[int]] = {}
+    kept = []
+    for record in records:
+        if record["kind"] == "params":
+            record = {**record, "data": {k: v for k, v in record["data"].items() if k not in existing_params}}
+        elif record["kind"] == "metrics":
+            data = {}
+            for key, value in record["data"].items():
+                if key not in steps:
+                    steps[key] = {m.step for m in client.get_metric_history(run_id, key)}
+                if record["step"] not in steps[key]:
+                    steps[key].add(record["step"])
+                    data[key] = value
+            record = {**record, "data": data}
+        kept.append(record)
+    return kept
+
+
+def _log_records(client: MlflowClient, run_id: str, records: list[dict[str, Any]]) -> None:
+    """Sends records with one `log_batch` (the client splits it to MLflow's per-request limits)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    metrics, params, tags, status = [], {}, {}, None
+    for record in records:
+        kind, data = record["kind"], record.get("data", {})
+        if kind == "metrics":
+            metrics += [Metric(k, v, record["timestamp"], record["step"]) for k, v in data.items()]
+        elif kind == "params":
+            params.update(data)
+        elif kind == "tags":
+            tags.update(data)  # one value per key: MLflow refuses duplicate keys in a batch
+        elif kind == "artifact":
+            if Path(record["path"]).exists():
+                _log_path(client, run_id, Path(record["path"]), record["artifact_path"])
+            else:
+                log.warning("artifact %s no longer exists, not uploaded", record["path"])
+        elif kind == "end":
+            status = record["status"]
+    client.log_batch(
+        run_id,
+        metrics=metrics,
+        params=[Param(k, v) for k, v in params.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
+    if status is not None:
+        client.set_terminated(run_id, status)
+
+
+def _log_path(client: MlflowClient, run_id: str, path: Path, artifact_path: str | None) -> None:
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def _resolve_uri(run_dir: Path, tracking_uri: str | None) -> str:
+    """Explicit URI, else $MLFLOW_TRACKING_URI, else a store inside the run folder (no server, and
+    never MLflow's default ./mlflow.db in whatever the current directory happens to be)."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve()}/mlflow.db"
+
+
+def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+    """Gets or creates the experiment. A sqlite store keeps artifacts in `mlruns/` beside the
+    database file; MLflow's default would be `./mlruns` under the current directory."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _unreachable(uri: str) -> str | None:
+    """A quick GET /health, so a dead server costs seconds, not MLflow's retry schedule."""
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # it answered: reachable, even if this server has no /health route
+    except OSError as e:  # URLError, refused, timeout
+        return str(e)
+    return None
+
+
+def _is_rejection(error: Exception) -> bool:
+    """True for MLflow refusing a request (4xx: bad value, unknown run), false for outages."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, MlflowException) and error.get_http_status_code() < 500
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)[:MAX_PARAM_VAL_LENGTH]
+    return flat

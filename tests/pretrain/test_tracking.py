@@ -1,0 +1,254 @@
+"""MLflow tracking: values read back through MlflowClient, resume without duplicates, offline fallback."""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pretrain.tracking import PENDING_FILE, UPLOADED_FILE, Tracker, upload_pending
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_local_store_in_run_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # a stray default store would land here
+    run_dir = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  d_model: 64\n")
+
+    tracker = Tracker(run_dir, enabled=True, run_name="smoke", system_metrics=False)
+    tracker.log_params({"model": {"d_model": 64, "mixer": "h3"}, "lr": 3e-4, "note": "x" * 7000})
+    for step in range(1, 4):
+        tracker.log_metrics({"loss": 1.0 / step, "lr": 1e-3 * step}, step=step)
+    tracker.set_tags({"stage": "pretrain"})
+    tracker.log_artifact(config, artifact_path="config")
+    tracker.close()
+
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "smoke"
+    assert client.get_experiment(run.info.experiment_id).name == "hippo"
+    params = run.data.params
+    assert params["model.d_model"] == "64" and params["model.mixer"] == "h3" and params["lr"] == "0.0003"
+    assert params["note"] == "x" * 6000  # truncated to MLflow's limit instead of failing the batch
+    assert run.data.tags["stage"] == "pretrain"
+    assert history(client, tracker.run_id, "loss") == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert [s for s, _ in history(client, tracker.run_id, "lr")] == [1, 2, 3]
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "config")] == ["config/config.yaml"]
+    assert run.info.artifact_uri.startswith((run_dir / "mlruns").as_uri())
+    local = client.download_artifacts(tracker.run_id, "config/config.yaml", str(tmp_path / "dl"))
+    assert Path(local).read_text() == config.read_text()
+
+
+def test_disabled_tracker_does_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    tracker = Tracker(run_dir, enabled=False)
+    tracker.log_params({"a": 1})
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.set_tags({"t": "v"})
+    tracker.log_artifact(tmp_path / "missing.txt")
+    tracker.close()
+    assert tracker.run_id is None
+    assert not run_dir.exists()
+
+
+def test_env_uri_and_resume_without_duplicates(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/shared.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run_dir = tmp_path / "run"
+
+    first = Tracker(run_dir, enabled=True, system_metrics=False)
+    first.log_params({"model": {"d_model": 64}})
+    for step in range(1, 6):
+        first.log_metrics({"loss": float(step)}, step=step)
+    first.close(status="KILLED")
+    assert not (run_dir / "mlflow.db").exists()
+
+    # The resumed run recomputes steps 4 and 5 bit-identically, then continues.
+    second = Tracker(run_dir, enabled=True, run_id=first.run_id, system_metrics=False)
+    second.log_params({"model": {"d_model": 64}})  # same value again: skipped, no MLflow error
+    second.log_params({"model": {"d_model": 128}})  # changed: refused with a warning
+    for step in range(4, 9):
+        second.log_metrics({"loss": float(step), "tokens": 10.0 * step}, step=step)
+    second.close()
+
+    client = MlflowClient(tracking_uri=uri)
+    assert second.run_id == first.run_id
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"model.d_model": "64"}
+    assert history(client, first.run_id, "loss") == [(s, float(s)) for s in range(1, 9)]
+    assert history(client, first.run_id, "tokens") == [(s, 10.0 * s) for s in range(4, 9)]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_system_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(tmp_path, enabled=True, tracking_uri=uri)
+    time.sleep(1.0)
+    tracker.close()
+    metrics = MlflowClient(tracking_uri=uri).get_run(tracker.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics
+    assert metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_missing_psutil_warns_and_continues(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "psutil", None)  # find_spec("psutil") -> None
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
+        tracker = Tracker(tmp_path, enabled=True, tracking_uri=uri)
+    tracker.log_metrics({"loss": 2.0}, step=1)
+    tracker.close()
+    assert any("psutil" in r.getMessage() for r in caplog.records if r.name == "pretrain.tracking")
+    assert history(MlflowClient(tracking_uri=uri), tracker.run_id, "loss") == [(1, 2.0)]
+
+
+def test_unreachable_server_keeps_records_for_upload(tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    artifact = tmp_path / "notes.txt"
+    artifact.write_text("hello")
+    dead = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
+        tracker = Tracker(run_dir, enabled=True, run_name="offline", tracking_uri=dead)
+        tracker.log_params({"optim": {"lr": 0.01}})
+        for step in range(1, 4):
+            tracker.log_metrics({"loss": 10.0 - step}, step=step)
+        tracker.log_metrics({"loss": 123.0}, step=3)  # a recomputed step is still dropped offline
+        tracker.set_tags({"host": "a"})
+        tracker.log_artifact(artifact)
+        tracker.close()
+    assert time.monotonic() - start < 10
+    assert tracker.run_id is None
+    warnings = [r for r in caplog.records if r.name == "pretrain.tracking" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage()
+
+    lines = [json.loads(x) for x in (run_dir / PENDING_FILE).read_text().splitlines()]
+    assert [r["kind"] for r in lines] == ["params", "metrics", "metrics", "metrics", "tags", "artifact", "end"]
+    assert lines[0]["data"] == {"optim.lr": "0.01"} and lines[0]["run_id"] is None
+    assert [(r["step"], r["data"]["loss"]) for r in lines[1:4]] == [(1, 9.0), (2, 8.0), (3, 7.0)]
+
+    uri = f"sqlite:///{tmp_path}/upload.db"
+    assert upload_pending(run_dir, tracking_uri=uri) == 7
+    assert not (run_dir / PENDING_FILE).exists() and (run_dir / UPLOADED_FILE).exists()
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("hippo").experiment_id])
+    assert run.info.run_name == "offline" and run.info.status == "FINISHED"
+    assert run.data.params == {"optim.lr": "0.01"} and run.data.tags["host"] == "a"
+    assert history(client, run.info.run_id, "loss") == [(1, 9.0), (2, 8.0), (3, 7.0)]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["notes.txt"]
+
+
+def test_upload_pending_skips_steps_the_run_already_has(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(tmp_path, enabled=True, tracking_uri=uri, system_metrics=False)
+    for step in range(1, 4):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    tracker.close()
+    # As if the server had gone down after step 3 and the resumed run re-logged steps 2..5 offline.
+    header = {"run_id": tracker.run_id, "experiment": "hippo", "run_name": None}
+    with (tmp_path / PENDING_FILE).open("w") as f:
+        for step in range(2, 6):
+            record = {"kind": "metrics", "data": {"loss": float(step)}, "step": step, "timestamp": 0}
+            f.write(json.dumps({**header, **record}) + "\n")
+    assert upload_pending(tmp_path, tracking_uri=uri) == 4
+    client = MlflowClient(tracking_uri=uri)
+    assert history(client, tracker.run_id, "loss") == [(s, float(s)) for s in range(1, 6)]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` (sqlite backend, proxied artifacts) in its own process group."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    mlflow_exe = Path(sys.executable).parent / "mlflow"
+    cmd = [
+        str(mlflow_exe), "server",
+        "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db",
+        "--artifacts-destination", str(tmp_path / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+    log_file = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not answer /health in 90 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log_file.close()
+
+
+@pytest.mark.slow
+def test_real_server_log_and_resume(tmp_path, mlflow_server):
+    run_dir = tmp_path / "run"
+    config = tmp_path / "config.json"
+    config.write_text('{"d_model": 64}')
+
+    first = Tracker(run_dir, enabled=True, run_name="srv", tracking_uri=mlflow_server, system_metrics=False)
+    first.log_params({"model": {"d_model": 64}, "parallel": {"tp": 2, "pp": 2}})
+    for step in range(1, 11):
+        first.log_metrics({"loss": 5.0 - 0.1 * step, "grad_norm": float(step)}, step=step)
+    first.log_artifact(config, artifact_path="config")
+    first.close(status="KILLED")
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "KILLED" and run.info.run_name == "srv"
+    assert run.data.params == {"model.d_model": "64", "parallel.tp": "2", "parallel.pp": "2"}
+    assert history(client, first.run_id, "loss") == [(s, 5.0 - 0.1 * s) for s in range(1, 11)]
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    assert [a.path for a in client.list_artifacts(first.run_id, "config")] == ["config/config.json"]
+    local = client.download_artifacts(first.run_id, "config/config.json", str(tmp_path / "dl"))
+    assert Path(local).read_text() == config.read_text()
+    on_disk = list((tmp_path / "artifacts").rglob("config.json"))
+    assert len(on_disk) == 1 and first.run_id in on_disk[0].parts
+
+    # Resumed from the checkpoint of step 8: steps 9 and 10 are recomputed, then 11..15 are new.
+    second = Tracker(run_dir, enabled=True, run_id=first.run_id, tracking_uri=mlflow_server, system_metrics=False)
+    second.log_params({"model": {"d_model": 64}, "parallel": {"tp": 2, "pp": 2}})
+    for step in range(9, 16):
+        second.log_metrics({"loss": 5.0 - 0.1 * step, "grad_norm": float(step)}, step=step)
+    second.close()
+
+    assert second.run_id == first.run_id
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert history(client, first.run_id, "loss") == [(s, 5.0 - 0.1 * s) for s in range(1, 16)]
+    assert [s for s, _ in history(client, first.run_id, "grad_norm")] == list(range(1, 16))
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [first.run_id]
+    assert not (run_dir / PENDING_FILE).exists()

@@ -1,0 +1,125 @@
+"""`hippo train` end to end: resume equivalence, SIGTERM, a crash while checkpointing.
+
+The reference for a resumed run is a second, uninterrupted run of the same config: per-step
+losses must be identical (bitwise: CPU, fp32). Every run is a real `hippo train` process (plain,
+or under torchrun), so each costs its start-up; each assertion reads runs shared by the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.prepare import prepare
+from pretrain.checkpoint import CRASH_BEFORE_MARKER_ENV, LATEST, MARKER
+from tests.parallel.common import ROOT, torchrun
+
+pytestmark = pytest.mark.slow
+
+STEPS = 24
+BASE = [
+    "model.vocab_size=257", "model.d_model=32", "model.n_layer=4", "model.n_head=4", "model.attn_layer_idx=[1]",
+    f"train.steps={STEPS}", "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=8",
+    "train.eval_interval=8", "train.eval_batches=2", "checkpoint.interval=8", "optim.lr=0.003",
+    "tracking.system_metrics=false", "checkpoint.keep_last=3",
+]
+
+
+def _text(rng: random.Random) -> str:
+    words = ["state", "space", "hippo", "shift", "diagonal", "kernel", "token", "model"]
+    return " ".join(f"{rng.choice(words)}{rng.randint(0, 9)}" for _ in range(rng.randint(5, 60)))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train_data")
+    rng = random.Random(0)
+    src = root / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": _text(rng)}) + "\n" for _ in range(1500)))
+    prepare([src], root / "prepared", tokenizer="byte", seq_len=32, val_fraction=0.1, shard_bytes=30_000, progress=False)
+    return root / "prepared"
+
+
+def hippo_train(run_dir: Path, data: Path, *overrides: str, nproc: int = 0, env: dict | None = None,
+                check: bool = True) -> subprocess.CompletedProcess:
+    sets = [a for o in (*BASE, f"data.paths=[{data}]", *overrides) for a in ("--set", o)]
+    argv = ["-m", "pretrain.cli", "train", "tiny_hybrid", "--run-dir", str(run_dir), *sets]
+    return torchrun(nproc, argv, env=env, check=check)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+def latest_step(run_dir: Path) -> int:
+    return int((run_dir / "checkpoints" / LATEST).read_text().strip().removeprefix("global_step"))
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> dict[int, float]:
+    run = tmp_path_factory.mktemp("reference")
+    hippo_train(run, data)
+    got = losses(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got[STEPS] < got[1] - 0.5  # it learns (the text is far from random bytes)
+    return got
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(data, reference, tmp_path):
+    run = tmp_path / "run"
+    sets = [a for o in (*BASE, f"data.paths=[{data}]") for a in ("--set", o)]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.cli", "train", "tiny_hybrid", "--run-dir", str(run), *sets],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    stopped = latest_step(run)
+    assert 3 <= stopped < STEPS, out
+    assert "received SIGTERM" in out
+
+    hippo_train(run, data)  # resumes from the latest checkpoint by itself
+    assert losses(run) == reference
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(data, reference, tmp_path):
+    run = tmp_path / "run"
+    died = hippo_train(run, data, env={CRASH_BEFORE_MARKER_ENV: "16"}, check=False)
+    assert died.returncode == -signal.SIGKILL, died.stdout[-2000:] + died.stderr[-4000:]
+    assert latest_step(run) == 8
+    assert (run / "checkpoints" / "global_step16").exists() and not (run / "checkpoints" / "global_step16" / MARKER).exists()
+
+    hippo_train(run, data)
+    assert losses(run) == reference
+    assert latest_step(run) == STEPS
+
+
+@pytest.mark.parametrize(
+    "name,nproc,layout",
+    [("dp2_zero1", 2, []), ("tp2_pp2", 4, ["parallel.tensor=2", "parallel.pipeline=2"])],
+)
+def test_stop_and_resume_equals_uninterrupted_run_in_parallel(data, tmp_path, name, nproc, layout):
+    full, split = tmp_path / "full", tmp_path / "split"
+    hippo_train(full, data, *layout, nproc=nproc)
+    hippo_train(split, data, *layout, "train.exit_interval=12", nproc=nproc)
+    assert latest_step(split) == 12 and max(losses(split)) == 12
+    hippo_train(split, data, *layout, nproc=nproc)
+    assert losses(split) == losses(full)
