@@ -5,6 +5,7 @@ the warmup + cosine schedule; clipping by the global gradient norm over every gr
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -15,12 +16,14 @@ from parallel.pipeline import SequentialLM, build_pipeline
 from parallel.runtime import import_deepspeed
 from parallel.tensor_parallel import megatron_linears
 from pretrain.config import HippoConfig
+from pretrain.models.linear import partition_dim
 from pretrain.optim import build_optimizer, build_scheduler
 
 
-def deepspeed_config(cfg: HippoConfig, state: ParallelState) -> dict[str, Any]:
+def deepspeed_config(cfg: HippoConfig, state: ParallelState, *, load_universal: bool = False) -> dict[str, Any]:
     layout = state.layout
     return {
+        "checkpoint": {"load_universal": load_universal},
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum_steps,
@@ -39,7 +42,7 @@ class TrainEngine:
 
     last_step_skipped = False
 
-    def __init__(self, cfg: HippoConfig, state: ParallelState):
+    def __init__(self, cfg: HippoConfig, state: ParallelState, *, load_universal: bool = False):
         deepspeed = import_deepspeed()
         layout = state.layout
         self.cfg, self.state = cfg, state
@@ -56,8 +59,11 @@ class TrainEngine:
         scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
-            config=deepspeed_config(cfg, state),
+            config=deepspeed_config(cfg, state, load_universal=load_universal),
         )
+        with torch.device("meta"):  # every stage's parameter names, without allocating
+            whole_model = SequentialLM(cfg, self.linears, self._loss)
+        set_universal_checkpoint_info(self.module, whole_model)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.linears.cross_entropy(logits, labels).mean()
@@ -122,6 +128,30 @@ class TrainEngine:
             for t in s.values()
             if torch.is_tensor(t) and t.dim() > 0
         )
+
+
+def set_universal_checkpoint_info(module: torch.nn.Module, whole_model: torch.nn.Module) -> None:
+    """Tell DeepSpeed's universal-checkpoint converter how each parameter is split over TP ranks.
+
+    Without it the converter refuses (or, forced, concatenates replicated tensors and cuts
+    row-parallel weights along the wrong dim, silently). Patterns come from the parameters' own
+    partition tags, so they cannot drift from the layers; they name the parameters of every
+    pipeline stage (`whole_model`, same names), since the converter reads one stage's copy.
+    """
+    from deepspeed.checkpoint import constants as C
+
+    replicated, row = [], []
+    for name, p in whole_model.named_parameters():
+        dim = partition_dim(p)
+        if dim is None:
+            replicated.append(f"^{re.escape(name)}$")
+        elif dim == 1:
+            row.append(f"^{re.escape(name)}$")
+    setattr(module, C.UNIVERSAL_CHECKPOINT_INFO, {
+        C.UNIVERSAL_CHECKPOINT_VERSION_KEY: C.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        C.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
+        C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row,
+    })
 
 
 class FiniteStepAdamW(torch.optim.AdamW):

@@ -20,6 +20,8 @@ import random
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,9 +191,43 @@ def _prune(folder: Path, keep_last: int) -> None:
         shutil.rmtree(universal, ignore_errors=True)
 
 
-def load(engine, ckpt: Checkpoint, *, rank: int, world_size: int) -> None:
-    """Restore model, optimizer and scheduler (DeepSpeed), and this rank's RNG streams."""
-    load_path, _ = engine.load_checkpoint(str(ckpt.folder), tag=ckpt.tag)
+def same_layout(ckpt: Checkpoint, layout) -> bool:
+    saved = ckpt.state["layout"]
+    return (saved["tensor"], saved["pipeline"], saved["data"]) == (layout.tensor, layout.pipeline, layout.data)
+
+
+def universal_tag(ckpt: Checkpoint) -> str:
+    return f"{ckpt.tag}_universal"
+
+
+def convert_to_universal(ckpt: Checkpoint) -> Path:
+    """DeepSpeed's universal checkpoint (full fp32 tensors and moments per parameter) next to
+    `ckpt`, so a run can continue with other TP, PP or DP sizes. Rank 0 only; idempotent."""
+    out = ckpt.folder / universal_tag(ckpt)
+    done = out / MARKER
+    if done.exists():
+        return out
+    tmp = ckpt.folder / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt.path),
+           "--output_folder", str(tmp), "--num_extract_workers", "2", "--num_merge_workers", "1"]
+    log.info("converting %s to a universal checkpoint (new parallel layout)", ckpt.path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    if proc.returncode != 0:
+        raise CheckpointError(f"converting {ckpt.path} to a universal checkpoint failed:\n{proc.stderr[-4000:]}")
+    (tmp / MARKER).write_text(json.dumps({"source": ckpt.tag}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def load(engine, ckpt: Checkpoint, *, rank: int, world_size: int, universal: bool = False) -> None:
+    """Restore model, optimizer and scheduler (DeepSpeed), and this rank's RNG streams.
+
+    `universal`: load the converted checkpoint into a different layout (the engine must have
+    been built with `checkpoint.load_universal`)."""
+    tag = universal_tag(ckpt) if universal else ckpt.tag
+    load_path, _ = engine.load_checkpoint(str(ckpt.folder), tag=tag)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt.path}")
     rng_file = ckpt.path / "hippo" / f"rank{rank}.pt"

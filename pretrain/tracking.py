@@ -201,20 +201,28 @@ class Tracker:
             while not self._queue.empty():
                 batch.append(self._queue.get())
             records = [r for r in batch if r is not None]
-            if self._offline:
-                self._append_pending(records)
-            elif records:
-                try:
-                    _log_records(self._client, self.run_id, records)
-                except Exception as e:
-                    self._failed(records, e)
+            if records:
+                self._send(records)
             if None in batch:
                 return
+
+    def _send(self, records: list[dict[str, Any]]) -> None:
+        if self._offline:
+            self._append_pending(records)
+            return
+        try:
+            _log_records(self._client, self.run_id, records)
+        except Exception as e:
+            if _is_rejection(e) and len(records) > 1:
+                for record in records:  # find the refused record instead of dropping the whole batch
+                    self._send([record])
+            else:
+                self._failed(records, e)
 
     def _failed(self, records: list[dict[str, Any]], error: Exception) -> None:
         """A request MLflow refused would be refused again: drop it. Anything else is an outage."""
         if _is_rejection(error):
-            log.warning("MLflow rejected %d record(s), dropping them: %s", len(records), error)
+            log.warning("MLflow rejected %.300s, dropping it: %s", records, error)
             return
         self._go_offline(error)
         self._append_pending(records)

@@ -127,14 +127,22 @@ def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None, progres
     dist.barrier()
 
     ckpt = checkpoint.resolve(resume, ckpt_dir)
-    engine = TrainEngine(cfg, state)
+    universal = ckpt is not None and not checkpoint.same_layout(ckpt, layout)
+    if universal and rank0:
+        checkpoint.convert_to_universal(ckpt)
+    dist.barrier()
+    engine = TrainEngine(cfg, state, load_universal=universal)
     stream = build_stream(cfg.data, dp_rank=state.dp_rank, dp_size=layout.data,
                           micro_batch_size=layout.micro_batch_size, global_batch_size=layout.global_batch_size)
     step, skipped_total, run_id = 0, 0, None
     if ckpt is not None:
-        checkpoint.load(engine.engine, ckpt, rank=state.rank, world_size=layout.world_size)
+        checkpoint.load(engine.engine, ckpt, rank=state.rank, world_size=layout.world_size, universal=universal)
         stream.load_state_dict(ckpt.state["data"])
-        step, skipped_total, run_id = ckpt.step, ckpt.state["skipped_steps"], ckpt.state.get("mlflow_run_id")
+        step, skipped_total = ckpt.step, ckpt.state["skipped_steps"]
+        # The same MLflow run continues only in its own run folder (its store); --resume from
+        # another folder starts a new run.
+        if ckpt.folder.resolve() == ckpt_dir.resolve():
+            run_id = ckpt.state.get("mlflow_run_id")
         if rank0:
             log.info("resumed from %s at step %d (%d samples consumed)", ckpt.path, step, stream.consumed_samples)
 

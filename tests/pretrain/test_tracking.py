@@ -17,6 +17,15 @@ from mlflow import MlflowClient
 from pretrain.tracking import PENDING_FILE, UPLOADED_FILE, Tracker, upload_pending
 
 
+@pytest.fixture(autouse=True)
+def restore_environ():
+    """Tracker sets MLflow's HTTP retry/timeout defaults in os.environ; keep them out of other tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -30,6 +39,7 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
 def test_local_store_in_run_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # a stray default store would land here
+    monkeypatch.setenv("MLFLOW_TRUNCATE_LONG_VALUES", "false")  # the store would refuse, not truncate
     run_dir = tmp_path / "run"
     config = tmp_path / "config.yaml"
     config.write_text("model:\n  d_model: 64\n")
@@ -71,7 +81,7 @@ def test_disabled_tracker_does_nothing(tmp_path):
     assert not run_dir.exists()
 
 
-def test_env_uri_and_resume_without_duplicates(tmp_path, monkeypatch):
+def test_env_uri_and_resume_without_duplicates(tmp_path, monkeypatch, caplog):
     uri = f"sqlite:///{tmp_path}/shared.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     run_dir = tmp_path / "run"
@@ -86,7 +96,9 @@ def test_env_uri_and_resume_without_duplicates(tmp_path, monkeypatch):
     # The resumed run recomputes steps 4 and 5 bit-identically, then continues.
     second = Tracker(run_dir, enabled=True, run_id=first.run_id, system_metrics=False)
     second.log_params({"model": {"d_model": 64}})  # same value again: skipped, no MLflow error
-    second.log_params({"model": {"d_model": 128}})  # changed: refused with a warning
+    with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
+        second.log_params({"model": {"d_model": 128}})  # changed: refused with a warning
+    assert "model.d_model" in caplog.text
     for step in range(4, 9):
         second.log_metrics({"loss": float(step), "tokens": 10.0 * step}, step=step)
     second.close()
@@ -99,6 +111,19 @@ def test_env_uri_and_resume_without_duplicates(tmp_path, monkeypatch):
     assert history(client, first.run_id, "loss") == [(s, float(s)) for s in range(1, 9)]
     assert history(client, first.run_id, "tokens") == [(s, 10.0 * s) for s in range(4, 9)]
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_rejected_record_is_dropped_alone(tmp_path, caplog):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(tmp_path, enabled=True, tracking_uri=uri, system_metrics=False)
+    with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
+        for step in range(1, 4):
+            tracker.log_metrics({"bad!": 1.0}, step=step)  # an invalid name: MLflow answers 400
+            tracker.log_metrics({"loss": float(step)}, step=step)
+        tracker.close()
+    assert "rejected" in caplog.text
+    assert history(MlflowClient(tracking_uri=uri), tracker.run_id, "loss") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert not (tmp_path / PENDING_FILE).exists()  # a refusal is not an outage
 
 
 def test_system_metrics(tmp_path, monkeypatch):
@@ -157,6 +182,22 @@ def test_unreachable_server_keeps_records_for_upload(tmp_path, caplog):
     assert run.data.params == {"optim.lr": "0.01"} and run.data.tags["host"] == "a"
     assert history(client, run.info.run_id, "loss") == [(1, 9.0), (2, 8.0), (3, 7.0)]
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["notes.txt"]
+
+
+def test_silent_server_does_not_stall(tmp_path, monkeypatch):
+    """A host that accepts connections but never answers: the /health probe gives up quickly,
+    where MLflow's own client would wait out its timeout and retries."""
+    monkeypatch.setattr("pretrain.tracking.HEALTH_TIMEOUT_S", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        start = time.monotonic()
+        tracker = Tracker(tmp_path, enabled=True, tracking_uri=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.close()
+        assert time.monotonic() - start < 5
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / PENDING_FILE).read_text().splitlines()]
+    assert kinds == ["metrics", "end"]
 
 
 def test_upload_pending_skips_steps_the_run_already_has(tmp_path):
