@@ -5,7 +5,7 @@ tokens/s excludes the prefill; the prefill of the H3 model is timed twice: throu
 path (chunked state passing, `H3.conv_impl = "auto"`) and through the full-length FFT reference.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_generation.py --batch 8 --prompt 2048 --new 128 \
-        --out benchmarks/results/flashconv.md
+        (paste the printed table into BENCHMARKS.md)
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ configuration cannot hide another's. Also reports the fast path's achieved GFLOP
 CPU's measured fp32 matmul peak.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_h3_layer.py --d-model 256 --batch 4 \
-        --lengths 512 1024 2048 4096 8192 16384 32768 --out benchmarks/results/flashconv.md
+        --lengths 512 1024 2048 4096 8192 16384 32768 (paste the printed table into BENCHMARKS.md)
 """
 
 from __future__ import annotations

@@ -70,14 +70,37 @@ def latest_step(run_dir: Path) -> int:
     return int((run_dir / "checkpoints" / LATEST).read_text().strip().removeprefix("global_step"))
 
 
+def mlflow_runs(run_dir: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    return [(client, r) for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> dict[int, float]:
+def reference_run(data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("reference")
     hippo_train(run, data)
-    got = losses(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict[int, float]:
+    got = losses(reference_run)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert got[STEPS] < got[1] - 0.5  # it learns (the text is far from random bytes)
     return got
+
+
+def test_export_evaluates_on_one_process_like_the_trainer_did(reference_run, data):
+    """The consolidated export, run by plain HippoLM, gives the trainer's final validation loss."""
+    from pretrain.evaluation import evaluate_export
+
+    [(client, run)] = mlflow_runs(reference_run)
+    [final_val] = [m for m in client.get_metric_history(run.info.run_id, "val_loss") if m.step == STEPS]
+    loss, _ = evaluate_export(reference_run / "export", [str(data)], max_batches=2)
+    assert loss == pytest.approx(final_val.value, rel=1e-5)
+    assert run.data.params["config.model.d_model"] == "32"
 
 
 def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(data, reference, tmp_path):
@@ -101,6 +124,11 @@ def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(dat
 
     hippo_train(run, data)  # resumes from the latest checkpoint by itself
     assert losses(run) == reference
+    # One MLflow run, continued: one loss point per step, the same values as metrics.jsonl.
+    [(client, mlrun)] = mlflow_runs(run)
+    history = client.get_metric_history(mlrun.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    assert {m.step: m.value for m in history} == pytest.approx(reference, rel=1e-6)
 
 
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(data, reference, tmp_path):
