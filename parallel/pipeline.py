@@ -155,3 +155,9 @@ def canonical_named_parameters(module: nn.Module) -> Iterator[tuple[str, torch.T
             if id(p) not in seen:
                 seen.add(id(p))
                 yield prefix + name, p
+
+
+def canonical_names(module: nn.Module) -> dict[str, str]:
+    """{name in `module` (pipeline / DeepSpeed naming): name in the single-process `HippoLM`}."""
+    by_id = {id(p): name for name, p in canonical_named_parameters(module)}
+    return {name: by_id[id(p)] for name, p in module.named_parameters()}

@@ -73,6 +73,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pretrain.checkpoint import resolve
+    from pretrain.export import export_checkpoint
+
+    source = Path(args.checkpoint)
+    ckpt = resolve(str(source / "checkpoints") if (source / "checkpoints").is_dir() else str(source), source)
+    out = export_checkpoint(ckpt, Path(args.output))
+    print(f"exported step {ckpt.step} of {ckpt.path} to {out}")
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from pretrain.quickstart import quickstart
 
@@ -116,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run folder: checkpoints, metrics.jsonl, MLflow store (default runs/<config>)")
     p.add_argument("--resume", help="checkpoint to resume from (default: the run folder's latest, if any)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="consolidate a checkpoint (any layout) into one safetensors file + config")
+    p.add_argument("checkpoint", help="a run folder (its latest checkpoint), a checkpoints folder or a global_stepN folder")
+    p.add_argument("--output", "-o", required=True)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("quickstart", help="train a tiny hybrid on the embedded corpus, evaluate it, sample from it")
     p.add_argument("--run-dir", default="runs/quickstart")

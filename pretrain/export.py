@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pretrain.config import ModelConfig, from_dict, to_dict
-from pretrain.models import HippoLM
+from pretrain.models import SINGLE_PROCESS, HippoLM
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -23,6 +23,27 @@ def save_export(folder: Path, params: dict[str, torch.Tensor], model_cfg: ModelC
     tmp.replace(folder / WEIGHTS)
     (folder / CONFIG).write_text(json.dumps({"model": to_dict(model_cfg), "tokenizer": tokenizer, "step": step}, indent=1))
     return folder
+
+
+def export_checkpoint(ckpt, out: Path) -> Path:
+    """Consolidate a training checkpoint of any layout: DeepSpeed's universal conversion gives
+    full fp32 tensors under pipeline names, which are mapped to `HippoLM`'s."""
+    from parallel.pipeline import SequentialLM, canonical_names
+    from pretrain.checkpoint import convert_to_universal
+    from pretrain.config import HippoConfig
+
+    cfg = from_dict(HippoConfig, ckpt.state["config"])
+    universal = convert_to_universal(ckpt)
+    with torch.device("meta"):
+        names = canonical_names(SequentialLM(cfg, SINGLE_PROCESS, loss_fn=None))
+    params = {}
+    for pipe_name, name in names.items():
+        path = universal / "zero" / pipe_name / "fp32.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} missing: {universal} does not hold parameter {pipe_name}")
+        params[name] = torch.load(path, weights_only=False)["param"]
+    # `load_tokenizer` takes a prepared folder and finds the tokenizer it was made with.
+    return save_export(out, params, cfg.model, tokenizer=cfg.data.paths[0], step=ckpt.step)
 
 
 def load_export(folder: Path) -> tuple[HippoLM, dict]:

@@ -141,6 +141,7 @@ class Tracker:
         """Points at or before the last step logged for a key are dropped (resume recomputes them)."""
         if not self._enabled:
             return
+        step = int(step)  # a numpy or tensor step would not survive json.dumps in the pending file
         data = {k: float(v) for k, v in metrics.items() if step > self._last_step.get(k, -1)}
         if data:
             self._last_step.update(dict.fromkeys(data, step))
@@ -357,10 +358,14 @@ def _unreachable(uri: str) -> str | None:
 
 
 def _is_rejection(error: Exception) -> bool:
-    """True for MLflow refusing a request (4xx: bad value, unknown run), false for outages."""
+    """True when MLflow refuses the request itself (bad value, unknown run): sending it again cannot
+    help. False for outages, and for auth or rate-limit answers, which may pass later."""
     from mlflow.exceptions import MlflowException
 
-    return isinstance(error, MlflowException) and error.get_http_status_code() < 500
+    if not isinstance(error, MlflowException):
+        return False
+    status = error.get_http_status_code()
+    return 400 <= status < 500 and status not in (401, 403, 429)
 
 
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

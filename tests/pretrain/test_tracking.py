@@ -43,6 +43,9 @@ def test_local_store_in_run_dir(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     config = tmp_path / "config.yaml"
     config.write_text("model:\n  d_model: 64\n")
+    (tmp_path / "eval").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "eval" / name).write_text(name)
 
     tracker = Tracker(run_dir, enabled=True, run_name="smoke", system_metrics=False)
     tracker.log_params({"model": {"d_model": 64, "mixer": "h3"}, "lr": 3e-4, "note": "x" * 7000})
@@ -50,6 +53,7 @@ def test_local_store_in_run_dir(tmp_path, monkeypatch):
         tracker.log_metrics({"loss": 1.0 / step, "lr": 1e-3 * step}, step=step)
     tracker.set_tags({"stage": "pretrain"})
     tracker.log_artifact(config, artifact_path="config")
+    tracker.log_artifact(tmp_path / "eval", artifact_path="eval")
     tracker.close()
 
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
@@ -64,6 +68,7 @@ def test_local_store_in_run_dir(tmp_path, monkeypatch):
     assert history(client, tracker.run_id, "loss") == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
     assert [s for s, _ in history(client, tracker.run_id, "lr")] == [1, 2, 3]
     assert [a.path for a in client.list_artifacts(tracker.run_id, "config")] == ["config/config.yaml"]
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "eval")] == ["eval/a.txt", "eval/b.txt"]
     assert run.info.artifact_uri.startswith((run_dir / "mlruns").as_uri())
     local = client.download_artifacts(tracker.run_id, "config/config.yaml", str(tmp_path / "dl"))
     assert Path(local).read_text() == config.read_text()

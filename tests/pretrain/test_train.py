@@ -166,6 +166,17 @@ def test_stop_and_resume_equals_uninterrupted_run_in_parallel(parallel_runs, nam
     assert losses(split) == losses(full)
 
 
+def test_export_of_a_tp2_pp2_checkpoint_equals_the_gathered_export(parallel_runs, tmp_path):
+    """`hippo export` (universal conversion, one process) vs the trainer's own end-of-run export
+    (shards gathered over TP and PP ranks): the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    full, _ = parallel_runs["tp2_pp2"]
+    torchrun(0, ["-m", "pretrain.cli", "export", str(full), "-o", str(tmp_path / "export")])
+    a, b = load_file(str(full / "export" / "model.safetensors")), load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert set(a) == set(b) and all(a[k].equal(b[k]) for k in a)
+
+
 @pytest.mark.parametrize("name", list(PARALLEL))
 def test_resume_on_one_process_from_a_parallel_checkpoint(parallel_runs, data, tmp_path, name):
     """DP=2 (ZeRO-1) and TP=2 x PP=2 checkpoints continue on one process via a universal checkpoint."""
