@@ -171,64 +171,68 @@ def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None, progres
             log.info("checkpoint %s (%s)", path, reason)
         return path
 
-    losses: dict[int, float] = {}
-    val_loss: float | None = None
-    stopped_by, last_ckpt, consecutive_skips = "completed", None, 0
-    batches = iter(stream)
-    while step < cfg.train.steps:
-        t0 = time.perf_counter()
-        lr = engine.lr
-        loss = engine.train_batch(_micro_batches(batches, layout.grad_accum_steps))
-        seconds = time.perf_counter() - t0
-        step += 1
-        losses[step] = loss
-        consecutive_skips = consecutive_skips + 1 if engine.last_step_skipped else 0
-        skipped_total += engine.last_step_skipped
-        tokens_per_s = tokens_per_step / seconds
-        metrics = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "step_seconds": seconds,
-                   "samples_consumed": stream.consumed_samples, "skipped_steps": skipped_total,
-                   "flops_per_token": flops_per_token}
-        if engine.grad_norm is not None:
-            metrics["grad_norm"] = engine.grad_norm
-        if cfg.train.peak_flops > 0:
-            metrics["mfu"] = flops_per_token * tokens_per_s / (cfg.train.peak_flops * layout.world_size)
-        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.steps:
+    try:  # an exception still ends the MLflow run (FAILED) with its queued metrics sent
+        losses: dict[int, float] = {}
+        val_loss: float | None = None
+        stopped_by, last_ckpt, consecutive_skips = "completed", None, 0
+        batches = iter(stream)
+        while step < cfg.train.steps:
+            t0 = time.perf_counter()
+            lr = engine.lr
+            loss = engine.train_batch(_micro_batches(batches, layout.grad_accum_steps))
+            seconds = time.perf_counter() - t0
+            step += 1
+            losses[step] = loss
+            consecutive_skips = consecutive_skips + 1 if engine.last_step_skipped else 0
+            skipped_total += engine.last_step_skipped
+            tokens_per_s = tokens_per_step / seconds
+            metrics = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "step_seconds": seconds,
+                       "samples_consumed": stream.consumed_samples, "skipped_steps": skipped_total,
+                       "flops_per_token": flops_per_token}
+            if engine.grad_norm is not None:
+                metrics["grad_norm"] = engine.grad_norm
+            if cfg.train.peak_flops > 0:
+                metrics["mfu"] = flops_per_token * tokens_per_s / (cfg.train.peak_flops * layout.world_size)
+            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.steps:
+                val_loss = validation.run()
+                if val_loss is not None:
+                    metrics.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+            finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+            tracker.log_metrics(finite, step)
+            metrics_file.write({"step": step, **metrics})
+            if rank0 and (step % cfg.train.log_interval == 0 or step == cfg.train.steps):
+                log.info(_console_line(step, cfg.train.steps, metrics, engine.last_step_skipped))
+
+            if consecutive_skips >= cfg.train.max_skipped_steps:
+                last_ckpt = save("non-finite")
+                log.error("%d steps in a row had a non-finite loss or gradient norm (last loss %s); stopped after "
+                          "saving the last good state to %s. Lower optim.lr or check the data.",
+                          consecutive_skips, loss, last_ckpt)
+                stopped_by = "non-finite"
+                break
+            signalled = stop.agreed(state.device)
+            exiting = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0 and step < cfg.train.steps
+            interval = cfg.checkpoint.interval
+            if signalled or exiting or step == cfg.train.steps or (interval and step % interval == 0):
+                last_ckpt = save("signal" if signalled else "exit interval" if exiting else "interval")
+            if signalled or exiting:
+                stopped_by = "signal" if signalled else "exit interval"
+                break
+
+        if stopped_by == "completed":
             val_loss = validation.run()
             if val_loss is not None:
-                metrics.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
-        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        tracker.log_metrics(finite, step)
-        metrics_file.write({"step": step, **metrics})
-        if rank0 and (step % cfg.train.log_interval == 0 or step == cfg.train.steps):
-            log.info(_console_line(step, cfg.train.steps, metrics, engine.last_step_skipped))
-
-        if consecutive_skips >= cfg.train.max_skipped_steps:
-            last_ckpt = save("non-finite")
-            log.error("%d steps in a row had a non-finite loss or gradient norm (last loss %s); stopped after "
-                      "saving the last good state to %s. Lower optim.lr or check the data.",
-                      consecutive_skips, loss, last_ckpt)
-            stopped_by = "non-finite"
-            break
-        signalled = stop.agreed(state.device)
-        exiting = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0 and step < cfg.train.steps
-        interval = cfg.checkpoint.interval
-        if signalled or exiting or step == cfg.train.steps or (interval and step % interval == 0):
-            last_ckpt = save("signal" if signalled else "exit interval" if exiting else "interval")
-        if signalled or exiting:
-            stopped_by = "signal" if signalled else "exit interval"
-            break
-
-    if stopped_by == "completed":
-        val_loss = validation.run()
-        if val_loss is not None:
-            tracker.log_metrics({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}, step)
+                tracker.log_metrics({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}, step)
+                if rank0:
+                    log.info("validation after step %d: loss %.4f, perplexity %.2f", step, val_loss, math.exp(min(val_loss, 50.0)))
+            params = full_parameters(engine.module, state)
             if rank0:
-                log.info("validation after step %d: loss %.4f, perplexity %.2f", step, val_loss, math.exp(min(val_loss, 50.0)))
-        params = full_parameters(engine.module, state)
-        if rank0:
-            export = save_export(run_dir / "export", params, cfg.model, tokenizer=stream.tokenizer_spec, step=step)
-            tracker.set_tags({"export": str(export.resolve())})
-            log.info("consolidated model for one process: %s", export)
+                export = save_export(run_dir / "export", params, cfg.model, tokenizer=stream.tokenizer_spec, step=step)
+                tracker.set_tags({"export": str(export.resolve())})
+                log.info("consolidated model for one process: %s", export)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
     tracker.close("FINISHED" if stopped_by != "non-finite" else "FAILED")
     destroy_parallel()
     return TrainResult(step, losses, val_loss, stopped_by, last_ckpt)

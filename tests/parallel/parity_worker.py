@@ -35,6 +35,10 @@ def main() -> None:
     losses = []
     for batch in global_batches(cfg):
         losses.append(engine.train_batch(rank_micro_batches(batch, layout, state.dp_rank)))
+    # Dropout streams: one draw from the default generator and one inside the TP-rank context.
+    with engine.linears.tp_rng():
+        tp_draw = torch.rand(4).tolist()
+    default_draw = torch.rand(4).tolist()
     local = {n: p.numel() for n, p in canonical_named_parameters(engine.module)}
     params = full_parameters(engine.module, state)
     out = Path(args.out)
@@ -42,6 +46,7 @@ def main() -> None:
         "rank": state.rank, "tp": state.tp_rank, "pp": state.pp_rank, "dp": state.dp_rank,
         "losses": losses, "local_param_numel": local,
         "optimizer_state_bytes": engine.optimizer_state_bytes(),
+        "tp_rng_draw": tp_draw, "default_rng_draw": default_draw,
     }
     (out / f"rank{state.rank}.json").write_text(json.dumps(report))
     if params is not None:

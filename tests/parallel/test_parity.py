@@ -93,6 +93,14 @@ def test_layout_matches_single_process(name, reference, tmp_path):
                 expected = full[n] if n.endswith("out_proj.bias") else full[n] // tp
                 assert numel == expected, (n, numel, expected)
 
+    # Dropout RNG: the default stream is the same on every rank; the tensor-parallel stream (for
+    # dropout on a rank's own heads) differs between TP ranks and agrees across DP ranks.
+    assert len({tuple(r["default_rng_draw"]) for r in reports}) == 1
+    tp_draws = {}
+    for r in reports:
+        tp_draws.setdefault(r["tp"], set()).add(tuple(r["tp_rng_draw"]))
+    assert all(len(d) == 1 for d in tp_draws.values()) and len({next(iter(d)) for d in tp_draws.values()}) == tp
+
     # The memory estimator (meta-device, no process groups) counts what each rank really holds.
     expected_counts = stage_parameter_counts(_config([f"parallel.{k}={v}" for k, v in (("tensor", tp), ("pipeline", pp))] + extra))
     for rep in reports:

@@ -33,6 +33,12 @@ BASE = [
 ]
 
 
+# Single-process runs train with dropout, so their bitwise resume also proves every RNG stream
+# (default and tensor-parallel) is restored. Runs that change layout cannot restore per-rank
+# streams, so the parallel runs keep dropout off.
+DROPOUT = "model.dropout=0.1"
+
+
 def _text(rng: random.Random) -> str:
     words = ["state", "space", "hippo", "shift", "diagonal", "kernel", "token", "model"]
     return " ".join(f"{rng.choice(words)}{rng.randint(0, 9)}" for _ in range(rng.randint(5, 60)))
@@ -80,7 +86,7 @@ def mlflow_runs(run_dir: Path) -> list:
 @pytest.fixture(scope="module")
 def reference_run(data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("reference")
-    hippo_train(run, data)
+    hippo_train(run, data, DROPOUT)
     return run
 
 
@@ -105,7 +111,7 @@ def test_export_evaluates_on_one_process_like_the_trainer_did(reference_run, dat
 
 def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(data, reference, tmp_path):
     run = tmp_path / "run"
-    sets = [a for o in (*BASE, f"data.paths=[{data}]") for a in ("--set", o)]
+    sets = [a for o in (*BASE, f"data.paths=[{data}]", DROPOUT) for a in ("--set", o)]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "pretrain.cli", "train", "tiny_hybrid", "--run-dir", str(run), *sets],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -122,7 +128,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(dat
     assert 3 <= stopped < STEPS, out
     assert "received SIGTERM" in out
 
-    hippo_train(run, data)  # resumes from the latest checkpoint by itself
+    hippo_train(run, data, DROPOUT)  # resumes from the latest checkpoint by itself
     assert losses(run) == reference
     # One MLflow run, continued: one loss point per step, the same values as metrics.jsonl.
     [(client, mlrun)] = mlflow_runs(run)
@@ -133,12 +139,12 @@ def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(dat
 
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(data, reference, tmp_path):
     run = tmp_path / "run"
-    died = hippo_train(run, data, env={CRASH_BEFORE_MARKER_ENV: "16"}, check=False)
+    died = hippo_train(run, data, DROPOUT, env={CRASH_BEFORE_MARKER_ENV: "16"}, check=False)
     assert died.returncode == -signal.SIGKILL, died.stdout[-2000:] + died.stderr[-4000:]
     assert latest_step(run) == 8
     assert (run / "checkpoints" / "global_step16").exists() and not (run / "checkpoints" / "global_step16" / MARKER).exists()
 
-    hippo_train(run, data)
+    hippo_train(run, data, DROPOUT)
     assert losses(run) == reference
     assert latest_step(run) == STEPS
 
@@ -190,3 +196,14 @@ def test_resume_on_one_process_from_a_parallel_checkpoint(parallel_runs, data, t
     # Later steps drift only by the float order of the new layout's reductions.
     for step in range(18, STEPS + 1):
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(data, tmp_path):
+    """lr 1e30 makes the first update blow the weights up: every later step is non-finite."""
+    run = tmp_path / "run"
+    proc = hippo_train(run, data, "optim.lr=1e30", "optim.warmup_fraction=0", "train.max_skipped_steps=3", check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "3 steps in a row had a non-finite loss" in proc.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 2, 3]
+    assert latest_step(run) == 4
