@@ -32,7 +32,7 @@ def quickstart(run_dir: Path, *, corpus_bytes: int = 3_000_000, overrides: list[
     cfg = load_config("tiny_hybrid", overrides)
     data_dir = run_dir / "data"
     corpus = write_default_corpus(run_dir / "corpus" / "stdlib.jsonl", corpus_bytes)
-    prepare([corpus], data_dir, tokenizer="byte", seq_len=cfg.train.seq_len, val_fraction=0.02, progress=True)
+    prepare([corpus], data_dir, tokenizer="byte", seq_len=cfg.train.seq_len, val_fraction=0.05, progress=True)
     cfg = load_config("tiny_hybrid", [f"data.paths=[{data_dir}]", *(overrides or [])])
     result = train(cfg, run_dir / "train")
     export = run_dir / "train" / "export"

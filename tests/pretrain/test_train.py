@@ -207,3 +207,24 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(data,
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records] == [0, 1, 2, 3]
     assert latest_step(run) == 4
+
+
+def test_training_is_tracked_in_a_real_mlflow_server_and_resume_appends(data, tmp_path, mlflow_server):
+    from mlflow import MlflowClient
+
+    run = tmp_path / "run"
+    uri = f"tracking.tracking_uri={mlflow_server}"
+    hippo_train(run, data, uri, "train.exit_interval=12")
+    hippo_train(run, data, uri)
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    [mlrun] = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert mlrun.info.status == "FINISHED"
+    assert mlrun.data.params["config.model.d_model"] == "32" and mlrun.data.params["layout.data"] == "1"
+    history = client.get_metric_history(mlrun.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    assert {m.step: m.value for m in history} == pytest.approx(losses(run), rel=1e-6)
+    assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "val_loss")] == [8, 16, 24]
+    assert [a.path for a in client.list_artifacts(mlrun.info.run_id)] == ["config.json"]
+    assert mlrun.data.tags["export"] == str((run / "export").resolve())
+    assert not (run / "mlflow_pending.jsonl").exists()
