@@ -14,7 +14,7 @@ import torch.distributed as dist
 from parallel.groups import ParallelState
 from parallel.pipeline import SequentialLM, build_pipeline
 from parallel.runtime import import_deepspeed
-from parallel.tensor_parallel import megatron_linears
+from parallel.tensor_parallel import mark_sequence_parallel_norms, megatron_linears, sequence_parallel_grad_hooks
 from pretrain.config import HippoConfig
 from pretrain.models.linear import partition_dim
 from pretrain.optim import build_optimizer, build_scheduler
@@ -46,7 +46,8 @@ class TrainEngine:
         deepspeed = import_deepspeed()
         layout = state.layout
         self.cfg, self.state = cfg, state
-        self.linears = megatron_linears(state.tp_rank, layout.tensor, layout.pipeline)
+        sequence_parallel = cfg.parallel.sequence_parallel
+        self.linears = megatron_linears(state.tp_rank, layout.tensor, layout.pipeline, sequence_parallel=sequence_parallel)
         self.pipelined = layout.pipeline > 1 or cfg.parallel.zero_stage <= 1
         if self.pipelined:
             self.module = build_pipeline(cfg, self.linears, state.topology, self._loss)
@@ -55,6 +56,9 @@ class TrainEngine:
             self.module = SequentialLM(cfg, self.linears, self._loss)
             mpu = state.mpu
         self.module.to(state.device)
+        if sequence_parallel:
+            mark_sequence_parallel_norms(self.module)
+            sequence_parallel_grad_hooks(self.module, state.tp_group)
         optimizer = build_optimizer(self.module, cfg.optim, optimizer_cls=FiniteStepAdamW)
         scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -8,10 +8,19 @@ this rank's vocabulary slice of the logits, and a vocabulary-parallel cross entr
 Megatron's layers return `(output, bias)`; the subclasses here return the output alone (the bias
 added), so they stand in for `nn.Linear` without touching the model. Parameters are left for
 `pretrain.models.init` (layout-independent), which reads the Megatron partition tags.
+
+Sequence parallel (optional): between the tensor-parallel regions (norms, residual adds, dropout)
+each rank holds L / TP positions of the hidden states. The embedding scatters them along the
+sequence, column-parallel layers all-gather their input, row-parallel layers reduce-scatter their
+output, and the head gathers the sequence again. Megatron's SP collectives work on the first dim
+(sequence-first activations); the model is batch-first, so the layers here transpose around them.
+Parameters applied to a sequence shard (norms, row-parallel biases) get `sequence_parallel` set:
+`sequence_parallel_grad_hooks` sums their gradients over the TP group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -25,8 +34,14 @@ def _initialized_elsewhere(weight: torch.Tensor) -> None:
     """Megatron asks for an init method; `pretrain.models.init` fills every parameter instead."""
 
 
+def _sequence_first(f, x: torch.Tensor) -> torch.Tensor:
+    """Apply `f` (a Megatron SP op on dim 0) to batch-first x: (B, L, ...) -> (B, L', ...)."""
+    return f(x.transpose(0, 1).contiguous()).transpose(0, 1)
+
+
 class ColumnLinear(tensor_parallel.ColumnParallelLinear):
-    """in -> out / TP; the input gradient is all-reduced over the TP group."""
+    """in -> out / TP; the input gradient is all-reduced over the TP group (with SP: the input is
+    all-gathered along the sequence, its gradient reduce-scattered)."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, config: ModelParallelConfig):
         super().__init__(
@@ -36,11 +51,14 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
         mark_tensor_parallel(self.weight, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return _sequence_first(lambda t: super(ColumnLinear, self).forward(t)[0], x)
         return super().forward(x)[0]
 
 
 class RowLinear(tensor_parallel.RowParallelLinear):
-    """in / TP -> out, all-reduced over the TP group; the bias is replicated."""
+    """in / TP -> out, all-reduced over the TP group (with SP: reduce-scattered along the
+    sequence); the bias is replicated."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, config: ModelParallelConfig):
         super().__init__(
@@ -50,15 +68,25 @@ class RowLinear(tensor_parallel.RowParallelLinear):
         mark_tensor_parallel(self.weight, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return _sequence_first(lambda t: super(RowLinear, self).forward(t)[0], x)
         return super().forward(x)[0]
 
 
 class VocabEmbedding(tensor_parallel.VocabParallelEmbedding):
-    """vocab / TP rows per rank; lookups outside this rank's rows are zero, then all-reduced."""
+    """vocab / TP rows per rank; lookups outside this rank's rows are zero, then all-reduced
+    (with SP: then split along the sequence)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, config: ModelParallelConfig):
         super().__init__(num_embeddings, embedding_dim, init_method=_initialized_elsewhere, config=config)
         mark_tensor_parallel(self.weight, 0)
+        self.sequence_parallel = config.sequence_parallel
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = super().forward(input_ids)
+        if self.sequence_parallel:
+            h = _sequence_first(tensor_parallel.scatter_to_sequence_parallel_region, h)
+        return h
 
 
 def vocab_parallel_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -66,21 +94,64 @@ def vocab_parallel_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return F.linear(tensor_parallel.copy_to_tensor_model_parallel_region(h), weight)
 
 
+def sequence_parallel_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Tied head under SP: gather the sequence (its backward reduce-scatters, summing the TP
+    ranks' partial gradients), then this rank's vocabulary slice."""
+    return F.linear(_sequence_first(tensor_parallel.gather_from_sequence_parallel_region, h), weight)
+
+
+def mark_sequence_parallel_norms(module: torch.nn.Module) -> None:
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.LayerNorm):
+            for p in sub.parameters(recurse=False):
+                p.sequence_parallel = True
+
+
+def sequence_parallel_grad_hooks(module: torch.nn.Module, tp_group) -> None:
+    """Sum, over the TP group, the gradient of every parameter applied to a sequence shard.
+
+    A tensor hook acts on each backward's fresh gradient before accumulation, so gradient
+    accumulation over micro-batches stays a plain sum.
+    """
+    import torch.distributed as dist
+
+    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=tp_group)
+        return grad
+
+    for p in module.parameters():
+        if getattr(p, "sequence_parallel", False) and p.requires_grad:
+            p.register_hook(all_reduce)
+
+
 def vocab_parallel_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token cross entropy over the whole (split) vocabulary, in float32."""
     return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+
+
+def allow_megatron_sequence_parallel_on_cpu() -> None:
+    """Megatron allocates SP communication buffers on `torch.cuda.current_device()`; without a GPU
+    that must name the CPU. Only patched where there is no GPU."""
+    from parallel.runtime import has_gpu
+
+    if not has_gpu():
+        torch.cuda.current_device = lambda: torch.device("cpu")
 
 
 def _tensor_parallel_rng():
     return tensor_parallel.get_cuda_rng_tracker().fork()
 
 
-def megatron_linears(tp_rank: int, tp_size: int, pp_size: int) -> Linears:
+def megatron_linears(tp_rank: int, tp_size: int, pp_size: int, *, sequence_parallel: bool = False) -> Linears:
     """`Linears` for a model built inside initialized Megatron process groups.
 
     Parameters are fp32 masters whatever the training precision: DeepSpeed casts for bf16.
     """
+    if sequence_parallel:
+        allow_megatron_sequence_parallel_on_cpu()
     config = ModelParallelConfig(
+        sequence_parallel=sequence_parallel,
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=pp_size,
         use_cpu_initialization=True,
@@ -92,9 +163,10 @@ def megatron_linears(tp_rank: int, tp_size: int, pp_size: int) -> Linears:
         column=functools.partial(ColumnLinear, config=config),
         row=functools.partial(RowLinear, config=config),
         embedding=functools.partial(VocabEmbedding, config=config),
-        lm_logits=vocab_parallel_logits,
+        lm_logits=sequence_parallel_logits if sequence_parallel else vocab_parallel_logits,
         cross_entropy=vocab_parallel_token_loss,
         tp_rng=_tensor_parallel_rng,
+        sequence_rng=_tensor_parallel_rng if sequence_parallel else contextlib.nullcontext,
         tp_rank=tp_rank,
         tp_size=tp_size,
     )

@@ -190,6 +190,8 @@ class ParallelConfig:
     """Explicit blocks per pipeline stage (embedding on the first, norm + head on the last)."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass (DeepSpeed's checkpointing: TP-dropout safe)."""
+    sequence_parallel: bool = False
+    """Split norms, residuals and dropout along the sequence over the TP group (tensor > 1)."""
 
     def __post_init__(self) -> None:
         for name in ("tensor", "pipeline"):
@@ -407,6 +409,13 @@ class HippoConfig:
             )
         if tp > 1 and "s4d" in m.layer_mixers:
             raise ConfigError("model.mixer=s4d (the paper's baseline) does not support parallel.tensor > 1")
+        if p.sequence_parallel:
+            if tp == 1:
+                raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
+            if t.seq_len % tp:
+                raise ConfigError(f"parallel.sequence_parallel: train.seq_len={t.seq_len} is not divisible by parallel.tensor={tp}")
+            if m.position_embedding == "learned":
+                raise ConfigError("parallel.sequence_parallel does not support model.position_embedding=learned (use rotary)")
         if m.n_layer < pp:
             raise ConfigError(f"model.n_layer={m.n_layer} is fewer than parallel.pipeline={pp} stages")
         if p.stage_layers:

@@ -54,8 +54,8 @@ class CausalSelfAttention(nn.Module):
         return x.view(B, L, self.local_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
 
     def forward(self, x: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
-        B, L, _ = x.shape
         q, k, v = (self._heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        B, _, L, _ = q.shape  # under sequence parallelism x holds L / TP positions, q all L
         offset = inference_params.seqlen_offset if inference_params is not None else 0
         if self.rotary:
             cos, sin = rotary_cos_sin(torch.arange(offset, offset + L, device=x.device), self.head_dim)

@@ -42,7 +42,12 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model, linears=linears)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout_rng = linears.sequence_rng
 
     def forward(self, x: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.mixer(self.norm1(x), inference_params))
-        return x + self.dropout(self.mlp(self.norm2(x)))
+        mixed = self.mixer(self.norm1(x), inference_params)
+        with self.dropout_rng():
+            x = x + self.dropout(mixed)
+        mlp = self.mlp(self.norm2(x))
+        with self.dropout_rng():
+            return x + self.dropout(mlp)

@@ -17,6 +17,7 @@ class TokenEmbedding(nn.Module):
         self.position = nn.Embedding(cfg.max_position_embeddings, cfg.d_model) if cfg.position_embedding == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self._lm_logits = linears.lm_logits
+        self._dropout_rng = linears.sequence_rng
 
     def forward(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """(B, L) token ids -> (B, L, D) hidden states; `offset` is the first token's position."""
@@ -26,7 +27,8 @@ class TokenEmbedding(nn.Module):
             if offset + L > self.max_positions:
                 raise ValueError(f"sequence of {offset + L} exceeds model.max_position_embeddings={self.max_positions}")
             h = h + self.position(torch.arange(offset, offset + L, device=input_ids.device))
-        return self.drop(h)
+        with self._dropout_rng():
+            return self.drop(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, L, D) -> (B, L, vocab on this rank): the tied LM head."""

@@ -66,6 +66,9 @@ class Linears:
     cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _token_cross_entropy
     tp_rng: Callable[[], ContextManager] = contextlib.nullcontext
     """Context for dropout on tensor-parallel activations (each TP rank draws its own mask)."""
+    sequence_rng: Callable[[], ContextManager] = contextlib.nullcontext
+    """Context for dropout on hidden states between blocks: `tp_rng` under sequence parallelism
+    (each rank holds other positions), else the default generator (replicated activations)."""
     tp_rank: int = 0
     tp_size: int = 1
 

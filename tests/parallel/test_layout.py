@@ -27,6 +27,8 @@ def test_valid_layout_derives_data_parallel_and_accumulation():
         (["parallel.pipeline=2", "parallel.stage_layers=[1, 2]"], 2, "parallel.stage_layers"),
         (["train.global_batch_size=6", "train.micro_batch_size=2"], 2, "train.global_batch_size"),
         (["parallel.tensor=2", "model.mixer=s4d", "model.attn_layer_idx=[]"], 2, "model.mixer=s4d"),
+        (["parallel.sequence_parallel=true"], 2, "parallel.sequence_parallel needs parallel.tensor"),
+        (["parallel.sequence_parallel=true", "parallel.tensor=2", "train.seq_len=255"], 2, "train.seq_len=255"),
     ],
 )
 def test_inconsistent_layout_is_refused_naming_the_option(overrides, world, option):

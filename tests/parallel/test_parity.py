@@ -29,6 +29,7 @@ LAYOUTS = {
     "tp2_pp2_recompute": (2, 2, 1, ["parallel.activation_checkpointing=true"]),
     "tp2_dp2_zero2": (2, 1, 2, ["parallel.zero_stage=2"]),
     "pp2_dp2_zero1": (1, 2, 2, []),
+    "tp2_sequence_parallel": (2, 1, 1, ["parallel.sequence_parallel=true"]),
 }
 
 
