@@ -228,3 +228,14 @@ def test_training_is_tracked_in_a_real_mlflow_server_and_resume_appends(data, tm
     assert [a.path for a in client.list_artifacts(mlrun.info.run_id)] == ["config.json"]
     assert mlrun.data.tags["export"] == str((run / "export").resolve())
     assert not (run / "mlflow_pending.jsonl").exists()
+
+
+def test_bf16_run_follows_the_fp32_run_within_bf16_precision(data, reference, tmp_path):
+    """DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights and SSM kernels):
+    a GPU setting, run here for 3 steps only (these CPUs run bf16 matmuls ~400x slower)."""
+    run = tmp_path / "run"
+    hippo_train(run, data, DROPOUT, "train.precision=bf16", "train.exit_interval=3")
+    got = losses(run)
+    assert sorted(got) == [1, 2, 3]
+    for step, loss in got.items():
+        assert loss == pytest.approx(reference[step], rel=2e-2), step
