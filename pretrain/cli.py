@@ -160,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     from data_pipeline import cli as data_cli
+    from launch import cli as launch_cli
 
     data_cli.register(sub)
+    launch_cli.register(sub)
     return parser
 
 

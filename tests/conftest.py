@@ -1,8 +1,9 @@
 """Fixtures shared by several test folders."""
 
+import json
 import os
+import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,17 +12,14 @@ from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from data_pipeline.prepare import prepare
+from tests.helpers import free_port, text_document
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` (sqlite backend, proxied artifacts) in its own process group."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     mlflow_exe = Path(sys.executable).parent / "mlflow"
     cmd = [
@@ -55,3 +53,13 @@ def mlflow_server(tmp_path):
         log_file.close()
 
 
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train_data")
+    rng = random.Random(0)
+    src = root / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": text_document(rng)}) + "\n" for _ in range(1500)))
+    prepare([src], root / "prepared", tokenizer="byte", seq_len=32, val_fraction=0.1, shard_bytes=30_000, progress=False)
+    return root / "prepared"

@@ -1,17 +1,10 @@
-"""Shared by the parallel tests and their worker: the tiny model, the data, the launcher."""
+"""Shared by the parallel tests and their worker: the tiny model and its data."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 from pretrain.config import HippoConfig, Layout
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # Tiny hybrid with both mixers: H3 at layers 0, 2, 3, attention at 1 (4 heads), vocab 64.
 BASE_CONFIG = {
@@ -36,25 +29,3 @@ def rank_micro_batches(batch: torch.Tensor, layout: Layout, dp_rank: int) -> lis
     per_rank = batch.shape[0] // layout.data
     mine = batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
     return [(mb[:, :-1], mb[:, 1:]) for mb in mine.split(layout.micro_batch_size)]
-
-
-def torchrun(nproc: int, argv: list[str], *, timeout: float = 600, env: dict[str, str] | None = None,
-             check: bool = True) -> subprocess.CompletedProcess:
-    """Run `argv` (a script and its arguments, or -m module ...) on `nproc` local ranks (gloo on
-    CPU); nproc 0 runs it as a plain process, without a launcher. Raises with its output if it fails."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
-    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-                "--master-port", str(_free_port())] if nproc else []
-    cmd = [sys.executable, *launcher, *argv]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -17,7 +17,8 @@ from parallel.memory import stage_parameter_counts
 from pretrain.config import HippoConfig, apply_overrides, from_dict
 from pretrain.models import HippoLM
 from pretrain.optim import build_optimizer, build_scheduler
-from tests.parallel.common import BASE_CONFIG, ROOT, global_batches, torchrun
+from tests.helpers import ROOT, torchrun
+from tests.parallel.common import BASE_CONFIG, global_batches
 
 pytestmark = pytest.mark.slow
 
@@ -94,13 +95,15 @@ def test_layout_matches_single_process(name, reference, tmp_path):
                 expected = full[n] if n.endswith("out_proj.bias") else full[n] // tp
                 assert numel == expected, (n, numel, expected)
 
-    # Dropout RNG: the default stream is the same on every rank; the tensor-parallel stream (for
-    # dropout on a rank's own heads) differs between TP ranks and agrees across DP ranks.
-    assert len({tuple(r["default_rng_draw"]) for r in reports}) == 1
-    tp_draws = {}
-    for r in reports:
-        tp_draws.setdefault(r["tp"], set()).add(tuple(r["tp_rng_draw"]))
-    assert all(len(d) == 1 for d in tp_draws.values()) and len({next(iter(d)) for d in tp_draws.values()}) == tp
+    # Dropout RNG, within each pipeline stage: the default stream is the same on every rank; the
+    # tensor-parallel stream (dropout on a rank's own heads) differs between TP ranks and agrees
+    # across DP ranks. (Stages may differ: their layers draw differently.)
+    for stage in range(pp):
+        ranks = [r for r in reports if r["pp"] == stage]
+        assert len({tuple(r["default_rng_draw"]) for r in ranks}) == 1
+        tp_streams = {tp_rank: {tuple(r["tp_rng_draw"]) for r in ranks if r["tp"] == tp_rank} for tp_rank in range(tp)}
+        assert all(len(draws) == 1 for draws in tp_streams.values())
+        assert len({next(iter(d)) for d in tp_streams.values()}) == tp
 
     # The memory estimator (meta-device, no process groups) counts what each rank really holds.
     expected_counts = stage_parameter_counts(_config([f"parallel.{k}={v}" for k, v in (("tensor", tp), ("pipeline", pp))] + extra))

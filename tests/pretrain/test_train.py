@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,63 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.prepare import prepare
-from pretrain.checkpoint import CRASH_BEFORE_MARKER_ENV, LATEST, MARKER
-from tests.parallel.common import ROOT, torchrun
-
-pytestmark = pytest.mark.slow
-
-STEPS = 24
-BASE = [
-    "model.vocab_size=257", "model.d_model=32", "model.n_layer=4", "model.n_head=4", "model.attn_layer_idx=[1]",
-    f"train.steps={STEPS}", "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=8",
-    "train.eval_interval=8", "train.eval_batches=2", "checkpoint.interval=8", "optim.lr=0.003",
-    "tracking.system_metrics=false", "checkpoint.keep_last=3",
-]
-
-
-# Single-process runs train with dropout, so their bitwise resume also proves every RNG stream
-# (default and tensor-parallel) is restored. Runs that change layout cannot restore per-rank
-# streams, so the parallel runs keep dropout off.
-DROPOUT = "model.dropout=0.1"
-
-
-def _text(rng: random.Random) -> str:
-    words = ["state", "space", "hippo", "shift", "diagonal", "kernel", "token", "model"]
-    return " ".join(f"{rng.choice(words)}{rng.randint(0, 9)}" for _ in range(rng.randint(5, 60)))
+from pretrain.checkpoint import CRASH_BEFORE_MARKER_ENV, MARKER
+from tests.helpers import BASE, DROPOUT, ROOT, STEPS, hippo_train, latest_step, losses, torchrun
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train_data")
-    rng = random.Random(0)
-    src = root / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": _text(rng)}) + "\n" for _ in range(1500)))
-    prepare([src], root / "prepared", tokenizer="byte", seq_len=32, val_fraction=0.1, shard_bytes=30_000, progress=False)
-    return root / "prepared"
+def data(train_data):
+    return train_data
 
-
-def hippo_train(run_dir: Path, data: Path, *overrides: str, nproc: int = 0, env: dict | None = None,
-                check: bool = True) -> subprocess.CompletedProcess:
-    """`hippo train` with the test config; overrides are `key=value`s or other flags (`--resume X`)."""
-    flags = []
-    for o in (*BASE, f"data.paths=[{data}]", *overrides):
-        flags += ["--set", o] if "=" in o and not o.startswith("--") else [o]
-    argv = ["-m", "pretrain.cli", "train", "tiny_hybrid", "--run-dir", str(run_dir), *flags]
-    return torchrun(nproc, argv, env=env, check=check)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]
-    return out
-
-
-def latest_step(run_dir: Path) -> int:
-    return int((run_dir / "checkpoints" / LATEST).read_text().strip().removeprefix("global_step"))
-
+pytestmark = pytest.mark.slow
 
 def mlflow_runs(run_dir: Path) -> list:
     from mlflow.tracking import MlflowClient

@@ -1,0 +1,101 @@
+"""`hippo launch torchrun|deepspeed|slurm`: the same `hippo train` under the launchers clusters run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from launch.env import train_argv, worker_env
+from launch.torchrun import show
+
+
+def _run(cmd: list[str]) -> int:
+    print(f"hippo launch: {show(cmd)}", flush=True)
+    return subprocess.call(cmd, env=worker_env())
+
+
+def _validated_train_args(args: argparse.Namespace) -> list[str]:
+    """Refuse a config that cannot run on the launcher's world size before anything starts."""
+    from pretrain.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    if args.world_size is not None:
+        cfg.layout(args.world_size)
+    return train_argv(args.config, args.run_dir, args.set)
+
+
+def _cmd_torchrun(args: argparse.Namespace) -> int:
+    from launch.torchrun import TorchrunSpec, torchrun_command
+
+    spec = TorchrunSpec(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.max_restarts, args.rdzv_id)
+    args.world_size = spec.nnodes * spec.nproc_per_node
+    return _run(torchrun_command(spec, _validated_train_args(args)))
+
+
+def _cmd_deepspeed(args: argparse.Namespace) -> int:
+    from launch.deepspeed_launcher import deepspeed_command, parse_hostfile
+
+    args.world_size = sum(parse_hostfile(args.hostfile).values())
+    cmd = deepspeed_command(args.hostfile, _validated_train_args(args), master_port=args.master_port,
+                            no_ssh=args.no_ssh, node_rank=args.node_rank, master_addr=args.master_addr)
+    return _run(cmd)
+
+
+def _cmd_slurm(args: argparse.Namespace) -> int:
+    from launch.slurm import SlurmSpec, sbatch_script
+
+    spec = SlurmSpec(args.nodes, args.gpus_per_node, job_name=args.job_name, time=args.time,
+                     partition=args.partition, max_restarts=args.max_restarts)
+    args.world_size = spec.nodes * spec.gpus_per_node
+    script = sbatch_script(spec, _validated_train_args(args))
+    out = Path(args.script)
+    out.write_text(script)
+    os.chmod(out, 0o755)
+    print(f"hippo launch: wrote {out}")
+    if args.submit:
+        return _run(["sbatch", str(out)])
+    return 0
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config (path or shipped name)")
+    p.add_argument("--run-dir", help="run folder on a filesystem every node sees")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+
+def register(subparsers) -> None:
+    launch = subparsers.add_parser("launch", help="run hippo train under torchrun, the DeepSpeed launcher or SLURM")
+    sub = launch.add_subparsers(dest="launcher", required=True)
+
+    p = sub.add_parser("torchrun", help="one torchrun agent per node (run this command on every node)")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--nproc-per-node", type=int, required=True)
+    p.add_argument("--rdzv-endpoint", default="127.0.0.1:29500", help="HOST:PORT on the first node")
+    p.add_argument("--rdzv-id", default="hippo")
+    p.add_argument("--max-restarts", type=int, default=3)
+    _train_options(p)
+    p.set_defaults(func=_cmd_torchrun)
+
+    p = sub.add_parser("deepspeed", help="the DeepSpeed launcher over a hostfile ('host slots=N' lines)")
+    p.add_argument("--hostfile", required=True)
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--no-ssh", action="store_true", help="start only this node's ranks (run on every node)")
+    p.add_argument("--node-rank", type=int)
+    p.add_argument("--master-addr")
+    _train_options(p)
+    p.set_defaults(func=_cmd_deepspeed)
+
+    p = sub.add_parser("slurm", help="write (and with --submit, submit) an sbatch script")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--script", default="hippo.sbatch")
+    p.add_argument("--job-name", default="hippo")
+    p.add_argument("--time", default="24:00:00")
+    p.add_argument("--partition")
+    p.add_argument("--max-restarts", type=int, default=3)
+    p.add_argument("--submit", action="store_true")
+    _train_options(p)
+    p.set_defaults(func=_cmd_slurm)

@@ -1,0 +1,43 @@
+"""torchrun with a c10d rendezvous: one agent per node, restarts from the latest checkpoint."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+
+from pretrain.config import ConfigError
+
+
+@dataclass(frozen=True)
+class TorchrunSpec:
+    nnodes: int
+    nproc_per_node: int
+    rdzv_endpoint: str
+    """HOST:PORT of the rendezvous (the first node); every agent names the same one."""
+    max_restarts: int = 3
+    """Worker-group restarts after a rank dies; each restart resumes from the latest checkpoint."""
+    rdzv_id: str = "hippo"
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1 or self.nproc_per_node < 1:
+            raise ConfigError(f"--nnodes and --nproc-per-node must be >= 1, got {self.nnodes}, {self.nproc_per_node}")
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--rdzv-endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+
+
+def torchrun_command(spec: TorchrunSpec, worker_argv: list[str], python: str = sys.executable) -> list[str]:
+    return [
+        python, "-m", "torch.distributed.run",
+        "--nnodes", str(spec.nnodes), "--nproc-per-node", str(spec.nproc_per_node),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", spec.rdzv_endpoint, "--rdzv-id", spec.rdzv_id,
+        "--max-restarts", str(spec.max_restarts),
+        *worker_argv,
+    ]
+
+
+def show(cmd: list[str]) -> str:
+    return shlex.join(cmd)

@@ -1,0 +1,168 @@
+"""`hippo launch`: command lines and scripts (fast), and real launches on this machine (slow).
+
+Every slow run trains the same tiny config on 2 ranks (data parallel 2) and is held to one
+reference: a single-node torchrun with 2 processes, same config, uninterrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from launch.deepspeed_launcher import deepspeed_command, parse_hostfile
+from launch.env import train_argv
+from launch.slurm import SlurmSpec, sbatch_script
+from launch.torchrun import TorchrunSpec, torchrun_command
+from pretrain.config import ConfigError
+from tests.helpers import BASE, ROOT, STEPS, free_port, latest_step, losses
+
+
+# ------------------------------------------------------------------ fast: commands and scripts
+def test_hostfile_errors_name_file_and_line(tmp_path):
+    good = tmp_path / "hosts"
+    good.write_text("# cluster\nnode-a slots=8\nnode-b slots=8  # second\n")
+    assert parse_hostfile(good) == {"node-a": 8, "node-b": 8}
+    for text, message in [("node-a slots=8\nnode-b 8\n", r"hosts:2: expected 'HOST slots=N'"),
+                          ("node-a slots=0\n", r"hosts:1: slots must be >= 1"),
+                          ("node-a slots=2\nnode-a slots=2\n", r"hosts:2: host 'node-a' listed twice"),
+                          ("\n# nothing\n", r"lists no hosts")]:
+        good.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            parse_hostfile(good)
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_hostfile(tmp_path / "missing")
+
+
+def test_sbatch_script_for_two_nodes_of_eight_gpus():
+    argv = train_argv("hybrid_1.3b", "/shared/runs/h13", ["train.global_batch_size=512"])
+    script = sbatch_script(SlurmSpec(nodes=2, gpus_per_node=8, partition="gpu"), argv, python="/venv/bin/python")
+    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --signal=TERM@120"]:
+        assert line + "\n" in script
+    # one torchrun agent per node via srun, c10d rendezvous on the first node of the allocation
+    assert 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert "SRUN=(srun --ntasks-per-node=1 --kill-on-bad-exit=1)" in script
+    command = script.split('"${SRUN[@]}" ', 1)[1].replace("\\\n", " ").split()
+    assert command == [
+        "/venv/bin/python", "-m", "torch.distributed.run", "--nnodes", '"$NNODES"', "--nproc-per-node", "8",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", '"$RDZV_ENDPOINT"', "--rdzv-id", '"$RDZV_ID"',
+        "--max-restarts", "3", "-m", "pretrain.cli", "train", "hybrid_1.3b", "--run-dir", "/shared/runs/h13",
+        "--set", "train.global_batch_size=512",
+    ]
+
+
+def test_torchrun_and_deepspeed_command_lines(tmp_path):
+    spec = TorchrunSpec(nnodes=2, nproc_per_node=4, rdzv_endpoint="10.0.0.1:29400", max_restarts=2)
+    cmd = torchrun_command(spec, ["-m", "pretrain.cli", "train", "c.yaml"], python="py")
+    assert cmd == ["py", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend",
+                   "c10d", "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "hippo", "--max-restarts", "2",
+                   "-m", "pretrain.cli", "train", "c.yaml"]
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        TorchrunSpec(nnodes=1, nproc_per_node=1, rdzv_endpoint="nohost")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("a slots=2\nb slots=2\n")
+    cmd = deepspeed_command(hosts, ["-m", "pretrain.cli", "train", "c.yaml"], no_ssh=True, node_rank=1,
+                            master_addr="a", python="py")
+    assert cmd[:3] == ["py", "-m", "deepspeed.launcher.runner"]
+    assert cmd[cmd.index("--node_rank") + 1] == "1" and "--no_ssh" in cmd
+    assert cmd[cmd.index("--module") + 1:] == ["pretrain.cli", "train", "c.yaml"]
+    with pytest.raises(ConfigError, match="--node-rank"):
+        deepspeed_command(hosts, ["-m", "x"], no_ssh=True)
+
+
+def test_a_layout_the_world_cannot_run_is_refused_before_launching(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "launch", "torchrun", "--nproc-per-node", "3",
+                           "tiny_hybrid", "--set", "parallel.tensor=2"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "world size 3 is not divisible by parallel.tensor x parallel.pipeline = 2 x 1" in proc.stderr
+    assert "hippo launch:" not in proc.stdout  # nothing was started
+
+
+# ------------------------------------------------------------------ slow: real launches
+def _launch(args: list[str], run: Path, data: Path, *, env: dict | None = None) -> subprocess.Popen:
+    sets = [a for o in (*BASE, f"data.paths=[{data}]") for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "pretrain.cli", "launch", *args, "tiny_hybrid", "--run-dir", str(run), *sets]
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_node(train_data, tmp_path_factory) -> dict[int, float]:
+    run = tmp_path_factory.mktemp("single_node")
+    out = _finish(_launch(["torchrun", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"], run, train_data))
+    assert out.startswith("hippo launch: ") and "torch.distributed.run" in out.splitlines()[0]
+    return losses(run)
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_on_one_machine_equal_one_node(train_data, single_node, tmp_path):
+    """Two 'nodes' (two torchrun agents, one process each) meet at a c10d rendezvous on 127.0.0.1."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint]
+    agents = [_launch(args, tmp_path / "run", train_data) for _ in range(2)]
+    for agent in agents:
+        _finish(agent)
+    assert latest_step(tmp_path / "run") == STEPS
+    assert losses(tmp_path / "run") == pytest.approx(single_node, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(train_data, single_node, tmp_path):
+    run = tmp_path / "run"
+    agent = _launch(["torchrun", "--nproc-per-node", "2", "--max-restarts", "1",
+                     "--rdzv-endpoint", f"127.0.0.1:{free_port()}"], run, train_data)
+    deadline = time.time() + 300
+    killed = None
+    while time.time() < deadline and agent.poll() is None and killed is None:
+        metrics = run / "metrics.jsonl"
+        if (run / "checkpoints" / "latest").exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
+            workers = [p for p in psutil.Process(agent.pid).children(recursive=True) if "pretrain.cli" in " ".join(p.cmdline())
+                       and "train" in p.cmdline() and "LOCAL_RANK" in p.environ()]
+            if workers:
+                killed = workers[-1]
+                killed.send_signal(signal.SIGKILL)
+        time.sleep(0.05)
+    out = _finish(agent)
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert "resumed from" in out
+    assert losses(run) == single_node  # every step, including those redone after the restart
+
+
+@pytest.mark.slow
+def test_sbatch_script_runs_locally_as_one_node(train_data, single_node, tmp_path):
+    script = tmp_path / "job.sbatch"
+    run = tmp_path / "run"
+    sets = [a for o in (*BASE, f"data.paths=[{train_data}]") for a in ("--set", o)]
+    subprocess.run([sys.executable, "-m", "pretrain.cli", "launch", "slurm", "--nodes", "1", "--gpus-per-node", "2",
+                    "--script", str(script), "tiny_hybrid", "--run-dir", str(run), *sets], cwd=ROOT, check=True,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    port = free_port()
+    script.write_text(script.read_text().replace(":29500", f":{port}"))  # a free port on this machine
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SLURM_NNODES="1", SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID="42",
+               PATH="/usr/bin:/bin", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")  # no srun, no scontrol
+    proc = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert losses(run) == pytest.approx(single_node, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_with_a_localhost_hostfile(train_data, single_node, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    run = tmp_path / "run"
+    out = _finish(_launch(["deepspeed", "--hostfile", str(hostfile), "--master-port", str(free_port())], run, train_data))
+    assert "deepspeed.launcher.runner" in out.splitlines()[0]
+    assert losses(run) == pytest.approx(single_node, rel=1e-6)
