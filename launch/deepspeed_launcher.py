@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -35,19 +36,29 @@ def parse_hostfile(path: str | Path) -> dict[str, int]:
     return hosts
 
 
+def _is_this_machine(host: str) -> bool:
+    return host in ("localhost", socket.gethostname(), socket.getfqdn()) or host.startswith("127.")
+
+
 def deepspeed_command(hostfile: str | Path, worker_argv: list[str], *, master_port: int = 29500,
                       no_ssh: bool = False, node_rank: int | None = None, master_addr: str | None = None,
                       python: str = sys.executable) -> list[str]:
     """`deepspeed` over the hostfile's hosts; with no_ssh, this node's launcher only (start one per
     node with its --node-rank and the first node's --master-addr)."""
     hosts = parse_hostfile(hostfile)
-    cmd = [python, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--master_port", str(master_port)]
+    # --no_local_rank: ranks read LOCAL_RANK from the environment, as under torchrun.
+    cmd = [python, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--master_port", str(master_port),
+           "--no_local_rank"]
     if no_ssh:
         if node_rank is None or master_addr is None:
             raise ConfigError("--no-ssh needs --node-rank and --master-addr (the first node's address)")
         if not 0 <= node_rank < len(hosts):
             raise ConfigError(f"--node-rank {node_rank} outside the hostfile's {len(hosts)} hosts")
         cmd += ["--no_ssh", "--node_rank", str(node_rank), "--master_addr", master_addr]
+    elif len(hosts) == 1 and _is_this_machine(next(iter(hosts))):
+        # One local host: DeepSpeed launches locally, but would still ssh to it to check and to
+        # find its address; neither is needed.
+        cmd += ["--no_ssh_check", "--master_addr", master_addr or "127.0.0.1"]
     # worker_argv starts with "-m module": the launcher's --module flag takes the module name.
     assert worker_argv[0] == "-m"
     return [*cmd, "--module", *worker_argv[1:]]

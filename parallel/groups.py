@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -116,6 +117,7 @@ def init_parallel(layout: Layout, seed: int) -> ParallelState:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        _init_process_group()
         deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
     if dist.get_world_size() != layout.world_size:
         raise RuntimeError(f"layout is for {layout.world_size} ranks, but the job has {dist.get_world_size()}")
@@ -132,6 +134,24 @@ def init_parallel(layout: Layout, seed: int) -> ParallelState:
     state = ParallelState(layout, rank, *ours, device=device(local_rank), topology=topology, mpu=mpu)
     seed_tensor_parallel_rng(mpu, seed)
     return state
+
+
+def _init_process_group() -> None:
+    """env:// rendezvous, with one change under torchrun: keys are prefixed by the restart attempt.
+
+    torchrun (torch 2.13, c10d rendezvous) hands a restarted worker group the same agent store,
+    which still holds the previous group's gloo addresses; the new ranks read those and fail to
+    connect. A per-attempt prefix gives every attempt a clean key space.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return  # plain launchers: DeepSpeed's env:// initialization
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timedelta(minutes=10))
+    dist.init_process_group(backend(), store=dist.PrefixStore(f"hippo/attempt_{attempt}", store),
+                            rank=rank, world_size=world)
 
 
 def seed_tensor_parallel_rng(mpu: MegatronMPU, seed: int) -> None:

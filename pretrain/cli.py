@@ -126,8 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--run-dir", help="run folder: checkpoints, metrics.jsonl, MLflow store (default runs/<config>)")
     p.add_argument("--resume", help="checkpoint to resume from (default: the run folder's latest, if any)")
-    # The deepspeed launcher appends --local_rank; the rank is read from LOCAL_RANK like torchrun's.
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="consolidate a checkpoint (any layout) into one safetensors file + config")
