@@ -30,7 +30,8 @@ def _validated_train_args(args: argparse.Namespace) -> list[str]:
 def _cmd_torchrun(args: argparse.Namespace) -> int:
     from launch.torchrun import TorchrunSpec, torchrun_command
 
-    spec = TorchrunSpec(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.max_restarts, args.rdzv_id)
+    spec = TorchrunSpec(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.max_restarts, args.rdzv_id,
+                        args.local_addr, args.rdzv_host)
     args.world_size = spec.nnodes * spec.nproc_per_node
     return _run(torchrun_command(spec, _validated_train_args(args)))
 
@@ -75,6 +76,9 @@ def register(subparsers) -> None:
     p.add_argument("--nproc-per-node", type=int, required=True)
     p.add_argument("--rdzv-endpoint", default="127.0.0.1:29500", help="HOST:PORT on the first node")
     p.add_argument("--rdzv-id", default="hippo")
+    p.add_argument("--local-addr", help="address this node's ranks are reached at (default: its hostname's)")
+    p.add_argument("--rdzv-host", action="store_true",
+                   help="this node hosts the rendezvous (when the endpoint is not its hostname)")
     p.add_argument("--max-restarts", type=int, default=3)
     _train_options(p)
     p.set_defaults(func=_cmd_torchrun)

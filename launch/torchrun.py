@@ -18,6 +18,11 @@ class TorchrunSpec:
     max_restarts: int = 3
     """Worker-group restarts after a rank dies; each restart resumes from the latest checkpoint."""
     rdzv_id: str = "hippo"
+    local_addr: str | None = None
+    """The address this node's ranks are reached at (default: its hostname's)."""
+    rdzv_host: bool = False
+    """This agent hosts the rendezvous store. torchrun decides that by matching the endpoint to
+    the machine's hostname; say so where the endpoint is another address of this node."""
 
     def __post_init__(self) -> None:
         if self.nnodes < 1 or self.nproc_per_node < 1:
@@ -35,6 +40,8 @@ def torchrun_command(spec: TorchrunSpec, worker_argv: list[str], python: str = s
         "--nnodes", str(spec.nnodes), "--nproc-per-node", str(spec.nproc_per_node),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", spec.rdzv_endpoint, "--rdzv-id", spec.rdzv_id,
         "--max-restarts", str(spec.max_restarts),
+        *(["--rdzv-conf", "is_host=1"] if spec.rdzv_host else []),
+        *(["--local-addr", spec.local_addr] if spec.local_addr else []),
         *worker_argv,
     ]
 

@@ -90,11 +90,19 @@ def _launch(args: list[str], run: Path, data: Path, *, env: dict | None = None) 
     sets = [a for o in (*BASE, f"data.paths=[{data}]") for a in ("--set", o)]
     cmd = [sys.executable, "-m", "pretrain.cli", "launch", *args, "tiny_hybrid", "--run-dir", str(run), *sets]
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
-    out, _ = proc.communicate(timeout=timeout)
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """The launcher's output once it exits 0; a launcher still running after `timeout` is killed
+    with its workers (a rendezvous that never completes must fail the test, not hang CI)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"launcher still running after {timeout} s:\n{out[-6000:]}") from None
     assert proc.returncode == 0, out[-6000:]
     return out
 
@@ -166,3 +174,54 @@ def test_deepspeed_launcher_with_a_localhost_hostfile(train_data, single_node, t
     out = _finish(_launch(["deepspeed", "--hostfile", str(hostfile), "--master-port", str(free_port())], run, train_data))
     assert "deepspeed.launcher.runner" in out.splitlines()[0]
     assert losses(run) == pytest.approx(single_node, rel=1e-6)
+
+
+@pytest.fixture
+def two_network_namespaces():
+    """Two 'hosts' with their own addresses (10.77.0.1 and .2) joined by a veth pair, or a skip."""
+    names, ns = [f"hippo{os.getpid()}a", f"hippo{os.getpid()}b"], []
+    veth = [f"hv{os.getpid()}a", f"hv{os.getpid()}b"]
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+    try:
+        for name in names:
+            ip("netns", "add", name)
+            ns.append(name)
+        ip("link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
+        for i, (name, dev) in enumerate(zip(names, veth)):
+            ip("link", "set", dev, "netns", name)
+            ip("-n", name, "addr", "add", f"10.77.0.{i + 1}/24", "dev", dev)
+            ip("-n", name, "link", "set", dev, "up")
+            ip("-n", name, "link", "set", "lo", "up")
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        for name in ns:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        pytest.skip(f"cannot create network namespaces here: {getattr(e, 'stderr', e)}")
+    yield list(zip(names, veth, ["10.77.0.1", "10.77.0.2"]))
+    for name in ns:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.slow
+def test_two_nodes_in_network_namespaces_over_a_veth_pair(train_data, single_node, tmp_path, two_network_namespaces):
+    """Two hosts with their own addresses: rendezvous and gloo traffic cross the veth pair."""
+    port = 29400
+    agents = []
+    for i, (name, dev, addr) in enumerate(two_network_namespaces):
+        sets = [a for o in (*BASE, f"data.paths=[{train_data}]") for a in ("--set", o)]
+        cmd = ["ip", "netns", "exec", name, sys.executable, "-m", "pretrain.cli", "launch", "torchrun",
+               "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"10.77.0.1:{port}",
+               "--local-addr", addr, *(["--rdzv-host"] if i == 0 else []), "tiny_hybrid", "--run-dir", str(tmp_path / "run"), *sets]
+        env = dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME=dev)
+        agents.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       start_new_session=True))
+    try:
+        for agent in agents:
+            _finish(agent, timeout=240)
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+    assert losses(tmp_path / "run") == pytest.approx(single_node, rel=1e-6)
