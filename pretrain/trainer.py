@@ -104,13 +104,13 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None, progress: bool = True) -> TrainResult:
+def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None) -> TrainResult:
     """Train `cfg` into `run_dir`, resuming from its latest checkpoint (or `resume`) if any."""
     from data_pipeline.stream import build_stream
     from parallel.engine import TrainEngine
     from parallel.gather import full_parameters
-    from pretrain.export import save_export
     from parallel.groups import destroy_parallel, init_parallel
+    from pretrain.export import save_export
     from pretrain.tracking import Tracker
 
     if cfg.data is None:
