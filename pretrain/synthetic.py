@@ -45,7 +45,9 @@ class SyntheticConfig:
     num_train: int = 5000
     num_val: int = 500
     num_test: int = 500
-    epochs: int = 200
+    epochs: int = 400
+    """The paper's budget (with early stop on validation accuracy): 200 is too few for H3 on the
+    induction head, whose accuracy jumps late (0.654 after a 200-epoch schedule; 0.996 by epoch 218 of 400)."""
     batch_size: int = 32
     lr: float = 5e-4
     warmup_fraction: float = 0.1
