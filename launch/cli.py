@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from launch.env import train_argv, worker_env
@@ -17,13 +16,11 @@ def _run(cmd: list[str]) -> int:
     return subprocess.call(cmd, env=worker_env())
 
 
-def _validated_train_args(args: argparse.Namespace) -> list[str]:
+def _validated_train_args(args: argparse.Namespace, world_size: int) -> list[str]:
     """Refuse a config that cannot run on the launcher's world size before anything starts."""
     from pretrain.config import load_config
 
-    cfg = load_config(args.config, args.set)
-    if args.world_size is not None:
-        cfg.layout(args.world_size)
+    load_config(args.config, args.set).layout(world_size)
     return train_argv(args.config, args.run_dir, args.set)
 
 
@@ -32,15 +29,14 @@ def _cmd_torchrun(args: argparse.Namespace) -> int:
 
     spec = TorchrunSpec(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.max_restarts, args.rdzv_id,
                         args.local_addr, args.rdzv_host)
-    args.world_size = spec.nnodes * spec.nproc_per_node
-    return _run(torchrun_command(spec, _validated_train_args(args)))
+    return _run(torchrun_command(spec, _validated_train_args(args, spec.nnodes * spec.nproc_per_node)))
 
 
 def _cmd_deepspeed(args: argparse.Namespace) -> int:
     from launch.deepspeed_launcher import deepspeed_command, parse_hostfile
 
-    args.world_size = sum(parse_hostfile(args.hostfile).values())
-    cmd = deepspeed_command(args.hostfile, _validated_train_args(args), master_port=args.master_port,
+    world_size = sum(parse_hostfile(args.hostfile).values())
+    cmd = deepspeed_command(args.hostfile, _validated_train_args(args, world_size), master_port=args.master_port,
                             no_ssh=args.no_ssh, node_rank=args.node_rank, master_addr=args.master_addr)
     return _run(cmd)
 
@@ -50,8 +46,7 @@ def _cmd_slurm(args: argparse.Namespace) -> int:
 
     spec = SlurmSpec(args.nodes, args.gpus_per_node, job_name=args.job_name, time=args.time,
                      partition=args.partition, max_restarts=args.max_restarts)
-    args.world_size = spec.nodes * spec.gpus_per_node
-    script = sbatch_script(spec, _validated_train_args(args))
+    script = sbatch_script(spec, _validated_train_args(args, spec.nodes * spec.gpus_per_node))
     out = Path(args.script)
     out.write_text(script)
     os.chmod(out, 0o755)

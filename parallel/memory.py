@@ -12,13 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 
-from parallel.pipeline import stage_bounds
+from parallel.pipeline import layer_parameter_counts, stage_bounds
 from pretrain.config import HippoConfig, Layout
-from pretrain.models.block import Block
-from pretrain.models.embedding import TokenEmbedding
 from pretrain.models.linear import Linears
 
 GIB = 2**30
@@ -37,16 +34,11 @@ def shard_shaped_linears(tp: int) -> Linears:
 def stage_parameter_counts(cfg: HippoConfig) -> list[int]:
     """Parameters one tensor-parallel rank of each pipeline stage holds (tied embedding counted
     on both end stages when they differ, as DeepSpeed keeps a copy on each)."""
-    m = cfg.model
-    linears = shard_shaped_linears(cfg.parallel.tensor)
-    with torch.device("meta"):
-        embedding = sum(p.numel() for p in TokenEmbedding(m, linears).parameters())
-        sizes = [embedding, *(sum(p.numel() for p in Block(m, i, linears).parameters()) for i in range(m.n_layer))]
-    sizes += [2 * m.d_model, embedding]
+    sizes = layer_parameter_counts(cfg.model, shard_shaped_linears(cfg.parallel.tensor))
     bounds = stage_bounds(cfg)
     counts = [sum(sizes[bounds[s] : bounds[s + 1]]) for s in range(cfg.parallel.pipeline)]
     if cfg.parallel.pipeline == 1:
-        counts[0] -= embedding  # one stage: the head reuses the embedding's weight
+        counts[0] -= sizes[-1]  # one stage: the head reuses the embedding's weight
     return counts
 
 

@@ -18,7 +18,7 @@ from pretrain.config import HippoConfig, ModelConfig
 from pretrain.models.block import Block
 from pretrain.models.embedding import TokenEmbedding
 from pretrain.models.init import init_parameters
-from pretrain.models.linear import Linears
+from pretrain.models.linear import SINGLE_PROCESS, Linears
 
 TIED_KEY = "embedding"
 
@@ -79,10 +79,17 @@ def stage_bounds(cfg: HippoConfig) -> list[int]:
 
     if p.pipeline_partition == "uniform":
         return ds_utils.partition_uniform(num_items=n_layers, num_parts=p.pipeline)
+    return ds_utils.partition_balanced(weights=layer_parameter_counts(m), num_parts=p.pipeline)
+
+
+def layer_parameter_counts(cfg: ModelConfig, linears: Linears = SINGLE_PROCESS) -> list[int]:
+    """Parameters of each entry of the layer list (the tied head counted like the embedding),
+    with `linears`' shard shapes; built on the meta device, nothing allocated."""
     with torch.device("meta"):
-        embed = sum(x.numel() for x in TokenEmbedding(m).parameters())
-        blocks = [sum(x.numel() for x in Block(m, i).parameters()) for i in range(m.n_layer)]
-    return ds_utils.partition_balanced(weights=[embed, *blocks, 2 * m.d_model, embed], num_parts=p.pipeline)
+        embedding = sum(x.numel() for x in TokenEmbedding(cfg, linears).parameters())
+        blocks = [sum(x.numel() for x in Block(cfg, i, linears).parameters()) for i in range(cfg.n_layer)]
+        norm = sum(x.numel() for x in FinalNormLayer(cfg).parameters())
+    return [embedding, *blocks, norm, embedding]
 
 
 def build_pipeline(cfg: HippoConfig, linears: Linears, topology, loss_fn: Callable) -> nn.Module:

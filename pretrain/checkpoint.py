@@ -141,12 +141,15 @@ def find_latest(folder: Path) -> Checkpoint | None:
 
 
 def resolve(resume: str | None, folder: Path) -> Checkpoint | None:
-    """`--resume PATH` (a tag folder, or a checkpoints folder), else the latest in `folder`."""
+    """`--resume PATH` (a global_stepN folder, a checkpoints folder or a run folder), else the
+    latest in `folder`."""
     if resume is None:
         return find_latest(folder)
     path = Path(resume)
     if (path / MARKER).exists() or _TAG.match(path.name):
         return verify(path)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
     found = find_latest(path)
     if found is None:
         raise CheckpointError(f"--resume {resume}: no complete checkpoint there")

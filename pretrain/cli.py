@@ -77,8 +77,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from pretrain.checkpoint import resolve
     from pretrain.export import export_checkpoint
 
-    source = Path(args.checkpoint)
-    ckpt = resolve(str(source / "checkpoints") if (source / "checkpoints").is_dir() else str(source), source)
+    ckpt = resolve(args.checkpoint, Path(args.checkpoint))
     out = export_checkpoint(ckpt, Path(args.output))
     print(f"exported step {ckpt.step} of {ckpt.path} to {out}")
     return 0
@@ -125,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config (path or shipped name)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--run-dir", help="run folder: checkpoints, metrics.jsonl, MLflow store (default runs/<config>)")
-    p.add_argument("--resume", help="checkpoint to resume from (default: the run folder's latest, if any)")
+    p.add_argument("--resume", help="checkpoint (global_stepN, checkpoints or run folder) to resume from "
+                   "(default: the run folder's latest, if any)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="consolidate a checkpoint (any layout) into one safetensors file + config")

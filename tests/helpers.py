@@ -34,13 +34,19 @@ def text_document(rng: random.Random) -> str:
     return " ".join(f"{rng.choice(words)}{rng.randint(0, 9)}" for _ in range(rng.randint(5, 60)))
 
 
-def hippo_train(run_dir: Path, data: Path, *overrides: str, nproc: int = 0, env: dict | None = None,
-                check: bool = True) -> subprocess.CompletedProcess:
-    """`hippo train` with the test config; overrides are `key=value`s or other flags (`--resume X`)."""
+def train_flags(data: Path, *overrides: str) -> list[str]:
+    """The test config as command-line flags: `key=value`s become `--set`s, others (`--resume X`)
+    pass through."""
     flags = []
     for o in (*BASE, f"data.paths=[{data}]", *overrides):
         flags += ["--set", o] if "=" in o and not o.startswith("--") else [o]
-    argv = ["-m", "pretrain.cli", "train", "tiny_hybrid", "--run-dir", str(run_dir), *flags]
+    return flags
+
+
+def hippo_train(run_dir: Path, data: Path, *overrides: str, nproc: int = 0, env: dict | None = None,
+                check: bool = True) -> subprocess.CompletedProcess:
+    """`hippo train` with the test config and `overrides`."""
+    argv = ["-m", "pretrain.cli", "train", "tiny_hybrid", "--run-dir", str(run_dir), *train_flags(data, *overrides)]
     return torchrun(nproc, argv, env=env, check=check)
 
 

@@ -21,7 +21,7 @@ from launch.env import train_argv
 from launch.slurm import SlurmSpec, sbatch_script
 from launch.torchrun import TorchrunSpec, torchrun_command
 from pretrain.config import ConfigError
-from tests.helpers import BASE, ROOT, STEPS, free_port, latest_step, losses
+from tests.helpers import ROOT, STEPS, free_port, latest_step, losses, train_flags
 
 
 # ------------------------------------------------------------------ fast: commands and scripts
@@ -87,8 +87,7 @@ def test_a_layout_the_world_cannot_run_is_refused_before_launching(tmp_path):
 
 # ------------------------------------------------------------------ slow: real launches
 def _launch(args: list[str], run: Path, data: Path, *, env: dict | None = None) -> subprocess.Popen:
-    sets = [a for o in (*BASE, f"data.paths=[{data}]") for a in ("--set", o)]
-    cmd = [sys.executable, "-m", "pretrain.cli", "launch", *args, "tiny_hybrid", "--run-dir", str(run), *sets]
+    cmd = [sys.executable, "-m", "pretrain.cli", "launch", *args, "tiny_hybrid", "--run-dir", str(run), *train_flags(data)]
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -153,9 +152,8 @@ def test_a_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(tra
 def test_sbatch_script_runs_locally_as_one_node(train_data, single_node, tmp_path):
     script = tmp_path / "job.sbatch"
     run = tmp_path / "run"
-    sets = [a for o in (*BASE, f"data.paths=[{train_data}]") for a in ("--set", o)]
     subprocess.run([sys.executable, "-m", "pretrain.cli", "launch", "slurm", "--nodes", "1", "--gpus-per-node", "2",
-                    "--script", str(script), "tiny_hybrid", "--run-dir", str(run), *sets], cwd=ROOT, check=True,
+                    "--script", str(script), "tiny_hybrid", "--run-dir", str(run), *train_flags(train_data)], cwd=ROOT, check=True,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))
     port = free_port()
     script.write_text(script.read_text().replace(":29500", f":{port}"))  # a free port on this machine
@@ -210,10 +208,9 @@ def test_two_nodes_in_network_namespaces_over_a_veth_pair(train_data, single_nod
     port = 29400
     agents = []
     for i, (name, dev, addr) in enumerate(two_network_namespaces):
-        sets = [a for o in (*BASE, f"data.paths=[{train_data}]") for a in ("--set", o)]
         cmd = ["ip", "netns", "exec", name, sys.executable, "-m", "pretrain.cli", "launch", "torchrun",
                "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"10.77.0.1:{port}",
-               "--local-addr", addr, *(["--rdzv-host"] if i == 0 else []), "tiny_hybrid", "--run-dir", str(tmp_path / "run"), *sets]
+               "--local-addr", addr, *(["--rdzv-host"] if i == 0 else []), "tiny_hybrid", "--run-dir", str(tmp_path / "run"), *train_flags(train_data)]
         env = dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME=dev)
         agents.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        start_new_session=True))

@@ -3,18 +3,16 @@
 import json
 import logging
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from pretrain.tracking import PENDING_FILE, UPLOADED_FILE, Tracker, upload_pending
+from tests.helpers import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -24,12 +22,6 @@ def restore_environ():
     yield
     os.environ.clear()
     os.environ.update(saved)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:

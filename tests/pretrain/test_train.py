@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.checkpoint import CRASH_BEFORE_MARKER_ENV, MARKER
-from tests.helpers import BASE, DROPOUT, ROOT, STEPS, hippo_train, latest_step, losses, torchrun
+from tests.helpers import DROPOUT, ROOT, STEPS, hippo_train, latest_step, losses, torchrun, train_flags
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_export_evaluates_on_one_process_like_the_trainer_did(reference_run, dat
 
 def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(data, reference, tmp_path):
     run = tmp_path / "run"
-    sets = [a for o in (*BASE, f"data.paths=[{data}]", DROPOUT) for a in ("--set", o)]
+    sets = train_flags(data, DROPOUT)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "pretrain.cli", "train", "tiny_hybrid", "--run-dir", str(run), *sets],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
