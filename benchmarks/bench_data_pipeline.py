@@ -16,24 +16,23 @@ import os
 # One worker = one core, also for the in-process (workers=1) BPE run; must precede tokenizers' first use.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from data_pipeline.config import DataConfig  # noqa: E402
-from data_pipeline.default_corpus import write_default_corpus  # noqa: E402
-from data_pipeline.prepare import prepare  # noqa: E402
-from data_pipeline.sources import iter_texts  # noqa: E402
-from data_pipeline.stream import build_stream  # noqa: E402
-from data_pipeline.tokenizer import train_bpe_tokenizer  # noqa: E402
+from hippo.data_pipeline.config import DataConfig
+from hippo.data_pipeline.default_corpus import write_default_corpus
+from hippo.data_pipeline.prepare import prepare
+from hippo.data_pipeline.sources import iter_texts
+from hippo.data_pipeline.stream import build_stream
+from hippo.data_pipeline.tokenizer import train_bpe_tokenizer
 
 TINY_CONFIG_TOKENS_PER_S = 20_000  # the tiny CPU training config (to be confirmed by the trainer benchmark)
 REQUIRED_FACTOR = 50

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-from kernels._flashconv_compile import (  # noqa: E402
+from hippo.kernels._flashconv_compile import (
     FLASHCONV_FFT_SIZES,
     SMEM_LIMIT_BYTES,
     compile_flashconv,
     flashconv_variants,
 )
-from kernels._flashconv_triton import launch_config  # noqa: E402
+from hippo.kernels._flashconv_triton import launch_config
 
 H100_FLOPS = {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12}
 H100_HBM = 3.35e12

@@ -13,18 +13,14 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from pretrain.config import load_config  # noqa: E402
-from pretrain.models import H3, HippoLM, InferenceParams  # noqa: E402
+from hippo.pretrain.config import load_config
+from hippo.pretrain.models import H3, HippoLM, InferenceParams
 
 MODELS = ("transformer_125m", "h3_125m", "hybrid_125m")
 

@@ -22,11 +22,9 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from pretrain.models import H3  # noqa: E402
-from pretrain.models.attention import CausalSelfAttention  # noqa: E402
+from hippo.pretrain.models import H3
+from hippo.pretrain.models.attention import CausalSelfAttention
 
 LAYERS = ("h3_fast", "h3_ref", "attn")
 
@@ -75,7 +73,7 @@ def memory_probe(kind: str, d: int, B: int, L: int) -> None:
 def peak_memory(kind: str, d: int, B: int, L: int, threads: int) -> int:
     cmd = [sys.executable, __file__, "--probe", kind, "--d-model", str(d), "--batch", str(B),
            "--lengths", str(L), "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": ROOT})
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 

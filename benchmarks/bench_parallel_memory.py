@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from parallel.memory import GIB, rank_memory
-from pretrain.config import ConfigError, load_config
+from hippo.parallel.memory import GIB, rank_memory
+from hippo.pretrain.config import ConfigError, load_config
 
 SIZES = ["hybrid_125m", "hybrid_355m", "hybrid_1.3b", "hybrid_2.7b"]
 # (tensor, pipeline, data, zero stage) on 8 or 64 GPUs.
@@ -35,7 +35,7 @@ def main() -> None:
             except ConfigError as e:
                 print(f"| {size} | {tp} x {pp} x {dp}, Z{zero} | refused: {e} | | | | | |")
                 continue
-            mem = rank_memory(cfg, layout)
+            mem = rank_memory(cfg.model, layout, precision=cfg.train.precision)
             single = single or mem.total_bytes
             print(f"| {size} | {tp} x {pp} x {dp}, Z{zero} | {mem.parameters / 1e6:,.1f}M | {mem.weight_bytes / GIB:.2f} | "
                   f"{mem.gradient_bytes / GIB:.2f} | {mem.optimizer_bytes / GIB:.2f} | {mem.total_bytes / GIB:.2f} | "

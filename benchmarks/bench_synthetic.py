@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from pretrain.synthetic import SyntheticConfig, run
+from hippo.pretrain.synthetic import SyntheticConfig, run
 
 
 def main() -> None:

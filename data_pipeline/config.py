@@ -6,9 +6,9 @@ import logging
 import math
 from dataclasses import dataclass
 
-from .layout import supported_dp_sizes
+from .sample_order import supported_dp_sizes
 
-__all__ = ["DataConfig", "validate_data_layout"]
+__all__ = ["DataConfig", "validate_data_parallel"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class DataConfig:
         return list(self.weights) if self.weights is not None else [1.0] * len(self.paths)
 
 
-def validate_data_layout(cfg: DataConfig, dp_size: int, micro_batch_size: int, global_batch_size: int) -> None:
+def validate_data_parallel(cfg: DataConfig, dp_size: int, micro_batch_size: int, global_batch_size: int) -> None:
     """Refuse a data-parallel layout the stream cannot serve identically; cheap, reads no files.
 
     Raises:

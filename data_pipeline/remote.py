@@ -48,6 +48,7 @@ def join_url(prefix: str, name: str) -> str:
     return str(Path(prefix) / name)
 
 
+# Own reader, not webdataset's http gopen (`curl`) or bare urllib: neither resumes a dropped body by Range.
 class ResumableHTTPReader(io.RawIOBase):
     """A read-only HTTP body that survives dropped connections.
 

@@ -71,7 +71,7 @@ def decode_sample(data: bytes, dtype: np.dtype, window: int, dctx: zstandard.Zst
 def ustar_header(name: str, size: int) -> bytes:
     """The 512-byte USTAR header of a regular file (mode 644, mtime 0, owner 0:0).
 
-    Built directly: `tarfile.TarInfo.tobuf` costs more than compressing the sample itself.
+    Own writer, not tarfile/webdataset.TarWriter: `TarInfo.tobuf` alone costs ~3x compressing the window.
     """
     raw = name.encode("utf-8")
     if len(raw) > 100:

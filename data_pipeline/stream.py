@@ -1,7 +1,7 @@
 """The training-side stream: batches of (micro_batch, seq_len + 1) token ids, resumable exactly.
 
 `build_stream` returns a `TokenStream` for one data-parallel rank. Which samples it yields is
-fixed by `layout.Layout` (see there): rank r of D reads the virtual streams v % D == r and
+fixed by `sample_order.SampleOrder` (see there): rank r of D reads the virtual streams v % D == r and
 yields global samples r, r + D, r + 2D, ... of the run, in micro-batches, B / D samples per
 global batch. With DataLoader workers, worker w of W produces every W-th of the rank's samples
 and the training process puts them back in order, so workers change speed, not content.
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import zstandard
 
-from .config import DataConfig, validate_data_layout
+from .config import DataConfig, validate_data_parallel
 from .errors import CorruptShardError, DataExhaustedError, ManifestError, ShardFetchError
-from .layout import EpochPlan, Layout, Segment
+from .sample_order import EpochPlan, SampleOrder, Segment
 from .manifest import Manifest, load_manifest
 from .remote import join_url, open_url
 from .shard_io import CorruptSample, decode_sample, iter_shard_members, sample_extension
@@ -55,7 +55,7 @@ class _ReadSpec:
     """Everything a (possibly forked) reader needs; small and picklable."""
 
     sources: tuple[_Source, ...]
-    layout: Layout
+    order: SampleOrder
     dtype: str
     window: int
     eos_id: int
@@ -194,20 +194,20 @@ def _fill_corrupt(rows: list, window: int, dtype: str, eos_id: int) -> list[np.n
 
 def _rank_samples(spec: _ReadSpec, start: int, stop: int | None, step: int) -> Iterator[tuple[np.ndarray, int]]:
     """This rank's samples start, start + step, ... (rank-local indices, over epochs): (row, corrupt so far)."""
-    layout, D, r = spec.layout, spec.dp_size, spec.dp_rank
-    per_rank_epoch = layout.samples_per_epoch // D
+    order, D, r = spec.order, spec.dp_size, spec.dp_rank
+    per_rank_epoch = order.samples_per_epoch // D
     readers: dict[tuple[int, int], _StreamReader] = {}
     corrupt = [0]
     J = start
     while stop is None or J < stop:
         epoch, j = divmod(J, per_rank_epoch)
         g = r + j * D
-        v, pos = g % layout.V, g // layout.V
+        v, pos = g % order.V, g // order.V
         reader = readers.get((epoch, v))
         if reader is None:
             for k in [k for k in readers if k[0] != epoch]:  # an epoch's readers are done once a later one starts
                 del readers[k]
-            reader = readers[(epoch, v)] = _StreamReader(spec, layout.plan(epoch), v, pos, corrupt)
+            reader = readers[(epoch, v)] = _StreamReader(spec, order.plan(epoch), v, pos, corrupt)
         yield reader.get(pos), corrupt[0]
         J += step
 
@@ -262,12 +262,12 @@ class TokenStream:
         self.tokenizer_spec: str = "byte" if first.tokenizer["spec"] == "byte" else join_url(
             cfg.paths[0], first.tokenizer["file"])
         splits = [m.split(cfg.split) for m in manifests]
-        self.layout = Layout([[sh.samples for sh in s.shards] for s in splits], weights=cfg.source_weights,
+        self.order = SampleOrder([[sh.samples for sh in s.shards] for s in splits], weights=cfg.source_weights,
                              seed=cfg.seed, virtual_streams=cfg.virtual_streams, shuffle_window=cfg.shuffle_window,
                              global_batch_size=global_batch_size, shuffle=not one_pass)
-        if self.layout.batches_per_epoch == 0:
+        if self.order.batches_per_epoch == 0:
             raise ValueError(
-                f"data.paths {cfg.paths} ({cfg.split}) give {self.layout.samples_per_epoch_total} samples per epoch, "
+                f"data.paths {cfg.paths} ({cfg.split}) give {self.order.samples_per_epoch_total} samples per epoch, "
                 f"fewer than one global batch of {global_batch_size}"
             )
         self.manifest_hash = hashlib.sha256(json.dumps(
@@ -275,11 +275,11 @@ class TokenStream:
         self._spec = _ReadSpec(
             sources=tuple(_Source(p, tuple(sh.name for sh in s.shards), tuple(sh.bytes for sh in s.shards))
                           for p, s in zip(cfg.paths, splits)),
-            layout=self.layout, dtype=first.dtype, window=first.window, eos_id=self.eos_id, dp_rank=dp_rank,
+            order=self.order, dtype=first.dtype, window=first.window, eos_id=self.eos_id, dp_rank=dp_rank,
             dp_size=dp_size, strict=cfg.strict, retries=cfg.retries, timeout_s=cfg.timeout_s)
         logger.info("data %s (%s): %d samples per epoch in %d global batches of %d; %d dropped per epoch "
-                    "(the partial last batch)", cfg.paths, cfg.split, self.layout.samples_per_epoch,
-                    self.layout.batches_per_epoch, global_batch_size, self.layout.dropped_per_epoch)
+                    "(the partial last batch)", cfg.paths, cfg.split, self.order.samples_per_epoch,
+                    self.order.batches_per_epoch, global_batch_size, self.order.dropped_per_epoch)
         self.consumed_samples = 0
         self.corrupt_samples = 0
         """Unreadable samples met while reading (replaced); includes any read past the rank's need."""
@@ -289,19 +289,19 @@ class TokenStream:
     @property
     def samples_per_epoch(self) -> int:
         """Samples used per epoch (whole global batches); the rest are `dropped_per_epoch`."""
-        return self.layout.samples_per_epoch
+        return self.order.samples_per_epoch
 
     @property
     def dropped_per_epoch(self) -> int:
-        return self.layout.dropped_per_epoch
+        return self.order.dropped_per_epoch
 
     @property
     def epoch(self) -> int:
-        return self.consumed_samples // self.layout.samples_per_epoch
+        return self.consumed_samples // self.order.samples_per_epoch
 
     def __len__(self) -> int:
         """Micro-batches this rank yields per epoch (per pass for one-pass streams)."""
-        batches = self.layout.batches_per_epoch
+        batches = self.order.batches_per_epoch
         if self.max_batches is not None:
             batches = min(batches, self.max_batches)
         return batches * self.global_batch_size // self.dp_size // self.micro_batch_size
@@ -318,8 +318,8 @@ class TokenStream:
             "virtual_streams": self.cfg.virtual_streams,
             "shuffle_window": self.cfg.shuffle_window,
             "epoch": self.epoch,
-            "samples_per_epoch": self.layout.samples_per_epoch,
-            "dropped_per_epoch": self.layout.dropped_per_epoch,
+            "samples_per_epoch": self.order.samples_per_epoch,
+            "dropped_per_epoch": self.order.dropped_per_epoch,
             "corrupt_samples": self.corrupt_samples,
         }
 
@@ -348,14 +348,14 @@ class TokenStream:
         """Rank-local sample indices [start, stop) this iteration covers."""
         D, B = self.dp_size, self.global_batch_size
         if self.one_pass:
-            batches = self.layout.batches_per_epoch
+            batches = self.order.batches_per_epoch
             if self.max_batches is not None:
                 batches = min(batches, self.max_batches)
             return 0, batches * B // D
         start = self.consumed_samples // D
         stop = None
         if self.cfg.max_epochs is not None:
-            stop = self.cfg.max_epochs * self.layout.samples_per_epoch // D
+            stop = self.cfg.max_epochs * self.order.samples_per_epoch // D
         return start, stop
 
     def _rows(self, start: int, stop: int | None) -> Iterator[np.ndarray]:
@@ -422,14 +422,14 @@ def build_stream(cfg: DataConfig, *, dp_rank: int, dp_size: int, micro_batch_siz
     """The batch stream of data-parallel rank `dp_rank` of `dp_size`.
 
     Tensor- and pipeline-parallel ranks of the same data-parallel rank must pass the same
-    dp_rank: they receive identical batches. Call `validate_data_layout` first to fail before
+    dp_rank: they receive identical batches. Call `validate_data_parallel` first to fail before
     any process does work; this repeats it and also checks the manifests agree.
 
     Args:
         one_pass: evaluation mode: no shuffling, one pass in manifest order, then stop.
         max_batches: with one_pass, stop after this many global batches.
     """
-    validate_data_layout(cfg, dp_size, micro_batch_size, global_batch_size)
+    validate_data_parallel(cfg, dp_size, micro_batch_size, global_batch_size)
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} outside [0, dp_size={dp_size})")
     if max_batches is not None and max_batches < 1:

@@ -1,8 +1,8 @@
 """FlashConv: long convolutions and the SSM kernels of H3. Imports only torch (and triton)."""
 
-from kernels.fftconv import fft_size, fftconv, fftconv_ref
-from kernels.h3_core import H3_CORE_IMPLS, h3_core, h3_core_ref
-from kernels.ssm import (
+from hippo.kernels.fftconv import fft_size, fftconv, fftconv_ref
+from hippo.kernels.h3_core import H3_CORE_IMPLS, h3_core, h3_core_ref
+from hippo.kernels.ssm import (
     DiscreteDiagonalSSM,
     diagonal_kernel,
     diagonal_state_from_prefix,
@@ -12,7 +12,7 @@ from kernels.ssm import (
     shift_state_from_prefix,
     shift_step,
 )
-from kernels.state_passing import diagonal_kernel_blocked, state_passing_conv, state_passing_conv_ref
+from hippo.kernels.state_passing import diagonal_kernel_blocked, state_passing_conv, state_passing_conv_ref
 
 __all__ = [
     "H3_CORE_IMPLS",

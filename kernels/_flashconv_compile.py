@@ -23,7 +23,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels._flashconv_triton import FLASHCONV_FFT_SIZES, flashconv_fwd_kernel, launch_config
+from hippo.kernels._flashconv_triton import FLASHCONV_FFT_SIZES, flashconv_fwd_kernel, launch_config
 
 __all__ = ["FLASHCONV_FFT_SIZES", "CompileReport", "SMEM_LIMIT_BYTES", "compile_flashconv", "flashconv_variants"]
 
@@ -53,10 +53,6 @@ class CompileReport:
     local_sass: int  # LDL/STL instructions in the SASS
     mma: int  # mma.sync (sm_80-style) instructions in the PTX
     wgmma: int  # wgmma.mma_async (sm_90) instructions in the PTX
-
-    @property
-    def spills(self) -> bool:
-        return self.stack_bytes > 0 or self.local_ptx > 0 or self.local_sass > 0
 
 
 def flashconv_variants():

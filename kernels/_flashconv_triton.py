@@ -41,10 +41,7 @@ import triton.language as tl
 __all__ = [
     "FlashConvFn",
     "flashconv",
-    "flashconv_ref",
-    "FLASHCONV_CONFIGS",
     "FLASHCONV_FFT_SIZES",
-    "FLASHCONV_TARGETS",
     "INTERPRET_CAPABILITY",
     "launch_config",
     "MAX_FFT_SIZE",
@@ -197,8 +194,6 @@ def launch_config(n: int, capability: int = 90) -> dict:
 
 # Every FFT size the launcher can pick (L = 128 .. 8192; shorter rows use N = 256).
 FLASHCONV_FFT_SIZES = (256, 512, 1024, 2048, 4096, 8192, 16384)
-FLASHCONV_TARGETS = (80, 90)
-FLASHCONV_CONFIGS = tuple((cap, n, launch_config(n, cap)) for cap in FLASHCONV_TARGETS for n in FLASHCONV_FFT_SIZES)
 # Which config table the CPU interpreter runs (tests set 80 to check the sm_80 splits).
 INTERPRET_CAPABILITY = 90
 
@@ -300,11 +295,6 @@ def flashconv_rows(
 
 
 # --------------------------------------------------------------------------- launchers
-def _flashconv_fwd(u, k, D, v, q):
-    """y = q * (conv(u v, k) + D u v) in u's dtype. k: (C, Lk) time-domain kernel."""
-    return flashconv_rows(u, k, D, v, q)
-
-
 def _flashconv_bwd(dy, u, k, D, v, q, needs):
     """Gradients of y = q (conv(w, k) + D w), w = u v (v, q optional). Returns (du, dk, dD, dv, dq).
 
@@ -342,7 +332,7 @@ class FlashConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, k, D, v, q):
         ctx.save_for_backward(u, k, D, v, q)
-        return _flashconv_fwd(u, k, D, v, q)
+        return flashconv_rows(u, k, D, v, q)  # y = q * (conv(u v, k) + D u v), u's dtype
 
     @staticmethod
     def backward(ctx, dy):
@@ -374,12 +364,3 @@ def flashconv(
     if u.dim() != 3:
         raise ValueError(f"flashconv expects u of shape (B, C, L), got {tuple(u.shape)}")
     return FlashConvFn.apply(u, k, D, v, q)
-
-
-def flashconv_ref(u, k, D=None, *, v=None, q=None) -> torch.Tensor:
-    """Torch reference for `flashconv` (FFT conv in fp32, float64 for float64 inputs)."""
-    from kernels.fftconv import fftconv
-
-    w = u * v if v is not None else u
-    s = fftconv(w, k, D)
-    return q * s if q is not None else s

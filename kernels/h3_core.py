@@ -35,9 +35,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels.fftconv import fftconv
-from kernels.ssm import DiscreteDiagonalSSM, diagonal_kernel, diagonal_state_from_prefix, shift_kernel
-from kernels.state_passing import mode_powers
+from hippo.kernels.fftconv import fftconv
+from hippo.kernels.ssm import DiscreteDiagonalSSM, diagonal_kernel, diagonal_state_from_prefix, shift_kernel
+from hippo.kernels.state_passing import mode_powers
 
 __all__ = ["h3_core", "h3_core_ref", "H3_CORE_IMPLS"]
 
@@ -126,7 +126,6 @@ class _DiagChunkMats:
     """
 
     def __init__(self, ssm: DiscreteDiagonalSSM, D: torch.Tensor, P: int, rdtype: torch.dtype):
-        dev = ssm.dA.device
         n2 = ssm.dA.shape[-1]
         C = ssm.dA.shape[0]
         pw = _consecutive_powers(ssm.dA, P + 1)  # (C, N/2, P+1) complex128: dA^0..dA^P
@@ -283,7 +282,7 @@ def h3_core(
 
 def _h3_core_triton(q, k, v, shift_B, shift_C, shift_D, ssm, D):
     """Two fused FlashConv launches; the kernels are torch ops, so SSM parameters get gradients."""
-    from kernels._flashconv_triton import flashconv  # triton is optional: import on use
+    from hippo.kernels._flashconv_triton import flashconv  # triton is optional: import on use
 
     L = q.shape[-1]
     N = shift_B.shape[-1]

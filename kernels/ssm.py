@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.fftconv import fftconv
+from hippo.kernels.fftconv import fftconv
 
 __all__ = [
     "DiscreteDiagonalSSM",

@@ -14,7 +14,7 @@ carried states, so the convolution's intermediates are bounded by T, not by L.
 `state_passing_conv_ref` is the full-length computation (one FFT of size 2L, kernel of length L)
 that the chunked one must reproduce exactly.
 
-The helpers `mode_powers`, `chunk_matrices` and friends are shared with `kernels.h3_core`.
+The helper `mode_powers` is shared with `kernels.h3_core`.
 All powers dA^l are formed in float64 from (C, N/2, <=P) factors: float32 exp(l log dA) loses
 ~l * 6e-8 rad of phase, which at l = 8K is already a 1e-4 relative error in the kernel.
 """
@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 
-from kernels.fftconv import fftconv
-from kernels.ssm import DiscreteDiagonalSSM, diagonal_kernel
+from hippo.kernels.fftconv import fftconv
+from hippo.kernels.ssm import DiscreteDiagonalSSM, diagonal_kernel
 
 __all__ = ["state_passing_conv", "state_passing_conv_ref", "diagonal_kernel_blocked"]
 
@@ -199,7 +199,7 @@ def state_passing_conv_ref(
     The initial state's response 2 Re(sum_n C dA^(l+1) x0) and the final state come from the
     plain Vandermonde; memory is O(C * N/2 * L). Same contract as `state_passing_conv`.
     """
-    from kernels.ssm import diagonal_state_from_prefix
+    from hippo.kernels.ssm import diagonal_state_from_prefix
 
     L = u.shape[-1]
     y = fftconv(u, diagonal_kernel(ssm, L), D)

@@ -7,8 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from launch.env import train_argv, worker_env
-from launch.torchrun import show
+from hippo.launch.env import train_argv, worker_env
+from hippo.launch.torchrun import show
 
 
 def _run(cmd: list[str]) -> int:
@@ -18,14 +18,14 @@ def _run(cmd: list[str]) -> int:
 
 def _validated_train_args(args: argparse.Namespace, world_size: int) -> list[str]:
     """Refuse a config that cannot run on the launcher's world size before anything starts."""
-    from pretrain.config import load_config
+    from hippo.pretrain.config import load_config
 
     load_config(args.config, args.set).layout(world_size)
     return train_argv(args.config, args.run_dir, args.set)
 
 
 def _cmd_torchrun(args: argparse.Namespace) -> int:
-    from launch.torchrun import TorchrunSpec, torchrun_command
+    from hippo.launch.torchrun import TorchrunSpec, torchrun_command
 
     spec = TorchrunSpec(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.max_restarts, args.rdzv_id,
                         args.local_addr, args.rdzv_host)
@@ -33,7 +33,7 @@ def _cmd_torchrun(args: argparse.Namespace) -> int:
 
 
 def _cmd_deepspeed(args: argparse.Namespace) -> int:
-    from launch.deepspeed_launcher import deepspeed_command, parse_hostfile
+    from hippo.launch.deepspeed_launcher import deepspeed_command, parse_hostfile
 
     world_size = sum(parse_hostfile(args.hostfile).values())
     cmd = deepspeed_command(args.hostfile, _validated_train_args(args, world_size), master_port=args.master_port,
@@ -42,7 +42,7 @@ def _cmd_deepspeed(args: argparse.Namespace) -> int:
 
 
 def _cmd_slurm(args: argparse.Namespace) -> int:
-    from launch.slurm import SlurmSpec, sbatch_script
+    from hippo.launch.slurm import SlurmSpec, sbatch_script
 
     spec = SlurmSpec(args.nodes, args.gpus_per_node, job_name=args.job_name, time=args.time,
                      partition=args.partition, max_restarts=args.max_restarts)

@@ -7,7 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pretrain.config import ConfigError
+from hippo.pretrain.config import ConfigError
 
 _LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
 

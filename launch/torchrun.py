@@ -6,7 +6,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from pretrain.config import ConfigError
+from hippo.pretrain.config import ConfigError
 
 
 @dataclass(frozen=True)

@@ -1,76 +1,98 @@
 """The DeepSpeed engine for a Hippo run: pipeline engine when PP > 1 (or ZeRO <= 1), the plain
-engine with Megatron's groups as `mpu` for ZeRO-2; AdamW with the paper's parameter groups and
-the warmup + cosine schedule; clipping by the global gradient norm over every group.
+engine with Megatron's groups as `mpu` for ZeRO-2; clipping by the global gradient norm over
+every group; a step skipped everywhere when any rank's gradient is not finite.
+
+The engine knows the model config, the layout and an optimizer factory, nothing of the run
+config: `build_train_engine` composes one from those.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
-from parallel.groups import ParallelState
-from parallel.pipeline import SequentialLM, build_pipeline
-from parallel.runtime import import_deepspeed
-from parallel.tensor_parallel import mark_sequence_parallel_norms, megatron_linears, sequence_parallel_grad_hooks
-from pretrain.config import HippoConfig
-from pretrain.models.linear import partition_dim
-from pretrain.optim import build_optimizer, build_scheduler
+from hippo.parallel.groups import ParallelState
+from hippo.parallel.layout import ParallelLayout
+from hippo.parallel.pipeline import SequentialLM, build_pipeline
+from hippo.parallel.runtime import import_deepspeed
+from hippo.parallel.tensor_parallel import mark_sequence_parallel_norms, megatron_linears, sequence_parallel_grad_hooks
+from hippo.pretrain.models.config import ModelConfig
+from hippo.pretrain.models.linear import Linears, partition_dim
+
+OptimizerFactory = Callable[[nn.Module, type[torch.optim.AdamW]], tuple[torch.optim.Optimizer, Any]]
+"""(module, optimizer class) -> (optimizer over the module's parameters, its LR scheduler)."""
 
 
-def deepspeed_config(cfg: HippoConfig, state: ParallelState, *, load_universal: bool = False) -> dict[str, Any]:
-    layout = state.layout
+def deepspeed_config(layout: ParallelLayout, *, precision: str, grad_clip: float, load_universal: bool = False) -> dict[str, Any]:
     return {
         "checkpoint": {"load_universal": load_universal},
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum_steps,
         # DeepSpeed 0.19 clips at 1.0 unless told otherwise: always say it.
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": layout.zero_stage},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
+def build_module(cfg: ModelConfig, state: ParallelState, linears: Linears, *, seed: int) -> nn.Module:
+    """This rank's part of the model as the layer list DeepSpeed runs, on the rank's device."""
+    layout = state.layout
+    loss_fn = mean_token_loss(linears)
+    if layout.pipelined:
+        module = build_pipeline(cfg, layout, linears, state.topology, loss_fn, seed=seed)
+    else:
+        module = SequentialLM(cfg, linears, loss_fn, seed=seed, activation_checkpointing=layout.activation_checkpointing)
+    module.to(state.device)
+    if layout.sequence_parallel:
+        mark_sequence_parallel_norms(module)
+        sequence_parallel_grad_hooks(module, state.tp_group)
+    return module
+
+
+def mean_token_loss(linears: Linears) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return linears.cross_entropy(logits, labels).mean()
+
+    return loss
+
+
+def build_train_engine(cfg: ModelConfig, state: ParallelState, optimizer_factory: OptimizerFactory, *, seed: int,
+                       precision: str = "fp32", grad_clip: float = 1.0, load_universal: bool = False) -> TrainEngine:
+    """Model, optimizer and DeepSpeed engine for this rank. `load_universal`: the engine will
+    load a universal checkpoint (one written under another layout)."""
+    deepspeed = import_deepspeed()
+    layout = state.layout
+    linears = megatron_linears(state.tp_rank, layout.tensor, layout.pipeline, sequence_parallel=layout.sequence_parallel)
+    module = build_module(cfg, state, linears, seed=seed)
+    optimizer, scheduler = optimizer_factory(module, FiniteStepAdamW)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler,
+        mpu=None if layout.pipelined else state.mpu,  # a pipeline module brings its own grid (same topology)
+        config=deepspeed_config(layout, precision=precision, grad_clip=grad_clip, load_universal=load_universal),
+    )
+    with torch.device("meta"):  # every stage's parameter names, without allocating
+        whole_model = SequentialLM(cfg, linears, None, seed=seed)
+    set_universal_checkpoint_info(module, whole_model)
+    return TrainEngine(engine, module, optimizer, linears, state)
+
+
 class TrainEngine:
-    """One optimizer step per `train_batch` call, whatever the engine underneath."""
+    """One optimizer step per `train_batch` call, whatever the DeepSpeed engine underneath."""
 
     last_step_skipped = False
 
-    def __init__(self, cfg: HippoConfig, state: ParallelState, *, load_universal: bool = False):
-        deepspeed = import_deepspeed()
-        layout = state.layout
-        self.cfg, self.state = cfg, state
-        sequence_parallel = cfg.parallel.sequence_parallel
-        self.linears = megatron_linears(state.tp_rank, layout.tensor, layout.pipeline, sequence_parallel=sequence_parallel)
-        self.pipelined = layout.pipeline > 1 or cfg.parallel.zero_stage <= 1
-        if self.pipelined:
-            self.module = build_pipeline(cfg, self.linears, state.topology, self._loss)
-            mpu = None  # the pipeline module brings its own grid, built from the same topology
-        else:
-            self.module = SequentialLM(cfg, self.linears, self._loss)
-            mpu = state.mpu
-        self.module.to(state.device)
-        if sequence_parallel:
-            mark_sequence_parallel_norms(self.module)
-            sequence_parallel_grad_hooks(self.module, state.tp_group)
-        optimizer = build_optimizer(self.module, cfg.optim, optimizer_cls=FiniteStepAdamW)
-        scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.module, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
-            config=deepspeed_config(cfg, state, load_universal=load_universal),
-        )
-        with torch.device("meta"):  # every stage's parameter names, without allocating
-            whole_model = SequentialLM(cfg, self.linears, self._loss)
-        set_universal_checkpoint_info(self.module, whole_model)
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.linears.cross_entropy(logits, labels).mean()
+    def __init__(self, engine, module: nn.Module, optimizer, linears: Linears, state: ParallelState):
+        self.engine, self.module, self.optimizer, self.linears, self.state = engine, module, optimizer, linears, state
+        self.pipelined = state.layout.pipelined
 
     def train_batch(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Forward/backward over this rank's micro-batches, then one optimizer step (skipped,
@@ -122,16 +144,6 @@ class TrainEngine:
     def lr(self) -> float:
         """Learning rate of the main parameter group after the last step."""
         return self.optimizer.param_groups[0]["lr"]
-
-    def optimizer_state_bytes(self) -> int:
-        """Bytes of optimizer state (Adam moments) this rank holds."""
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        return sum(
-            t.numel() * t.element_size()
-            for s in inner.state.values()
-            for t in s.values()
-            if torch.is_tensor(t) and t.dim() > 0
-        )
 
 
 def set_universal_checkpoint_info(module: torch.nn.Module, whole_model: torch.nn.Module) -> None:

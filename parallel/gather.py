@@ -6,9 +6,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from parallel.groups import ParallelState
-from parallel.pipeline import canonical_named_parameters
-from pretrain.models.linear import partition_dim
+from hippo.parallel.groups import ParallelState
+from hippo.parallel.pipeline import canonical_named_parameters
+from hippo.pretrain.models.linear import partition_dim
 
 
 @torch.no_grad()

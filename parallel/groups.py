@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from parallel.runtime import backend, device, import_deepspeed
-from pretrain.config import Layout
+from hippo.parallel.runtime import backend, configure_cpu_threads, device, import_deepspeed
+from hippo.parallel.layout import ParallelLayout
 
 
 class MegatronMPU:
@@ -80,7 +80,7 @@ class MegatronMPU:
 class ParallelState:
     """This process's place in the layout, and the groups and topology built for it."""
 
-    layout: Layout
+    layout: ParallelLayout
     rank: int
     tp_rank: int
     pp_rank: int
@@ -107,13 +107,14 @@ class ParallelState:
         return self.mpu.get_data_parallel_group()
 
 
-def init_parallel(layout: Layout, seed: int) -> ParallelState:
+def init_parallel(layout: ParallelLayout, seed: int) -> ParallelState:
     """Join the job (env:// rendezvous from the launcher), build the groups, seed the RNGs."""
     deepspeed = import_deepspeed()
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from megatron.core import parallel_state as ps
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    configure_cpu_threads()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():

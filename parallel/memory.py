@@ -12,32 +12,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn as nn
-
-from parallel.pipeline import layer_parameter_counts, stage_bounds
-from pretrain.config import HippoConfig, Layout
-from pretrain.models.linear import Linears
+from hippo.parallel.layout import ParallelLayout
+from hippo.parallel.pipeline import layer_parameter_counts, shard_shaped_linears, stage_bounds
+from hippo.pretrain.models.config import ModelConfig
 
 GIB = 2**30
 
 
-def shard_shaped_linears(tp: int) -> Linears:
-    """Plain layers with one tensor-parallel rank's shapes (for counting only)."""
-    return Linears(
-        column=lambda i, o, *, bias=True: nn.Linear(i, o // tp, bias=bias),
-        row=lambda i, o, *, bias=True: nn.Linear(i // tp, o, bias=bias),
-        embedding=lambda v, d: nn.Embedding(v // tp, d),
-        tp_size=tp,
-    )
-
-
-def stage_parameter_counts(cfg: HippoConfig) -> list[int]:
+def stage_parameter_counts(cfg: ModelConfig, layout: ParallelLayout) -> list[int]:
     """Parameters one tensor-parallel rank of each pipeline stage holds (tied embedding counted
     on both end stages when they differ, as DeepSpeed keeps a copy on each)."""
-    sizes = layer_parameter_counts(cfg.model, shard_shaped_linears(cfg.parallel.tensor))
-    bounds = stage_bounds(cfg)
-    counts = [sum(sizes[bounds[s] : bounds[s + 1]]) for s in range(cfg.parallel.pipeline)]
-    if cfg.parallel.pipeline == 1:
+    sizes = layer_parameter_counts(cfg, shard_shaped_linears(layout.tensor))
+    bounds = stage_bounds(cfg, layout)
+    counts = [sum(sizes[bounds[s] : bounds[s + 1]]) for s in range(layout.pipeline)]
+    if layout.pipeline == 1:
         counts[0] -= sizes[-1]  # one stage: the head reuses the embedding's weight
     return counts
 
@@ -55,11 +43,10 @@ class RankMemory:
         return self.weight_bytes + self.gradient_bytes + self.optimizer_bytes
 
 
-def rank_memory(cfg: HippoConfig, layout: Layout) -> RankMemory:
-    n = max(stage_parameter_counts(cfg))
-    bf16 = cfg.train.precision == "bf16"
-    weight, grad, optim = (2, 2, 12) if bf16 else (4, 4, 8)
-    zero = cfg.parallel.zero_stage
+def rank_memory(cfg: ModelConfig, layout: ParallelLayout, *, precision: str = "fp32") -> RankMemory:
+    n = max(stage_parameter_counts(cfg, layout))
+    weight, grad, optim = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
+    zero = layout.zero_stage
     optim_bytes = n * optim // (layout.data if zero >= 1 else 1)
     grad_bytes = n * grad // (layout.data if zero >= 2 else 1)
     return RankMemory(n, n * weight, grad_bytes, optim_bytes)

@@ -14,11 +14,12 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from pretrain.config import HippoConfig, ModelConfig
-from pretrain.models.block import Block
-from pretrain.models.embedding import TokenEmbedding
-from pretrain.models.init import init_parameters
-from pretrain.models.linear import SINGLE_PROCESS, Linears
+from hippo.parallel.layout import ParallelLayout
+from hippo.pretrain.models.block import Block
+from hippo.pretrain.models.config import ModelConfig
+from hippo.pretrain.models.embedding import TokenEmbedding
+from hippo.pretrain.models.init import init_parameters
+from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
 
 TIED_KEY = "embedding"
 
@@ -60,26 +61,37 @@ def layer_specs(cfg: ModelConfig, linears: Linears, seed: int) -> list:
     ]
 
 
-def stage_bounds(cfg: HippoConfig) -> list[int]:
+def stage_bounds(cfg: ModelConfig, layout: ParallelLayout) -> list[int]:
     """Layer-list boundaries of the pipeline stages: stage s runs layers [b[s], b[s+1]).
 
-    `parallel.stage_layers` gives blocks per stage (the embedding goes first, norm and head
-    last); otherwise layers are spread uniformly or balanced by parameter count (counted on the
-    meta device, nothing allocated).
+    `layout.stage_layers` gives blocks per stage (the embedding goes first, norm and head
+    last). Otherwise this is what DeepSpeed's `partition_method` computes, from the same
+    per-layer counts (one TP rank's trainable parameters, tied layers counted at both ends)
+    counted on the meta device, so memory estimates and the running pipeline agree.
     """
-    m, p = cfg.model, cfg.parallel
-    n_layers = m.n_layer + 3
-    if p.stage_layers:
+    n_layers = cfg.n_layer + 3
+    if layout.stage_layers:
         bounds = [0]
-        for s, blocks in enumerate(p.stage_layers):
+        for s, blocks in enumerate(layout.stage_layers):
             bounds.append(bounds[-1] + blocks + (1 if s == 0 else 0))
         bounds[-1] = n_layers
         return bounds
     from deepspeed.runtime import utils as ds_utils
 
-    if p.pipeline_partition == "uniform":
-        return ds_utils.partition_uniform(num_items=n_layers, num_parts=p.pipeline)
-    return ds_utils.partition_balanced(weights=layer_parameter_counts(m), num_parts=p.pipeline)
+    if layout.pipeline_partition == "uniform":
+        return ds_utils.partition_uniform(num_items=n_layers, num_parts=layout.pipeline)
+    counts = layer_parameter_counts(cfg, shard_shaped_linears(layout.tensor))
+    return ds_utils.partition_balanced(weights=counts, num_parts=layout.pipeline)
+
+
+def shard_shaped_linears(tp: int) -> Linears:
+    """Plain layers with one tensor-parallel rank's shapes (for counting only)."""
+    return Linears(
+        column=lambda i, o, *, bias=True: nn.Linear(i, o // tp, bias=bias),
+        row=lambda i, o, *, bias=True: nn.Linear(i // tp, o, bias=bias),
+        embedding=lambda v, d: nn.Embedding(v // tp, d),
+        tp_size=tp,
+    )
 
 
 def layer_parameter_counts(cfg: ModelConfig, linears: Linears = SINGLE_PROCESS) -> list[int]:
@@ -92,25 +104,31 @@ def layer_parameter_counts(cfg: ModelConfig, linears: Linears = SINGLE_PROCESS) 
     return [embedding, *blocks, norm, embedding]
 
 
-def build_pipeline(cfg: HippoConfig, linears: Linears, topology, loss_fn: Callable) -> nn.Module:
+def build_pipeline(cfg: ModelConfig, layout: ParallelLayout, linears: Linears, topology, loss_fn: Callable, *,
+                   seed: int) -> nn.Module:
     """A DeepSpeed `PipelineModule` holding this stage's layers."""
     from deepspeed.pipe import PipelineModule
 
-    class HippoPipeline(PipelineModule):
-        def _partition_layers(self, method: str = "uniform") -> None:
-            self.parts = stage_bounds(cfg)
-            stage = self._topo.get_coord(self.global_rank).pipe
-            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
-    return HippoPipeline(
-        layers=layer_specs(cfg.model, linears, cfg.train.seed),
+    common = dict(
+        layers=layer_specs(cfg, linears, seed),
         topology=topology,
         loss_fn=loss_fn,
-        activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
+        activation_checkpoint_interval=1 if layout.activation_checkpointing else 0,
         # Only blocks: the embedding's input is token ids, and a reentrant checkpoint of a
         # layer whose inputs need no gradient returns an output that has none.
         checkpointable_layers=[BlockLayer.__name__],
     )
+    if not layout.stage_layers:
+        return PipelineModule(partition_method=layout.pipeline_partition, **common)
+
+    class ExplicitStagesPipeline(PipelineModule):
+        # Kept: DeepSpeed has no public hook for explicit stage bounds (deepspeedai/DeepSpeed#2974).
+        def _partition_layers(self, method: str = "uniform") -> None:
+            self.parts = stage_bounds(cfg, layout)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    return ExplicitStagesPipeline(**common)
 
 
 class SequentialLM(nn.Module):
@@ -120,15 +138,16 @@ class SequentialLM(nn.Module):
     engines' checkpoints describe the same tensors.
     """
 
-    def __init__(self, cfg: HippoConfig, linears: Linears, loss_fn: Callable):
+    def __init__(self, cfg: ModelConfig, linears: Linears, loss_fn: Callable | None, *, seed: int,
+                 activation_checkpointing: bool = False):
         super().__init__()
         from deepspeed.pipe import TiedLayerSpec
 
         self.loss_fn = loss_fn
-        self.checkpoint_blocks = cfg.parallel.activation_checkpointing
+        self.checkpoint_blocks = activation_checkpointing
         self.tied_modules = nn.ModuleDict()
         self._funcs: list[Callable] = []
-        for idx, spec in enumerate(layer_specs(cfg.model, linears, cfg.train.seed)):
+        for idx, spec in enumerate(layer_specs(cfg, linears, seed)):
             if isinstance(spec, TiedLayerSpec):
                 if spec.key not in self.tied_modules:
                     self.tied_modules[spec.key] = spec.build()
@@ -140,7 +159,7 @@ class SequentialLM(nn.Module):
                 self._funcs.append(module)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from parallel.runtime import import_deepspeed
+        from hippo.parallel.runtime import import_deepspeed
 
         x = input_ids
         for f in self._funcs:

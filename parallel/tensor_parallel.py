@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, tensor_parallel
 
-from pretrain.models.linear import Linears, mark_tensor_parallel
+from hippo.pretrain.models.linear import Linears, mark_tensor_parallel
 
 
 def _initialized_elsewhere(weight: torch.Tensor) -> None:
@@ -133,7 +133,7 @@ def vocab_parallel_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tor
 def allow_megatron_sequence_parallel_on_cpu() -> None:
     """Megatron allocates SP communication buffers on `torch.cuda.current_device()`; without a GPU
     that must name the CPU. Only patched where there is no GPU."""
-    from parallel.runtime import has_gpu
+    from hippo.parallel.runtime import has_gpu
 
     if not has_gpu():
         torch.cuda.current_device = lambda: torch.device("cpu")

@@ -8,11 +8,11 @@ import logging
 import sys
 from pathlib import Path
 
-from pretrain.config import ConfigError
+from hippo.pretrain.config import ConfigError
 
 
 def _cmd_synthetic(args: argparse.Namespace) -> int:
-    from pretrain.synthetic import SyntheticConfig, run
+    from hippo.pretrain.synthetic import SyntheticConfig, run
 
     fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
     cfg = SyntheticConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
@@ -26,8 +26,8 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    from pretrain.config import load_config
-    from pretrain.models import count_parameters
+    from hippo.pretrain.config import load_config
+    from hippo.pretrain.models import count_parameters
 
     for path in args.configs:
         cfg = load_config(path, args.set)
@@ -36,21 +36,22 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pretrain.config import load_config
-    from pretrain.trainer import train
+    from hippo.pretrain.config import load_config
+    from hippo.pretrain.stopping import StopReason
+    from hippo.pretrain.trainer import train
 
     cfg = load_config(args.config, args.set)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     result = train(cfg, run_dir, resume=args.resume)
-    return 1 if result.stopped_by == "non-finite" else 0
+    return 1 if result.stopped_by is StopReason.NON_FINITE else 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from data_pipeline.tokenizer import load_tokenizer
-    from pretrain.export import load_export
-    from pretrain.models.generation import SamplingConfig, generate
+    from hippo.data_pipeline.tokenizer import load_tokenizer
+    from hippo.pretrain.export import load_export
+    from hippo.pretrain.models.generation import SamplingConfig, generate
 
     model, meta = load_export(Path(args.model))
     tok = load_tokenizer(meta["tokenizer"])
@@ -66,7 +67,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pretrain.evaluation import evaluate_export
+    from hippo.pretrain.evaluation import evaluate_export
 
     loss, tokens = evaluate_export(Path(args.model), args.data, split=args.split, max_batches=args.batches)
     print(f"{args.split}: {tokens:,} tokens, loss {loss:.4f}, perplexity {__import__('math').exp(loss):.2f}")
@@ -74,17 +75,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from pretrain.checkpoint import resolve
-    from pretrain.export import export_checkpoint
+    from hippo.pretrain.checkpoint import CheckpointManager
+    from hippo.pretrain.export import export_checkpoint
 
-    ckpt = resolve(args.checkpoint, Path(args.checkpoint))
+    ckpt = CheckpointManager(Path(args.checkpoint)).resolve(args.checkpoint)
     out = export_checkpoint(ckpt, Path(args.output))
     print(f"exported step {ckpt.step} of {ckpt.path} to {out}")
     return 0
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from pretrain.quickstart import quickstart
+    from hippo.pretrain.quickstart import quickstart
 
     quickstart(Path(args.run_dir), overrides=args.set)
     return 0
@@ -158,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=None, help="stop after this many batches of 8")
     p.set_defaults(func=_cmd_eval)
 
-    from data_pipeline import cli as data_cli
-    from launch import cli as launch_cli
+    from hippo.data_pipeline import cli as data_cli
+    from hippo.launch import cli as launch_cli
 
     data_cli.register(sub)
     launch_cli.register(sub)

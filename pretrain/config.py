@@ -7,7 +7,6 @@ every message names the offending option by its dotted path.
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +15,9 @@ from typing import Any, Literal
 
 import yaml
 
-from data_pipeline.config import DataConfig, validate_data_layout
+from hippo.data_pipeline.config import DataConfig, validate_data_parallel
+from hippo.parallel.layout import ParallelLayout, PipelinePartition
+from hippo.pretrain.models.config import ConfigError, ModelConfig
 
 __all__ = [
     "ConfigError",
@@ -25,7 +26,7 @@ __all__ = [
     "OptimConfig",
     "ParallelConfig",
     "TrainConfig",
-    "Layout",
+    "ParallelLayout",
     "CheckpointConfig",
     "TrackingConfig",
     "CONFIG_DIR",
@@ -38,72 +39,6 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-MixerKind = Literal["h3", "s4d", "attention"]
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the option."""
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    """The language model: sizes, and which mixer each layer uses."""
-
-    vocab_size: int = 50257
-    """Tokenizer vocabulary; the embedding is padded up to a multiple of `pad_vocab_multiple`."""
-    pad_vocab_multiple: int = 8
-    d_model: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    """Attention heads (attention layers only)."""
-    mixer: MixerKind = "h3"
-    """Mixer of every layer not listed in `attn_layer_idx`."""
-    attn_layer_idx: list[int] = field(default_factory=list)
-    """Layers that use causal attention instead of `mixer` (the hybrid models)."""
-    d_state: int = 64
-    """SSM state size N: shift-SSM taps, and 2x the diagonal SSM's complex modes."""
-    mlp_ratio: int = 4
-    position_embedding: Literal["none", "learned", "rotary"] = "none"
-    """H3 and hybrid models use none; Transformers learned or rotary."""
-    max_position_embeddings: int = 2048
-    """Only for learned positions: the longest sequence the model accepts."""
-    layer_norm_eps: float = 1e-5
-    dropout: float = 0.0
-    """Dropout on embeddings and on each residual branch."""
-    init_std: float = 0.02
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "pad_vocab_multiple", "d_model", "n_layer", "n_head", "d_state", "mlp_ratio"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.d_state % 2:
-            raise ConfigError(f"model.d_state must be even (N/2 complex modes), got {self.d_state}")
-        bad = [i for i in self.attn_layer_idx if not 0 <= i < self.n_layer]
-        if bad:
-            raise ConfigError(f"model.attn_layer_idx {bad} outside [0, n_layer={self.n_layer})")
-        if len(set(self.attn_layer_idx)) != len(self.attn_layer_idx):
-            raise ConfigError(f"model.attn_layer_idx has duplicates: {self.attn_layer_idx}")
-        if self.uses_attention and self.d_model % self.n_head:
-            raise ConfigError(f"model.n_head={self.n_head} must divide model.d_model={self.d_model}")
-        if self.position_embedding == "rotary" and (self.d_model // self.n_head) % 2:
-            raise ConfigError("model.position_embedding=rotary needs an even head dimension")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.pad_vocab_multiple
-        return math.ceil(self.vocab_size / m) * m
-
-    @property
-    def layer_mixers(self) -> list[MixerKind]:
-        attn = set(self.attn_layer_idx)
-        return ["attention" if i in attn else self.mixer for i in range(self.n_layer)]
-
-    @property
-    def uses_attention(self) -> bool:
-        return "attention" in self.layer_mixers
 
 
 @dataclass(kw_only=True)
@@ -184,7 +119,7 @@ class ParallelConfig:
     pipeline: int = 1
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 0 (none), 1 (optimizer state), 2 (+ gradients; pipeline = 1 only)."""
-    pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+    pipeline_partition: PipelinePartition = "parameters"
     """How blocks are spread over pipeline stages when `stage_layers` is not given."""
     stage_layers: list[int] = field(default_factory=list)
     """Explicit blocks per pipeline stage (embedding on the first, norm + head on the last)."""
@@ -235,23 +170,9 @@ class TrackingConfig:
     system_metrics: bool = True
 
 
-@dataclass(frozen=True)
-class Layout:
-    """The validated parallel layout of a run on `world_size` ranks."""
-
-    world_size: int
-    tensor: int
-    pipeline: int
-    data: int
-    micro_batch_size: int
-    grad_accum_steps: int
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.data
-
-
 # ------------------------------------------------------------------------------ loading
+# Own coercion, not pydantic/dacite/OmegaConf: keeps the sections plain dataclasses, names the dotted
+# option in every error, refuses bools as ints, and reads YAML 1.1's "6e-4" strings as floats.
 def _convert(value: Any, tp: Any, path: str) -> Any:
     """Coerce a YAML value into annotation `tp`, recursing into dataclasses."""
     origin = typing.get_origin(tp)
@@ -282,6 +203,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} must be a list, got {value!r}")
         args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # fixed arity: tuple[float, float]
+            if len(value) != len(args):
+                raise ConfigError(f"{path} must have {len(args)} items, got {value!r}")
+            return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item_tp = args[0] if args else Any
         items = [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
@@ -388,7 +313,7 @@ class HippoConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    def layout(self, world_size: int) -> Layout:
+    def layout(self, world_size: int) -> ParallelLayout:
         """Check the sections against each other and the world size; refuse any layout that
         cannot run, before a process does work. Each message names the option to change."""
         m, p, t = self.model, self.parallel, self.train
@@ -426,7 +351,7 @@ class HippoConfig:
                 )
         if self.data is not None:
             try:
-                validate_data_layout(self.data, dp, t.micro_batch_size, t.global_batch_size)
+                validate_data_parallel(self.data, dp, t.micro_batch_size, t.global_batch_size)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         per_step = t.micro_batch_size * dp
@@ -435,7 +360,11 @@ class HippoConfig:
                 f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size x "
                 f"data-parallel size = {t.micro_batch_size} x {dp}"
             )
-        return Layout(world_size, tp, pp, dp, t.micro_batch_size, t.global_batch_size // per_step)
+        return ParallelLayout(
+            world_size, tp, pp, dp, t.micro_batch_size, t.global_batch_size // per_step, zero_stage=p.zero_stage,
+            sequence_parallel=p.sequence_parallel, activation_checkpointing=p.activation_checkpointing,
+            pipeline_partition=p.pipeline_partition, stage_layers=tuple(p.stage_layers),
+        )
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> HippoConfig:

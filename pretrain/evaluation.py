@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.config import DataConfig
-from data_pipeline.stream import build_stream
-from pretrain.export import load_export
+from hippo.data_pipeline.config import DataConfig
+from hippo.data_pipeline.stream import build_stream
+from hippo.pretrain.export import load_export
 
 
 @torch.no_grad()

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.config import ModelConfig, from_dict, to_dict
-from pretrain.models import SINGLE_PROCESS, HippoLM
+from hippo.pretrain.checkpoint import Checkpoint, CheckpointManager
+from hippo.pretrain.config import HippoConfig, ModelConfig, from_dict, to_dict
+from hippo.pretrain.models import SINGLE_PROCESS, HippoLM
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -25,23 +26,16 @@ def save_export(folder: Path, params: dict[str, torch.Tensor], model_cfg: ModelC
     return folder
 
 
-def export_checkpoint(ckpt, out: Path) -> Path:
+def export_checkpoint(ckpt: Checkpoint, out: Path) -> Path:
     """Consolidate a training checkpoint of any layout: DeepSpeed's universal conversion gives
     full fp32 tensors under pipeline names, which are mapped to `HippoLM`'s."""
-    from parallel.pipeline import SequentialLM, canonical_names
-    from pretrain.checkpoint import convert_to_universal
-    from pretrain.config import HippoConfig
+    from hippo.parallel.pipeline import SequentialLM, canonical_names
 
-    cfg = from_dict(HippoConfig, ckpt.state["config"])
-    universal = convert_to_universal(ckpt)
+    cfg = from_dict(HippoConfig, ckpt.state.config)
     with torch.device("meta"):
-        names = canonical_names(SequentialLM(cfg, SINGLE_PROCESS, loss_fn=None))
-    params = {}
-    for pipe_name, name in names.items():
-        path = universal / "zero" / pipe_name / "fp32.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} missing: {universal} does not hold parameter {pipe_name}")
-        params[name] = torch.load(path, weights_only=False)["param"]
+        names = canonical_names(SequentialLM(cfg.model, SINGLE_PROCESS, None, seed=cfg.train.seed))
+    universal = CheckpointManager.universal_parameters(ckpt, list(names))
+    params = {names[pipe_name]: tensor for pipe_name, tensor in universal.items()}
     # `load_tokenizer` takes a prepared folder and finds the tokenizer it was made with.
     return save_export(out, params, cfg.model, tokenizer=cfg.data.paths[0], step=ckpt.step)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from pretrain.config import ModelConfig
+from hippo.pretrain.models.config import ModelConfig
 
 
 def fft_conv_flops_per_token(seq_len: int) -> float:

@@ -6,13 +6,11 @@ The model never builds its optimizer: grouping reads tags the layers put on thei
 from __future__ import annotations
 
 import math
-from typing import Iterable
-
 import torch
 import torch.nn as nn
 
-from pretrain.config import OptimConfig
-from pretrain.models.ssm import is_ssm_dynamics
+from hippo.pretrain.config import OptimConfig
+from hippo.pretrain.models.ssm import is_ssm_dynamics
 
 
 def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -67,5 +65,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: Opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps, cfg))
 
 
-def group_sizes(groups: Iterable[dict]) -> dict[str, int]:
-    return {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
+def optimizer_factory(cfg: OptimConfig, total_steps: int):
+    """The engine's optimizer factory: (module, AdamW class) -> (AdamW, schedule) for this run."""
+
+    def build(module: nn.Module, optimizer_cls: type[torch.optim.AdamW]):
+        optimizer = build_optimizer(module, cfg, optimizer_cls)
+        return optimizer, build_scheduler(optimizer, total_steps, cfg)
+
+    return build
+

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.default_corpus import write_default_corpus
-from data_pipeline.prepare import prepare
-from data_pipeline.tokenizer import load_tokenizer
-from pretrain.config import load_config
-from pretrain.evaluation import evaluate_export
-from pretrain.export import load_export
-from pretrain.models.generation import SamplingConfig, generate
-from pretrain.trainer import train
+from hippo.data_pipeline.default_corpus import write_default_corpus
+from hippo.data_pipeline.prepare import prepare
+from hippo.data_pipeline.tokenizer import load_tokenizer
+from hippo.pretrain.config import load_config
+from hippo.pretrain.evaluation import evaluate_export
+from hippo.pretrain.export import load_export
+from hippo.pretrain.models.generation import SamplingConfig, generate
+from hippo.pretrain.trainer import train
 
 log = logging.getLogger(__name__)
 

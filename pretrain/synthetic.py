@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pretrain.config import ModelConfig, OptimConfig
-from pretrain.models import HippoLM
-from pretrain.optim import build_optimizer, build_scheduler
+from hippo.pretrain.config import ModelConfig, OptimConfig
+from hippo.pretrain.models import HippoLM
+from hippo.pretrain.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,11 @@
 """MLflow tracking for training runs: one run per training run, continued on resume.
 
 Training must never wait on, or die because of, the tracking server. Params, metrics and tags go
-through a background thread that sends them with `log_batch` (one request per drain of the queue
-instead of ~55 ms per synchronous `log_metric`). If the server cannot be reached, records are kept
-in `<run_dir>/mlflow_pending.jsonl` and `upload_pending` replays them later.
+through MLflow's own asynchronous `log_batch(..., synchronous=False)`; each record is kept until its
+operation is known to have succeeded (checked on every call, waited for at close). If the server
+cannot be reached, or fails mid-run, records go to `<run_dir>/mlflow_pending.jsonl` and
+`upload_pending` replays them later.
+Hand-written stays only what MLflow lacks: an offline store (the pending file), a fast probe, de-duplication.
 
 mlflow is imported lazily: ranks with `enabled=False` never pay its import time.
 """
@@ -14,8 +16,6 @@ import importlib.util
 import json
 import logging
 import os
-import queue
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.utils.async_logging.run_operations import RunOperations
 
 __all__ = ["PENDING_FILE", "UPLOADED_FILE", "Tracker", "upload_pending"]
 
@@ -36,13 +37,16 @@ HEALTH_TIMEOUT_S = 5
 # MLflow's defaults (7 retries with exponential backoff, 120 s timeout) would let a dead server
 # stall `close()` for minutes; these apply unless the user set them.
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# With this set, MLflow's async queue merges queued batches into one request and, if that request
+# fails, still reports the merged-in batches as logged (AsyncLoggingQueue._log_run_data): records lost.
+ASYNC_MERGE_ENV = "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"
 
 
 class Tracker:
     """One MLflow run per training run. Only the process created with enabled=True does any I/O;
     with enabled=False every method is a cheap no-op (other ranks).
 
-    Call `close()` (e.g. in a `finally`): it drains the background queue and ends the run.
+    Call `close()` (e.g. in a `finally`): it waits for the records still being sent and ends the run.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class Tracker:
             return
         from mlflow import MlflowClient
 
+        _disable_async_merging()
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self._pending = run_dir / PENDING_FILE
@@ -69,9 +74,8 @@ class Tracker:
         self._client: MlflowClient = MlflowClient(self._uri)
         self._experiment, self._run_name = experiment, run_name
         self._offline = False
-        self._lock = threading.Lock()  # the worker and the caller both append to the pending file
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._worker: threading.Thread | None = None
+        # Records handed to MLflow's async queue, kept until their operation is known to have succeeded.
+        self._inflight: list[tuple[RunOperations, dict[str, Any]]] = []
         self._monitor = None
         # Resumed runs recompute steps that were already logged: these guard against duplicates.
         self._last_step: dict[str, int] = {}
@@ -92,8 +96,6 @@ class Tracker:
             return
         if self._pending.exists():
             log.warning("%s holds records not yet in MLflow; run upload_pending() to add them", self._pending)
-        self._worker = threading.Thread(target=self._drain, name="mlflow-tracking", daemon=True)
-        self._worker.start()
         if system_metrics:
             self._start_system_metrics(resumed=run_id is not None)
 
@@ -148,6 +150,7 @@ class Tracker:
             self._submit({"kind": "metrics", "data": data, "step": step, "timestamp": int(time.time() * 1000)})
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        """MLflow sends queued operations in parallel: of two quick values for one key, either may stay."""
         if not self._enabled:
             return
         from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
@@ -171,15 +174,14 @@ class Tracker:
             self._failed([record], e)
 
     def close(self, status: str = "FINISHED") -> None:
-        """Stops the system metrics sampler, sends everything queued, and ends the run."""
+        """Stops the system metrics sampler, waits for every record still being sent (those that
+        failed go to the pending file), and ends the run."""
         if not self._enabled:
             return
         self._enabled = False  # later calls (and a second close) are no-ops
         if self._monitor is not None:
             self._monitor.finish()
-        if self._worker is not None:
-            self._queue.put(None)
-            self._worker.join()
+        self._settle(wait=True)
         end = {"kind": "end", "status": status}
         if self._offline:
             self._append_pending([end])
@@ -190,35 +192,37 @@ class Tracker:
             self._failed([end], e)
 
     def _submit(self, record: dict[str, Any]) -> None:
+        self._settle(wait=False)  # notices a failed server on the next call, without waiting
         if self._offline:
             self._append_pending([record])
         else:
-            self._queue.put(record)
+            self._send(record)
 
-    def _drain(self) -> None:
-        """Worker thread: sends everything queued so far as one batch, until close() sends None."""
-        while True:
-            batch = [self._queue.get()]
-            while not self._queue.empty():
-                batch.append(self._queue.get())
-            records = [r for r in batch if r is not None]
-            if records:
-                self._send(records)
-            if None in batch:
-                return
-
-    def _send(self, records: list[dict[str, Any]]) -> None:
-        if self._offline:
-            self._append_pending(records)
-            return
+    def _send(self, record: dict[str, Any]) -> None:
+        """One async operation per record, so a rejection names exactly the record to drop."""
         try:
-            _log_records(self._client, self.run_id, records)
-        except Exception as e:
-            if _is_rejection(e) and len(records) > 1:
-                for record in records:  # find the refused record instead of dropping the whole batch
-                    self._send([record])
-            else:
-                self._failed(records, e)
+            operation = self._client.log_batch(self.run_id, **_entities([record]), synchronous=False)
+        except Exception as e:  # training must not die in MLflow's client either
+            self._failed([record], e)
+            return
+        if operation is not None:  # None: the record held nothing to send
+            self._inflight.append((operation, record))
+
+    def _settle(self, *, wait: bool) -> None:
+        """Forgets records MLflow has stored and hands failed ones to `_failed`. Without `wait`,
+        operations still running are kept for a later call."""
+        running = []
+        for operation, record in self._inflight:
+            # RunOperations offers only wait(), which blocks and re-raises every error as HTTP 500
+            # (hiding rejections); its futures give the store's own exception.
+            futures = operation._operation_futures
+            if not wait and not all(f.done() for f in futures):
+                running.append((operation, record))
+            elif errors := [e for f in futures if (e := f.exception()) is not None]:
+                # A record split over several requests: an outage outweighs a rejection, so it is
+                # kept, and upload_pending skips what did arrive.
+                self._failed([record], next((e for e in errors if not _is_rejection(e)), errors[0]))
+        self._inflight = running
 
     def _failed(self, records: list[dict[str, Any]], error: Exception) -> None:
         """A request MLflow refused would be refused again: drop it. Anything else is an outage."""
@@ -229,18 +233,17 @@ class Tracker:
         self._append_pending(records)
 
     def _go_offline(self, reason: object) -> None:
-        with self._lock:
-            if not self._offline:
-                self._offline = True
-                log.warning(
-                    "MLflow tracking server %s unreachable (%s); training continues and records are "
-                    "kept for later upload in %s (see upload_pending)",
-                    self._uri, reason, self._pending,
-                )
+        if not self._offline:
+            self._offline = True
+            log.warning(
+                "MLflow tracking server %s unreachable (%s); training continues and records are "
+                "kept for later upload in %s (see upload_pending)",
+                self._uri, reason, self._pending,
+            )
 
     def _append_pending(self, records: list[dict[str, Any]]) -> None:
         header = {"run_id": self.run_id, "experiment": self._experiment, "run_name": self._run_name}
-        with self._lock, self._pending.open("a") as f:
+        with self._pending.open("a") as f:
             for record in records:
                 f.write(json.dumps({**header, **record}) + "\n")
 
@@ -292,10 +295,27 @@ def _not_yet_logged(client: MlflowClient, run_id: str, records: list[dict[str, A
 
 
 def _log_records(client: MlflowClient, run_id: str, records: list[dict[str, Any]]) -> None:
-    """Sends records with one `log_batch` (the client splits it to MLflow's per-request limits)."""
+    """Sends records with one synchronous `log_batch` (the client splits it to MLflow's per-request
+    limits), then their artifacts and the run's end."""
+    status = None
+    for record in records:
+        if record["kind"] == "artifact":
+            if Path(record["path"]).exists():
+                _log_path(client, run_id, Path(record["path"]), record["artifact_path"])
+            else:
+                log.warning("artifact %s no longer exists, not uploaded", record["path"])
+        elif record["kind"] == "end":
+            status = record["status"]
+    client.log_batch(run_id, **_entities(records))
+    if status is not None:
+        client.set_terminated(run_id, status)
+
+
+def _entities(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """`log_batch` keyword arguments for the params, metrics and tags among records."""
     from mlflow.entities import Metric, Param, RunTag
 
-    metrics, params, tags, status = [], {}, {}, None
+    metrics, params, tags = [], {}, {}
     for record in records:
         kind, data = record["kind"], record.get("data", {})
         if kind == "metrics":
@@ -304,21 +324,11 @@ def _log_records(client: MlflowClient, run_id: str, records: list[dict[str, Any]
             params.update(data)
         elif kind == "tags":
             tags.update(data)  # one value per key: MLflow refuses duplicate keys in a batch
-        elif kind == "artifact":
-            if Path(record["path"]).exists():
-                _log_path(client, run_id, Path(record["path"]), record["artifact_path"])
-            else:
-                log.warning("artifact %s no longer exists, not uploaded", record["path"])
-        elif kind == "end":
-            status = record["status"]
-    client.log_batch(
-        run_id,
-        metrics=metrics,
-        params=[Param(k, v) for k, v in params.items()],
-        tags=[RunTag(k, v) for k, v in tags.items()],
-    )
-    if status is not None:
-        client.set_terminated(run_id, status)
+    return {
+        "metrics": metrics,
+        "params": [Param(k, v) for k, v in params.items()],
+        "tags": [RunTag(k, v) for k, v in tags.items()],
+    }
 
 
 def _log_path(client: MlflowClient, run_id: str, path: Path, artifact_path: str | None) -> None:
@@ -326,6 +336,12 @@ def _log_path(client: MlflowClient, run_id: str, path: Path, artifact_path: str 
         client.log_artifacts(run_id, str(path), artifact_path)
     else:
         client.log_artifact(run_id, str(path), artifact_path)
+
+
+def _disable_async_merging() -> None:
+    """See ASYNC_MERGE_ENV; the queue reads it on every pass, so removing it takes effect at once."""
+    if os.environ.pop(ASYNC_MERGE_ENV, "0") not in ("", "0"):
+        log.warning("%s is unset: with it MLflow can report failed records as logged", ASYNC_MERGE_ENV)
 
 
 def _resolve_uri(run_dir: Path, tracking_uri: str | None) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.prepare import prepare
+from hippo.data_pipeline.prepare import prepare
 from tests.helpers import free_port, text_document
 
 

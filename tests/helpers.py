@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pretrain.checkpoint import LATEST
+from hippo.pretrain.checkpoint import LATEST
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def train_flags(data: Path, *overrides: str) -> list[str]:
 def hippo_train(run_dir: Path, data: Path, *overrides: str, nproc: int = 0, env: dict | None = None,
                 check: bool = True) -> subprocess.CompletedProcess:
     """`hippo train` with the test config and `overrides`."""
-    argv = ["-m", "pretrain.cli", "train", "tiny_hybrid", "--run-dir", str(run_dir), *train_flags(data, *overrides)]
+    argv = ["-m", "hippo.pretrain.cli", "train", "tiny_hybrid", "--run-dir", str(run_dir), *train_flags(data, *overrides)]
     return torchrun(nproc, argv, env=env, check=check)
 
 

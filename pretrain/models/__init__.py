@@ -1,27 +1,35 @@
-"""Hippo's models: H3, S4D and attention mixers in a pre-norm language model."""
+"""Hippo's models: H3, S4D and attention mixers in a pre-norm language model.
 
-from pretrain.models.attention import CausalSelfAttention
-from pretrain.models.block import Block
-from pretrain.models.h3 import H3
-from pretrain.models.inference import InferenceParams
-from pretrain.models.linear import SINGLE_PROCESS, Linears
-from pretrain.models.embedding import TokenEmbedding
-from pretrain.models.init import init_parameters
-from pretrain.models.lm import HippoLM, count_parameters
-from pretrain.models.mlp import MLP
-from pretrain.models.s4d import S4D
+Names are resolved on first use (PEP 562), so `hippo.pretrain.models.config` (the model config,
+read by the run config on launching hosts) loads without torch.
+"""
 
-__all__ = [
-    "Block",
-    "CausalSelfAttention",
-    "H3",
-    "HippoLM",
-    "InferenceParams",
-    "Linears",
-    "MLP",
-    "S4D",
-    "TokenEmbedding",
-    "SINGLE_PROCESS",
-    "count_parameters",
-    "init_parameters",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Block": "block",
+    "CausalSelfAttention": "attention",
+    "ConfigError": "config",
+    "H3": "h3",
+    "HippoLM": "lm",
+    "InferenceParams": "inference",
+    "Linears": "linear",
+    "MLP": "mlp",
+    "ModelConfig": "config",
+    "S4D": "s4d",
+    "SINGLE_PROCESS": "linear",
+    "TokenEmbedding": "embedding",
+    "count_parameters": "lm",
+    "init_parameters": "init",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.models.inference import InferenceParams
-from pretrain.models.linear import SINGLE_PROCESS, Linears
+from hippo.pretrain.models.inference import InferenceParams
+from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from pretrain.config import ModelConfig
-from pretrain.models.attention import CausalSelfAttention
-from pretrain.models.h3 import H3
-from pretrain.models.inference import InferenceParams
-from pretrain.models.linear import SINGLE_PROCESS, Linears
-from pretrain.models.mlp import MLP
-from pretrain.models.s4d import S4D
+from hippo.pretrain.models.config import ModelConfig
+from hippo.pretrain.models.attention import CausalSelfAttention
+from hippo.pretrain.models.h3 import H3
+from hippo.pretrain.models.inference import InferenceParams
+from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
+from hippo.pretrain.models.mlp import MLP
+from hippo.pretrain.models.s4d import S4D
 
 
 def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int, linears: Linears) -> nn.Module:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from pretrain.config import ModelConfig
-from pretrain.models.linear import SINGLE_PROCESS, Linears
+from hippo.pretrain.models.config import ModelConfig
+from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
 
 
 class TokenEmbedding(nn.Module):

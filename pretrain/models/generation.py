@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.models.inference import InferenceParams
-from pretrain.models.lm import HippoLM
+from hippo.pretrain.models.inference import InferenceParams
+from hippo.pretrain.models.lm import HippoLM
 
 
 @dataclass(kw_only=True)

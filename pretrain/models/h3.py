@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kernels import h3_core
-from pretrain.models.inference import InferenceParams
-from pretrain.models.linear import SINGLE_PROCESS, Linears
-from pretrain.models.ssm import DiagonalSSM, ShiftSSM
+from hippo.kernels import h3_core
+from hippo.pretrain.models.inference import InferenceParams
+from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
+from hippo.pretrain.models.ssm import DiagonalSSM, ShiftSSM
 
 
 class H3(nn.Module):

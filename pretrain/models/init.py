@@ -18,8 +18,8 @@ import math
 import torch
 import torch.nn as nn
 
-from pretrain.config import ModelConfig
-from pretrain.models.linear import partition_dim
+from hippo.pretrain.models.config import ModelConfig
+from hippo.pretrain.models.linear import partition_dim
 
 
 def parameter_seed(seed: int, name: str) -> int:

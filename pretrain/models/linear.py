@@ -18,10 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride")
-"""Attribute names Megatron and DeepSpeed read to tell a tensor-parallel shard from a replica."""
-
-
 class LinearFactory(Protocol):
     def __call__(self, in_features: int, out_features: int, *, bias: bool = True) -> nn.Module: ...
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from pretrain.config import ModelConfig
-from pretrain.models.block import Block
-from pretrain.models.embedding import TokenEmbedding
-from pretrain.models.inference import InferenceParams
-from pretrain.models.init import init_parameters
-from pretrain.models.linear import SINGLE_PROCESS, Linears
+from hippo.pretrain.models.config import ModelConfig
+from hippo.pretrain.models.block import Block
+from hippo.pretrain.models.embedding import TokenEmbedding
+from hippo.pretrain.models.inference import InferenceParams
+from hippo.pretrain.models.init import init_parameters
+from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
 
 
 class HippoLM(nn.Module):

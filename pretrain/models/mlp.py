@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.models.linear import SINGLE_PROCESS, Linears
+from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
 
 
 class MLP(nn.Module):

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.models.inference import InferenceParams
-from pretrain.models.linear import SINGLE_PROCESS, Linears
-from pretrain.models.ssm import DiagonalSSM
+from hippo.pretrain.models.inference import InferenceParams
+from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
+from hippo.pretrain.models.ssm import DiagonalSSM
 
 
 class S4D(nn.Module):

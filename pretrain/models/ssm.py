@@ -14,18 +14,17 @@ import math
 import torch
 import torch.nn as nn
 
-from kernels import (
+from hippo.kernels import (
     DiscreteDiagonalSSM,
     diagonal_kernel,
     diagonal_state_from_prefix,
     diagonal_step,
     discretize_diagonal,
     fftconv,
-    shift_kernel,
     shift_state_from_prefix,
     shift_step,
 )
-from pretrain.models.linear import mark_tensor_parallel
+from hippo.pretrain.models.linear import mark_tensor_parallel
 
 SSM_DYNAMICS_ATTR = "_ssm_dynamics"
 
@@ -60,7 +59,8 @@ class _PerChannelParams(nn.Module):
 class ShiftSSM(_PerChannelParams):
     """Learned causal FIR filter of d_state taps per channel, plus a skip term.
 
-    B starts as e1 so the filter equals C at init.
+    B starts as e1 so the filter equals C at init. Holds the parameters only: the convolution
+    runs in `kernels.h3_core` (with the diagonal SSM), the recurrent mode in `step`.
     """
 
     def __init__(self, channels: int, d_state: int = 64):
@@ -79,16 +79,6 @@ class ShiftSSM(_PerChannelParams):
             bound = 1.0 / math.sqrt(shape[-1])
             return torch.empty(shape).uniform_(-bound, bound, generator=gen)
         return torch.randn(shape, generator=gen)  # D
-
-    def kernel(self, length: int) -> torch.Tensor:
-        return shift_kernel(self.B, self.C, min(length, self.B.shape[-1]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (batch, channels, L) -> (batch, channels, L)."""
-        return fftconv(x, self.kernel(x.shape[-1]), self.D)
-
-    def allocate_state(self, batch: int) -> torch.Tensor:
-        return torch.zeros(batch, *self.B.shape, device=self.B.device, dtype=torch.float32)
 
     def state_from_prefix(self, x: torch.Tensor) -> torch.Tensor:
         return shift_state_from_prefix(x.float(), self.B.float())
@@ -137,9 +127,6 @@ class DiagonalSSM(_PerChannelParams):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, channels, L) -> (batch, channels, L)."""
         return fftconv(x, diagonal_kernel(self.discrete(), x.shape[-1]), self.D)
-
-    def allocate_state(self, batch: int) -> torch.Tensor:
-        return torch.zeros(batch, *self.A_imag.shape, device=self.D.device, dtype=torch.complex64)
 
     def state_from_prefix(self, x: torch.Tensor) -> torch.Tensor:
         return diagonal_state_from_prefix(x.float(), self.discrete())

@@ -13,7 +13,7 @@ from dp_helpers import ROOT, make_docs, write_jsonl  # noqa: E402
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from data_pipeline.prepare import prepare  # noqa: E402
+from hippo.data_pipeline.prepare import prepare  # noqa: E402
 
 
 @pytest.fixture(scope="session")

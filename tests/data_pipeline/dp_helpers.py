@@ -7,7 +7,6 @@ not conftest.py, so that `import` cannot pick up another folder's conftest.)
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import sys

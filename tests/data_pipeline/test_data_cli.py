@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from dp_helpers import byte_docs_from_tokens, make_docs, read_split, write_jsonl
 
-from data_pipeline import cli
-from data_pipeline.default_corpus import write_default_corpus
-from data_pipeline.prepare import prepare
+from hippo.data_pipeline import cli
+from hippo.data_pipeline.default_corpus import write_default_corpus
+from hippo.data_pipeline.prepare import prepare
 
 
 def _run(argv: list[str]) -> int:

@@ -13,10 +13,10 @@ from dp_helpers import byte_docs_from_tokens, make_docs, read_shard_samples, rea
 from tokenizers import Tokenizer as HFTok
 from tokenizers import models, pre_tokenizers
 
-import data_pipeline.prepare as prep
-from data_pipeline.errors import BadRecordError
-from data_pipeline.prepare import prepare
-from data_pipeline.tokenizer import load_tokenizer, train_bpe_tokenizer
+import hippo.data_pipeline.prepare as prep
+from hippo.data_pipeline.errors import BadRecordError
+from hippo.data_pipeline.prepare import prepare
+from hippo.data_pipeline.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 
 def _tokens(folder, split="train") -> np.ndarray:
@@ -118,8 +118,8 @@ def test_hf_tokenizer_is_copied_and_round_trips(tmp_path):
             cur.append(t)
     assert pieces == docs
 
-    from data_pipeline.config import DataConfig
-    from data_pipeline.stream import build_stream
+    from hippo.data_pipeline.config import DataConfig
+    from hippo.data_pipeline.stream import build_stream
 
     stream = build_stream(DataConfig(paths=[str(tmp_path / "out")]), dp_rank=0, dp_size=1, micro_batch_size=2,
                           global_batch_size=2)
@@ -226,7 +226,7 @@ def test_worker_processes_give_identical_shards(tmp_path):
 def test_shard_headers_match_tarfile_and_auto_shard_size(tmp_path):
     import tarfile
 
-    from data_pipeline.shard_io import ustar_header
+    from hippo.data_pipeline.shard_io import ustar_header
 
     for name, size in [("train-000001-00000042.u16.zst", 123), ("validation-000123-00001234.u32.zst", 99_999)]:
         info = tarfile.TarInfo(name)
@@ -238,6 +238,61 @@ def test_shard_headers_match_tarfile_and_auto_shard_size(tmp_path):
     with open(big, "wb") as f:
         f.truncate(40 << 30)  # sparse: 40 GiB of (pretend) Pile
     assert prep.auto_shard_bytes([big]) == 256 << 20
+
+
+def test_shard_writer_output_reads_back_with_tarfile_and_webdataset(tmp_path):
+    """Hippo writes tar headers and padding itself (shard_io): tarfile and webdataset read exactly what it wrote."""
+    import hashlib
+    import tarfile
+
+    import webdataset as wds
+    import zstandard
+
+    from hippo.data_pipeline.shard_io import ShardWriter
+
+    rng = np.random.default_rng(0)
+    cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)  # the writer's settings (level passed below)
+    # One window whose zstd frame fills whole 512-byte blocks (no padding before the next header).
+    for alphabet in range(2, 5000):
+        aligned = rng.integers(0, alphabet, 1025).astype(np.uint16)
+        if len(cctx.compress(aligned.tobytes())) % 512 == 0:
+            break
+    u16 = [rng.integers(0, a, n).astype(np.uint16) for a, n in ((1, 33), (300, 1025), (65536, 1025))]
+    u16.insert(2, aligned)
+    u32 = [rng.integers(0, 1 << 20, n).astype(np.uint32) for n in (33, 257, 1025)]
+    dctx = zstandard.ZstdDecompressor()
+    for name, dtype, ext, windows in (("train-000003.tar", np.uint16, "u16.zst", u16),
+                                      ("validation-000000.tar", np.uint32, "u32.zst", u32)):
+        w = ShardWriter(tmp_path, name, dtype, level=3)
+        for window in windows:
+            w.add(window)
+        info = w.close()
+        path = tmp_path / name
+        stem = name.removesuffix(".tar")
+        keys = [f"{stem}-{i:08d}" for i in range(len(windows))]
+        raw = path.read_bytes()
+        assert (info.samples, info.bytes, info.sha256) == (len(windows), len(raw), hashlib.sha256(raw).hexdigest())
+
+        with tarfile.open(path, "r:") as tf:  # plain tar; a bad header ends tarfile's member list early
+            members = tf.getmembers()
+            assert [m.name for m in members] == [f"{k}.{ext}" for k in keys]
+            assert all(m.isreg() and (m.mode, m.mtime, m.uid, m.gid) == (0o644, 0, 0, 0) for m in members)
+            tar_data = [tf.extractfile(m).read() for m in members]
+        assert [m.size for m in members] == [len(d) for d in tar_data]
+        if dtype is np.uint16:
+            assert any(m.size % 512 == 0 for m in members), "no sample filled whole blocks: the search above broke"
+        # Layout: a header and whole 512-byte blocks per member, then the two-block end-of-archive marker.
+        assert len(raw) == sum(512 + -(-m.size // 512) * 512 for m in members) + 1024
+        assert raw[-1024:] == bytes(1024)
+
+        samples = list(wds.WebDataset(str(path), shardshuffle=False))
+        assert [s["__key__"] for s in samples] == keys
+        assert all(set(s) - {"__key__", "__url__", "__local_path__"} == {ext} for s in samples)
+        assert [s[ext] for s in samples] == tar_data
+        for data, window in zip(tar_data, windows):  # the stored frames carry a content checksum
+            assert zstandard.get_frame_parameters(data).has_checksum
+            got = np.frombuffer(dctx.decompress(data), dtype=dtype)
+            assert got.dtype == window.dtype and np.array_equal(got, window)
 
 
 def test_pile_style_zstd_inputs_keep_subsets_and_report_truncation(tmp_path):

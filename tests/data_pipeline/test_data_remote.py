@@ -7,17 +7,18 @@ has no Range support) or end in a clear error: never a silently shorter epoch.
 from __future__ import annotations
 
 import threading
+import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
-from data_pipeline.config import DataConfig
-from data_pipeline.errors import ShardFetchError
-from data_pipeline.inspection import verify
-from data_pipeline.stream import build_stream
-from data_pipeline.tokenizer import load_tokenizer
+from hippo.data_pipeline.config import DataConfig
+from hippo.data_pipeline.errors import ShardFetchError
+from hippo.data_pipeline.inspection import verify
+from hippo.data_pipeline.stream import build_stream
+from hippo.data_pipeline.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -132,7 +133,7 @@ def test_a_server_that_keeps_dropping_gives_a_clear_error(small_corpus):
 
 
 def test_failed_reconnects_raise_instead_of_ending_the_shard_early(small_corpus):
-    from data_pipeline.remote import open_url
+    from hippo.data_pipeline.remote import open_url
 
     folder, _ = small_corpus
     name = "train-000001.tar"
@@ -166,3 +167,121 @@ def test_webdataset_pipe_urls(small_corpus, tmp_path):
     (copy / "train-000002.tar").unlink()
     with pytest.raises(ShardFetchError, match="train-000002.tar"):  # `cat` fails: an error, not a skip
         _batches(f"pipe:cat {copy}", 1, 200)
+
+
+class _BlobServer:
+    """Serves one object at /blob (HTTP Range `bytes=a-` and `bytes=a-b` when `ranges`); the next
+    `drops` responses stop at absolute byte `cut`. Logs every request's Range header."""
+
+    def __init__(self, blob: bytes, *, ranges: bool):
+        self.blob, self.ranges, self.cut, self.drops = blob, ranges, 0, 0
+        self.range_headers: list[str | None] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                data = outer.blob
+                rng = self.headers.get("Range")
+                outer.range_headers.append(rng)
+                start, end = 0, len(data) - 1
+                if rng and outer.ranges:
+                    a, _, b = rng.removeprefix("bytes=").partition("-")
+                    start, end = int(a), int(b) if b else len(data) - 1
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start : end + 1]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if outer.drops:
+                    outer.drops -= 1
+                    self.wfile.write(body[: max(0, outer.cut - start)])
+                    self.close_connection = True  # the client sees the body end before Content-Length
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/blob"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _urllib_read(url: str, start: int = 0, length: int | None = None) -> bytes:
+    """The library reference: one plain urllib request, with a Range header unless reading it all."""
+    headers = {}
+    if start or length is not None:
+        headers["Range"] = f"bytes={start}-" + ("" if length is None else str(start + length - 1))
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as resp:
+        return resp.read()
+
+
+def test_http_reader_reads_the_same_bytes_as_urllib(tmp_path):
+    """Hippo's own HTTP reader (remote.ResumableHTTPReader) against urllib and the stdlib http.server.
+
+    A stdlib `SimpleHTTPRequestHandler` serves the file whole; then a server that drops the body at
+    several offsets: Hippo's reader must resume there (a `Range: bytes=<offset>-` request, or with
+    no Range support by re-reading and skipping) and give back, byte for byte, what urllib reads
+    at those offsets and lengths, for any read sizes.
+    """
+    import functools
+    from http.server import SimpleHTTPRequestHandler
+
+    from hippo.data_pipeline.remote import ResumableHTTPReader, open_url
+
+    blob = np.random.default_rng(0).integers(0, 256, (1 << 20) + 300_001, dtype=np.uint8).tobytes()
+    (tmp_path / "blob.bin").write_bytes(blob)
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/blob.bin"
+        with open_url(url) as f:
+            assert f.read() == _urllib_read(url) == blob
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+    cuts = [1, 511, 4096, 65_537, (1 << 20) + 3, len(blob) - 1]
+    sizes = [1, 7, 512, 4095, 65_536, 1 << 20]
+    for ranges in (True, False):
+        with _BlobServer(blob, ranges=ranges) as srv:
+            if ranges:
+                for start in cuts:  # the server's ranges are what urllib (and the file) say they are
+                    assert _urllib_read(srv.url, start) == blob[start:]
+                    for n in (1, 1000, 70_000):
+                        assert _urllib_read(srv.url, start, n) == blob[start : start + n]
+            assert _urllib_read(srv.url) == blob
+            for i, cut in enumerate(cuts):
+                srv.cut, srv.drops, srv.range_headers = cut, 1, []
+                r = ResumableHTTPReader(srv.url, expected_size=len(blob), retries=2)
+                got, k = bytearray(), i
+                while chunk := r.read(sizes[k % len(sizes)]):  # raw reads of varying lengths
+                    got += chunk
+                    k += 1
+                r.close()
+                assert r.reconnects == 1
+                assert srv.range_headers == [None, f"bytes={cut}-"]  # resumed exactly at the drop
+                assert bytes(got) == _urllib_read(srv.url) == blob
+                if ranges:
+                    assert bytes(got[cut:]) == _urllib_read(srv.url, cut)
+                    for n in (1, 4096):
+                        assert bytes(got[cut : cut + n]) == _urllib_read(srv.url, cut, n)
+                srv.drops = 1
+                with open_url(srv.url, expected_size=len(blob), retries=2) as f:  # buffered, as shards are read
+                    assert f.read() == blob

@@ -7,7 +7,7 @@ import json
 import pytest
 import zstandard
 
-from data_pipeline.sources import input_kind, iter_records
+from hippo.data_pipeline.sources import input_kind, iter_records
 
 
 def _lines_file(path, lines: list[bytes]):

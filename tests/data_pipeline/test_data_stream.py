@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from dp_helpers import byte_docs_from_tokens, make_docs, read_split, write_jsonl
 
-from data_pipeline.config import DataConfig
-from data_pipeline.errors import CorruptShardError, DataExhaustedError
-from data_pipeline.prepare import prepare
-from data_pipeline.stream import build_stream
+from hippo.data_pipeline.config import DataConfig
+from hippo.data_pipeline.errors import CorruptShardError, DataExhaustedError
+from hippo.data_pipeline.prepare import prepare
+from hippo.data_pipeline.stream import build_stream
 
 B, MB = 16, 2
 
@@ -66,7 +66,7 @@ def test_stream_follows_layout_and_covers_epoch_exactly_once(small_corpus):
     it = iter(s)
     rows = [r for _ in range(n_epoch // MB) for r in next(it).numpy()]
     for g, row in enumerate(rows):
-        _, shard, idx = s.layout.locate(g)
+        _, shard, idx = s.order.locate(g)
         assert np.array_equal(row, shards[shard][idx])
     everything = _all_samples(folder)
     got = Counter(r.astype(np.uint16).tobytes() for r in rows)
@@ -78,7 +78,7 @@ def test_stream_follows_layout_and_covers_epoch_exactly_once(small_corpus):
 def test_epoch_union_over_ranks_is_every_sample_once_and_batches_match_dp1(small_corpus, D):
     folder, _ = small_corpus
     s = _stream([folder])
-    n = s.layout.batches_per_epoch
+    n = s.order.batches_per_epoch
     ref = _global_batches([folder], 1, n)
     got = _global_batches([folder], D, n)
     assert all(np.array_equal(a, b) for a, b in zip(ref, got))
@@ -93,7 +93,7 @@ def test_epoch_union_over_ranks_is_every_sample_once_and_batches_match_dp1(small
 @pytest.mark.parametrize("D,W", [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (2, 3)])  # (2, 3): 3 workers share 4 streams per rank
 def test_worker_layouts_give_identical_global_batches(small_corpus, D, W):
     folder, _ = small_corpus
-    n = _stream([folder]).layout.batches_per_epoch
+    n = _stream([folder]).order.batches_per_epoch
     ref = _global_batches([folder], 1, n)
     got = _global_batches([folder], D, n, W=W, samples_per_transfer=5)
     assert all(np.array_equal(a, b) for a, b in zip(ref, got))
@@ -104,7 +104,7 @@ def test_worker_layouts_give_identical_global_batches(small_corpus, D, W):
 
 def test_resume_from_dp2_into_dp1_and_dp4_continues_exactly(small_corpus):
     folder, _ = small_corpus
-    per_epoch = _stream([folder]).layout.batches_per_epoch
+    per_epoch = _stream([folder]).order.batches_per_epoch
     k, m = per_epoch - 5, 12  # the continuation crosses into the next epoch
     ref = _global_batches([folder], 1, k + m)
 
@@ -205,7 +205,7 @@ def test_mixture_weights_dp_invariance_and_resume(small_corpus, second_corpus):
     a, b = small_corpus[0], second_corpus[0]
     kw = dict(weights=[1.0, 2.0])
     s = _stream([a, b], **kw)
-    n = s.layout.batches_per_epoch
+    n = s.order.batches_per_epoch
     ref = _global_batches([a, b], 1, n, **kw)
     got = Counter(r.astype(np.uint16).tobytes() for x in ref for r in x)
     want = _all_samples(a) + _all_samples(b) + _all_samples(b)
@@ -284,7 +284,7 @@ def test_truncated_and_garbled_shards_never_hang_and_are_counted(small_corpus, d
     assert len(rows) == len(clean)  # same number of batches: ranks stay in step
 
     def lost(g: int) -> bool:
-        _, shard, idx = ref.layout.locate(g)
+        _, shard, idx = ref.order.locate(g)
         return (shard == 2 and idx >= 10) or (shard == 4 and idx >= 20)
 
     used_lost = [g for g in range(len(rows)) if lost(g)]

@@ -7,7 +7,7 @@ from dp_helpers import make_docs
 from tokenizers import Tokenizer as HFTok
 from tokenizers import models, pre_tokenizers
 
-from data_pipeline.tokenizer import ByteTokenizer, load_tokenizer, train_bpe_tokenizer
+from hippo.data_pipeline.tokenizer import ByteTokenizer, load_tokenizer, train_bpe_tokenizer
 
 
 def test_byte_tokenizer_round_trip_and_identity():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import fft_size, fftconv, fftconv_ref
+from hippo.kernels import fft_size, fftconv, fftconv_ref
 
 
 @pytest.mark.parametrize("length", [1, 63, 64, 1000, 4096])

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("triton")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence 3.9's default-change warning
 
-from kernels._flashconv_compile import (  # noqa: E402
+from hippo.kernels._flashconv_compile import (  # noqa: E402
     FLASHCONV_FFT_SIZES,
     SMEM_LIMIT_BYTES,
     compile_flashconv,

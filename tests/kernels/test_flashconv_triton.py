@@ -34,9 +34,9 @@ def _cases():
     """(name, dtype tag, fn) for every case; fn() returns {quantity: rel. error}."""
     import torch
 
-    from kernels import DiscreteDiagonalSSM, discretize_diagonal, h3_core, h3_core_ref
-    from kernels._flashconv_triton import flashconv
-    from kernels.fftconv import fftconv_ref
+    from hippo.kernels import DiscreteDiagonalSSM, discretize_diagonal, h3_core, h3_core_ref
+    from hippo.kernels._flashconv_triton import flashconv
+    from hippo.kernels.fftconv import fftconv_ref
 
     dts = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -120,7 +120,7 @@ def _cases():
     # From N = 8K the sm_80 and sm_90 block splits differ: run the sm_80 table too.
     def on_sm80(fn):
         def run():
-            import kernels._flashconv_triton as fc
+            import hippo.kernels._flashconv_triton as fc
 
             old, fc.INTERPRET_CAPABILITY = fc.INTERPRET_CAPABILITY, 80
             try:
@@ -200,7 +200,7 @@ def test_h3_core_dispatch_to_triton(monkeypatch):
     pytest.importorskip("triton")
     import torch
 
-    from kernels.h3_core import _resolve_impl
+    from hippo.kernels.h3_core import _resolve_impl
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from kernels import (
+from hippo.kernels import (
     DiscreteDiagonalSSM,
     diagonal_kernel,
     diagonal_state_from_prefix,
@@ -16,7 +16,7 @@ from kernels import (
     h3_core_ref,
     shift_kernel,
 )
-from kernels.h3_core import _ChunkScan
+from hippo.kernels.h3_core import _ChunkScan
 
 
 def _params(C, dtype=torch.float32, seed=0, N=64):
@@ -139,15 +139,15 @@ def test_dispatch_is_explicit(caplog):
         h3_core(q, k, v, sB, sC, sD, ssm, D, impl="triton")
     with pytest.raises(ValueError):
         h3_core(q, k, v, sB, sC, sD, ssm, D, impl="fast")
-    sys.modules["kernels.h3_core"]._auto_logged.clear()
-    with caplog.at_level(logging.INFO, logger="kernels.h3_core"):
+    sys.modules["hippo.kernels.h3_core"]._auto_logged.clear()
+    with caplog.at_level(logging.INFO, logger="hippo.kernels.h3_core"):
         h3_core(q, k, v, sB, sC, sD, ssm, D)
         h3_core(q, k, v, sB, sC, sD, ssm, D)
     assert sum("picked 'torch'" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_h3_module_routes_through_selectable_impl():
-    from pretrain.models import H3
+    from hippo.pretrain.models import H3
 
     torch.manual_seed(0)
     layer = H3(32, 64, layer_idx=0)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels import (
+from hippo.kernels import (
     diagonal_kernel,
     diagonal_state_from_prefix,
     diagonal_step,
@@ -93,7 +93,7 @@ def test_diagonal_conv_equals_recurrence(L):
 
 
 def test_diagonal_prefix_state_chunked_and_with_initial_state(monkeypatch):
-    import kernels.ssm as ssm_mod
+    import hippo.kernels.ssm as ssm_mod
 
     monkeypatch.setattr(ssm_mod, "_PREFIX_CHUNK", 16)  # force several chunks
     ssm = discretize_diagonal(*_diag_params())

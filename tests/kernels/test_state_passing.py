@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import (
+from hippo.kernels import (
     DiscreteDiagonalSSM,
     diagonal_kernel,
     diagonal_kernel_blocked,
@@ -106,7 +106,7 @@ def test_gradients_match_full_length_autograd(checkpoint):
 
 _MEMORY_PROBE = """
 import resource, sys, torch
-from kernels import discretize_diagonal, state_passing_conv, state_passing_conv_ref
+from hippo.kernels import discretize_diagonal, state_passing_conv, state_passing_conv_ref
 from tests.kernels.test_state_passing import _ssm
 torch.set_num_threads(1)
 L, T = int(sys.argv[1]), int(sys.argv[2])

@@ -16,11 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launch.deepspeed_launcher import deepspeed_command, parse_hostfile
-from launch.env import train_argv
-from launch.slurm import SlurmSpec, sbatch_script
-from launch.torchrun import TorchrunSpec, torchrun_command
-from pretrain.config import ConfigError
+from hippo.launch.deepspeed_launcher import deepspeed_command, parse_hostfile
+from hippo.launch.env import train_argv
+from hippo.launch.slurm import SlurmSpec, sbatch_script
+from hippo.launch.torchrun import TorchrunSpec, torchrun_command
+from hippo.pretrain.config import ConfigError
 from tests.helpers import ROOT, STEPS, free_port, latest_step, losses, train_flags
 
 
@@ -53,32 +53,32 @@ def test_sbatch_script_for_two_nodes_of_eight_gpus():
     assert command == [
         "/venv/bin/python", "-m", "torch.distributed.run", "--nnodes", '"$NNODES"', "--nproc-per-node", "8",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", '"$RDZV_ENDPOINT"', "--rdzv-id", '"$RDZV_ID"',
-        "--max-restarts", "3", "-m", "pretrain.cli", "train", "hybrid_1.3b", "--run-dir", "/shared/runs/h13",
+        "--max-restarts", "3", "-m", "hippo.pretrain.cli", "train", "hybrid_1.3b", "--run-dir", "/shared/runs/h13",
         "--set", "train.global_batch_size=512",
     ]
 
 
 def test_torchrun_and_deepspeed_command_lines(tmp_path):
     spec = TorchrunSpec(nnodes=2, nproc_per_node=4, rdzv_endpoint="10.0.0.1:29400", max_restarts=2)
-    cmd = torchrun_command(spec, ["-m", "pretrain.cli", "train", "c.yaml"], python="py")
+    cmd = torchrun_command(spec, ["-m", "hippo.pretrain.cli", "train", "c.yaml"], python="py")
     assert cmd == ["py", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend",
                    "c10d", "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "hippo", "--max-restarts", "2",
-                   "-m", "pretrain.cli", "train", "c.yaml"]
+                   "-m", "hippo.pretrain.cli", "train", "c.yaml"]
     with pytest.raises(ConfigError, match="HOST:PORT"):
         TorchrunSpec(nnodes=1, nproc_per_node=1, rdzv_endpoint="nohost")
     hosts = tmp_path / "hosts"
     hosts.write_text("a slots=2\nb slots=2\n")
-    cmd = deepspeed_command(hosts, ["-m", "pretrain.cli", "train", "c.yaml"], no_ssh=True, node_rank=1,
+    cmd = deepspeed_command(hosts, ["-m", "hippo.pretrain.cli", "train", "c.yaml"], no_ssh=True, node_rank=1,
                             master_addr="a", python="py")
     assert cmd[:3] == ["py", "-m", "deepspeed.launcher.runner"]
     assert cmd[cmd.index("--node_rank") + 1] == "1" and "--no_ssh" in cmd
-    assert cmd[cmd.index("--module") + 1:] == ["pretrain.cli", "train", "c.yaml"]
+    assert cmd[cmd.index("--module") + 1:] == ["hippo.pretrain.cli", "train", "c.yaml"]
     with pytest.raises(ConfigError, match="--node-rank"):
         deepspeed_command(hosts, ["-m", "x"], no_ssh=True)
 
 
 def test_a_layout_the_world_cannot_run_is_refused_before_launching(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "launch", "torchrun", "--nproc-per-node", "3",
+    proc = subprocess.run([sys.executable, "-m", "hippo.pretrain.cli", "launch", "torchrun", "--nproc-per-node", "3",
                            "tiny_hybrid", "--set", "parallel.tensor=2"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "world size 3 is not divisible by parallel.tensor x parallel.pipeline = 2 x 1" in proc.stderr
@@ -87,7 +87,7 @@ def test_a_layout_the_world_cannot_run_is_refused_before_launching(tmp_path):
 
 # ------------------------------------------------------------------ slow: real launches
 def _launch(args: list[str], run: Path, data: Path, *, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pretrain.cli", "launch", *args, "tiny_hybrid", "--run-dir", str(run), *train_flags(data)]
+    cmd = [sys.executable, "-m", "hippo.pretrain.cli", "launch", *args, "tiny_hybrid", "--run-dir", str(run), *train_flags(data)]
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -136,7 +136,7 @@ def test_a_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(tra
     while time.time() < deadline and agent.poll() is None and killed is None:
         metrics = run / "metrics.jsonl"
         if (run / "checkpoints" / "latest").exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
-            workers = [p for p in psutil.Process(agent.pid).children(recursive=True) if "pretrain.cli" in " ".join(p.cmdline())
+            workers = [p for p in psutil.Process(agent.pid).children(recursive=True) if "hippo.pretrain.cli" in " ".join(p.cmdline())
                        and "train" in p.cmdline() and "LOCAL_RANK" in p.environ()]
             if workers:
                 killed = workers[-1]
@@ -152,7 +152,7 @@ def test_a_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(tra
 def test_sbatch_script_runs_locally_as_one_node(train_data, single_node, tmp_path):
     script = tmp_path / "job.sbatch"
     run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "pretrain.cli", "launch", "slurm", "--nodes", "1", "--gpus-per-node", "2",
+    subprocess.run([sys.executable, "-m", "hippo.pretrain.cli", "launch", "slurm", "--nodes", "1", "--gpus-per-node", "2",
                     "--script", str(script), "tiny_hybrid", "--run-dir", str(run), *train_flags(train_data)], cwd=ROOT, check=True,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))
     port = free_port()
@@ -208,7 +208,7 @@ def test_two_nodes_in_network_namespaces_over_a_veth_pair(train_data, single_nod
     port = 29400
     agents = []
     for i, (name, dev, addr) in enumerate(two_network_namespaces):
-        cmd = ["ip", "netns", "exec", name, sys.executable, "-m", "pretrain.cli", "launch", "torchrun",
+        cmd = ["ip", "netns", "exec", name, sys.executable, "-m", "hippo.pretrain.cli", "launch", "torchrun",
                "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"10.77.0.1:{port}",
                "--local-addr", addr, *(["--rdzv-host"] if i == 0 else []), "tiny_hybrid", "--run-dir", str(tmp_path / "run"), *train_flags(train_data)]
         env = dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME=dev)

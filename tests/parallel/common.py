@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.config import HippoConfig, Layout
+from hippo.parallel.layout import ParallelLayout
+from hippo.pretrain.config import HippoConfig
 
 # Tiny hybrid with both mixers: H3 at layers 0, 2, 3, attention at 1 (4 heads), vocab 64.
 BASE_CONFIG = {
@@ -24,7 +25,7 @@ def global_batches(cfg: HippoConfig) -> list[torch.Tensor]:
     return [torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, t.seq_len + 1), generator=gen) for _ in range(t.steps)]
 
 
-def rank_micro_batches(batch: torch.Tensor, layout: Layout, dp_rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def rank_micro_batches(batch: torch.Tensor, layout: ParallelLayout, dp_rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This data-parallel rank's micro-batches of a global batch, split [dp][accumulation][micro]."""
     per_rank = batch.shape[0] // layout.data
     mine = batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]

@@ -14,12 +14,23 @@ from pathlib import Path
 
 import torch
 
-from parallel.engine import TrainEngine
-from parallel.gather import full_parameters
-from parallel.groups import destroy_parallel, init_parallel
-from parallel.pipeline import canonical_named_parameters
-from pretrain.config import apply_overrides, from_dict, HippoConfig
+from hippo.parallel.gather import full_parameters
+from hippo.parallel.groups import destroy_parallel, init_parallel
+from hippo.parallel.pipeline import canonical_named_parameters
+from hippo.pretrain.builders import build_engine
+from hippo.pretrain.config import HippoConfig, apply_overrides, from_dict
 from tests.parallel.common import BASE_CONFIG, global_batches, rank_micro_batches
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state (Adam moments) this rank holds (inside DeepSpeed's ZeRO wrapper)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return sum(
+        t.numel() * t.element_size()
+        for s in inner.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
 
 
 def main() -> None:
@@ -31,7 +42,7 @@ def main() -> None:
     cfg = from_dict(HippoConfig, apply_overrides(json.loads(json.dumps(BASE_CONFIG)), args.set))
     layout = cfg.layout(int(os.environ["WORLD_SIZE"]))
     state = init_parallel(layout, cfg.train.seed)
-    engine = TrainEngine(cfg, state)
+    engine = build_engine(cfg, state)
     losses = []
     for batch in global_batches(cfg):
         losses.append(engine.train_batch(rank_micro_batches(batch, layout, state.dp_rank)))
@@ -45,7 +56,7 @@ def main() -> None:
     report = {
         "rank": state.rank, "tp": state.tp_rank, "pp": state.pp_rank, "dp": state.dp_rank,
         "losses": losses, "local_param_numel": local,
-        "optimizer_state_bytes": engine.optimizer_state_bytes(),
+        "optimizer_state_bytes": optimizer_state_bytes(engine.optimizer),
         "tp_rng_draw": tp_draw, "default_rng_draw": default_draw,
     }
     (out / f"rank{state.rank}.json").write_text(json.dumps(report))

@@ -2,7 +2,7 @@
 
 import torch
 
-from parallel.engine import FiniteStepAdamW
+from hippo.parallel.engine import FiniteStepAdamW
 
 
 def test_non_finite_gradient_skips_the_step_and_sets_overflow():

@@ -2,8 +2,8 @@
 
 import pytest
 
-from parallel.pipeline import stage_bounds
-from pretrain.config import ConfigError, HippoConfig, load_config
+from hippo.parallel.pipeline import stage_bounds
+from hippo.pretrain.config import ConfigError, HippoConfig, load_config
 
 
 def _cfg(*overrides: str) -> HippoConfig:
@@ -43,23 +43,29 @@ def test_zero_stage_checks_happen_when_the_config_loads():
         _cfg("parallel.zero_stage=3")
 
 
+def _stage_bounds(*overrides: str) -> list[int]:
+    cfg = _cfg(*overrides)
+    return stage_bounds(cfg.model, cfg.layout(cfg.parallel.pipeline))
+
+
 def test_stage_bounds_explicit_uniform_and_balanced():
     # layer list: embedding, 4 blocks, final norm, head = 7 layers
-    assert stage_bounds(_cfg("parallel.pipeline=2", "parallel.stage_layers=[1, 3]")) == [0, 2, 7]
-    assert stage_bounds(_cfg("parallel.pipeline=2", "parallel.pipeline_partition=uniform")) == [0, 4, 7]
-    balanced = stage_bounds(_cfg("parallel.pipeline=2"))
+    assert _stage_bounds("parallel.pipeline=2", "parallel.stage_layers=[1, 3]") == [0, 2, 7]
+    assert _stage_bounds("parallel.pipeline=2", "parallel.pipeline_partition=uniform") == [0, 4, 7]
+    balanced = _stage_bounds("parallel.pipeline=2")
     assert balanced[0] == 0 and balanced[-1] == 7 and 1 < balanced[1] < 6
 
 
 def test_memory_estimate_counts_the_single_process_model_and_splits_by_tensor_parallel():
-    from parallel.memory import rank_memory, stage_parameter_counts
-    from pretrain.models import count_parameters
+    from hippo.parallel.memory import rank_memory, stage_parameter_counts
+    from hippo.pretrain.models import count_parameters
 
     cfg = load_config("hybrid_1.3b")
-    assert stage_parameter_counts(cfg) == [count_parameters(cfg.model)]
+    assert stage_parameter_counts(cfg.model, cfg.layout(1)) == [count_parameters(cfg.model)]
     tp4 = load_config("hybrid_1.3b", ["parallel.tensor=4"])
     replicated = cfg.model.n_layer * (2 * 2 + 2) * cfg.model.d_model + 2 * cfg.model.d_model  # LNs, row biases, norm_f
-    assert stage_parameter_counts(tp4)[0] == (count_parameters(cfg.model) - replicated) // 4 + replicated
-    mem = rank_memory(load_config("hybrid_1.3b", ["train.precision=bf16", "parallel.zero_stage=2"]), cfg.layout(8))
+    assert stage_parameter_counts(tp4.model, tp4.layout(4))[0] == (count_parameters(cfg.model) - replicated) // 4 + replicated
+    zero2 = load_config("hybrid_1.3b", ["train.precision=bf16", "parallel.zero_stage=2"])
+    mem = rank_memory(zero2.model, zero2.layout(8), precision=zero2.train.precision)
     assert mem.weight_bytes == 2 * mem.parameters and mem.gradient_bytes == 2 * mem.parameters // 8
     assert mem.optimizer_bytes == 12 * mem.parameters // 8

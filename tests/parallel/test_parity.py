@@ -13,10 +13,10 @@ import json
 import pytest
 import torch
 
-from parallel.memory import stage_parameter_counts
-from pretrain.config import HippoConfig, apply_overrides, from_dict
-from pretrain.models import HippoLM
-from pretrain.optim import build_optimizer, build_scheduler
+from hippo.parallel.memory import stage_parameter_counts
+from hippo.pretrain.config import HippoConfig, apply_overrides, from_dict
+from hippo.pretrain.models import HippoLM
+from hippo.pretrain.optim import build_optimizer, build_scheduler
 from tests.helpers import ROOT, torchrun
 from tests.parallel.common import BASE_CONFIG, global_batches
 
@@ -106,7 +106,8 @@ def test_layout_matches_single_process(name, reference, tmp_path):
         assert len({next(iter(d)) for d in tp_streams.values()}) == tp
 
     # The memory estimator (meta-device, no process groups) counts what each rank really holds.
-    expected_counts = stage_parameter_counts(_config([f"parallel.{k}={v}" for k, v in (("tensor", tp), ("pipeline", pp))] + extra))
+    layout_cfg = _config([f"parallel.{k}={v}" for k, v in (("tensor", tp), ("pipeline", pp))] + extra)
+    expected_counts = stage_parameter_counts(layout_cfg.model, layout_cfg.layout(len(reports)))
     for rep in reports:
         assert sum(rep["local_param_numel"].values()) == expected_counts[rep["pp"]], rep["rank"]
 

@@ -1,8 +1,11 @@
 """Config loading: shipped files parse, unknown keys and bad values name the option."""
 
+import dataclasses
+from typing import Optional
+
 import pytest
 
-from pretrain.config import CONFIG_DIR, ConfigError, HippoConfig, ModelConfig, from_dict, load_config
+from hippo.pretrain.config import CONFIG_DIR, ConfigError, HippoConfig, ModelConfig, from_dict, load_config
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
@@ -31,3 +34,65 @@ def test_overrides_are_parsed_as_yaml():
     cfg = load_config("tiny_hybrid", ["model.attn_layer_idx=[0, 2]", "optim.lr=1e-3", "model.d_model=64"])
     assert cfg.model.attn_layer_idx == [0, 2] and cfg.optim.lr == 1e-3 and cfg.model.d_model == 64
     assert cfg.model.layer_mixers == ["attention", "h3", "attention", "h3"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Annotated:
+    """One field per annotation kind the config sections use whose coercion no test above pins
+    (Literal choices and "1e-3"-style strings are pinned by the tests above)."""
+
+    uri: Optional[str] = None
+    epochs: int | None = None
+    weights: list[float] | None = None
+    stage_layers: list[int] = dataclasses.field(default_factory=list)
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr: float = 6e-4
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("uri", None, None),
+    ("uri", "http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("epochs", None, None),
+    ("epochs", 3, 3),
+    ("weights", [1, 0.5], [1.0, 0.5]),  # Optional[list[float]]: the items are still coerced
+    ("stage_layers", [2, 1], [2, 1]),
+    ("stage_layers", (2, 1), [2, 1]),  # a tuple becomes the annotated list
+    ("betas", [0.9, 1], (0.9, 1.0)),  # YAML lists become tuples, ints become floats
+    ("lr", 1, 1.0),
+])
+def test_from_dict_coerces_annotated_types(field, value, expected):
+    got = getattr(from_dict(_Annotated, {field: value}, "sec"), field)
+    assert got == expected and type(got) is type(expected)
+    if isinstance(expected, (list, tuple)):
+        assert [type(x) for x in got] == [type(x) for x in expected]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("uri", 3, r"sec\.uri must be str, got 3"),  # Optional[X]: X's own error, naming the option
+    ("epochs", "3", r"sec\.epochs must be int, got '3'"),
+    ("epochs", True, r"sec\.epochs must be int, got True"),  # a bool is not an int
+    ("weights", [1, "a"], r"sec\.weights\[1\] must be float"),
+    ("stage_layers", 4, r"sec\.stage_layers must be a list, got 4"),
+    ("stage_layers", [1, "2"], r"sec\.stage_layers\[1\] must be int, got '2'"),
+    ("stage_layers", [1.0], r"sec\.stage_layers\[0\] must be int, got 1\.0"),
+    ("betas", [0.9, "x"], r"sec\.betas\[1\] must be float, got 'x'"),
+    ("lr", True, r"sec\.lr must be float, got True"),
+    ("lr", None, r"sec\.lr must be float, got None"),
+])
+def test_from_dict_refuses_values_that_do_not_fit_the_annotation(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(_Annotated, {field: value}, "sec")
+
+
+def test_yaml_values_are_coerced_in_the_shipped_sections():
+    # PyYAML (YAML 1.1) reads 6e-4 as the string "6e-4"; from_dict must still give a float.
+    cfg = from_dict(HippoConfig, {"optim": {"lr": "6e-4", "betas": [0.9, 1]}, "train": {"precision": "bf16"},
+                                  "tracking": {"tracking_uri": None}})
+    assert cfg.optim.lr == 6e-4 and type(cfg.optim.lr) is float
+    assert cfg.optim.betas == (0.9, 1.0) and all(type(b) is float for b in cfg.optim.betas)
+    assert cfg.train.precision == "bf16" and cfg.tracking.tracking_uri is None
+
+
+def test_a_fixed_length_tuple_option_refuses_another_length():
+    with pytest.raises(ConfigError, match=r"optim\.betas must have 2 items"):
+        from_dict(HippoConfig, {"optim": {"betas": [0.9, 0.99, 0.5]}})

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pretrain.config import ModelConfig
-from pretrain.flops import fft_conv_flops_per_token, forward_flops_per_token, train_flops_per_token
-from pretrain.models import HippoLM
+from hippo.pretrain.config import ModelConfig
+from hippo.pretrain.flops import fft_conv_flops_per_token, forward_flops_per_token, train_flops_per_token
+from hippo.pretrain.models import HippoLM
 
 
 def _matmul_flops(cfg: ModelConfig) -> int:

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pretrain.cli import main
-from pretrain.synthetic import associative_recall, induction_head, special_tokens
+from hippo.pretrain.cli import main
+from hippo.pretrain.synthetic import associative_recall, induction_head, special_tokens
 
 
 def test_associative_recall_sequences():
@@ -52,7 +52,7 @@ def test_attention_learns_the_induction_head_from_the_answer_loss():
     """Attention composes an induction head (learned positions, causal mask, two layers) once the
     loss is on the answer token; on every position it stays at chance (BENCHMARKS.md), so this
     is the check that the attention model itself is able to do the task."""
-    from pretrain.synthetic import SyntheticConfig, run
+    from hippo.pretrain.synthetic import SyntheticConfig, run
 
     cfg = SyntheticConfig(task="induction_head", mixer="attention", loss="last", num_val=200, num_test=200, epochs=40)
     result = run(cfg, progress=False)
@@ -60,7 +60,7 @@ def test_attention_learns_the_induction_head_from_the_answer_loss():
 
 
 def test_unknown_loss_is_refused():
-    from pretrain.synthetic import SyntheticConfig
+    from hippo.pretrain.synthetic import SyntheticConfig
 
     with pytest.raises(ValueError, match="--loss"):
         SyntheticConfig(loss="first")

@@ -3,15 +3,17 @@
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 
-from pretrain.tracking import PENDING_FILE, UPLOADED_FILE, Tracker, upload_pending
+from hippo.pretrain.tracking import PENDING_FILE, UPLOADED_FILE, Tracker, upload_pending
 from tests.helpers import free_port
 
 
@@ -93,7 +95,7 @@ def test_env_uri_and_resume_without_duplicates(tmp_path, monkeypatch, caplog):
     # The resumed run recomputes steps 4 and 5 bit-identically, then continues.
     second = Tracker(run_dir, enabled=True, run_id=first.run_id, system_metrics=False)
     second.log_params({"model": {"d_model": 64}})  # same value again: skipped, no MLflow error
-    with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
+    with caplog.at_level(logging.WARNING, logger="hippo.pretrain.tracking"):
         second.log_params({"model": {"d_model": 128}})  # changed: refused with a warning
     assert "model.d_model" in caplog.text
     for step in range(4, 9):
@@ -110,10 +112,13 @@ def test_env_uri_and_resume_without_duplicates(tmp_path, monkeypatch, caplog):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
-def test_rejected_record_is_dropped_alone(tmp_path, caplog):
+@pytest.mark.parametrize("merging", [False, True])
+def test_rejected_record_is_dropped_alone(tmp_path, caplog, monkeypatch, merging):
+    if merging:  # MLflow would merge the queued batches and lose them all with the bad one
+        monkeypatch.setenv("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = Tracker(tmp_path, enabled=True, tracking_uri=uri, system_metrics=False)
-    with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
+    with caplog.at_level(logging.WARNING, logger="hippo.pretrain.tracking"):
         for step in range(1, 4):
             tracker.log_metrics({"bad!": 1.0}, step=step)  # an invalid name: MLflow answers 400
             tracker.log_metrics({"loss": float(step)}, step=step)
@@ -137,11 +142,11 @@ def test_system_metrics(tmp_path, monkeypatch):
 def test_missing_psutil_warns_and_continues(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "psutil", None)  # find_spec("psutil") -> None
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
+    with caplog.at_level(logging.WARNING, logger="hippo.pretrain.tracking"):
         tracker = Tracker(tmp_path, enabled=True, tracking_uri=uri)
     tracker.log_metrics({"loss": 2.0}, step=1)
     tracker.close()
-    assert any("psutil" in r.getMessage() for r in caplog.records if r.name == "pretrain.tracking")
+    assert any("psutil" in r.getMessage() for r in caplog.records if r.name == "hippo.pretrain.tracking")
     assert history(MlflowClient(tracking_uri=uri), tracker.run_id, "loss") == [(1, 2.0)]
 
 
@@ -151,7 +156,7 @@ def test_unreachable_server_keeps_records_for_upload(tmp_path, caplog):
     artifact.write_text("hello")
     dead = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
+    with caplog.at_level(logging.WARNING, logger="hippo.pretrain.tracking"):
         tracker = Tracker(run_dir, enabled=True, run_name="offline", tracking_uri=dead)
         tracker.log_params({"optim": {"lr": 0.01}})
         for step in range(1, 4):
@@ -162,7 +167,7 @@ def test_unreachable_server_keeps_records_for_upload(tmp_path, caplog):
         tracker.close()
     assert time.monotonic() - start < 10
     assert tracker.run_id is None
-    warnings = [r for r in caplog.records if r.name == "pretrain.tracking" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "hippo.pretrain.tracking" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage()
 
     lines = [json.loads(x) for x in (run_dir / PENDING_FILE).read_text().splitlines()]
@@ -184,7 +189,7 @@ def test_unreachable_server_keeps_records_for_upload(tmp_path, caplog):
 def test_silent_server_does_not_stall(tmp_path, monkeypatch):
     """A host that accepts connections but never answers: the /health probe gives up quickly,
     where MLflow's own client would wait out its timeout and retries."""
-    monkeypatch.setattr("pretrain.tracking.HEALTH_TIMEOUT_S", 0.5)
+    monkeypatch.setattr("hippo.pretrain.tracking.HEALTH_TIMEOUT_S", 0.5)
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
@@ -195,6 +200,49 @@ def test_silent_server_does_not_stall(tmp_path, monkeypatch):
         assert time.monotonic() - start < 5
     kinds = [json.loads(x)["kind"] for x in (tmp_path / PENDING_FILE).read_text().splitlines()]
     assert kinds == ["metrics", "end"]
+
+
+def kill_server(url: str) -> None:
+    """SIGKILLs the mlflow_server fixture's process group, as if its host had died. The fixture's
+    teardown still finds the group: its unreaped leader stays a zombie member."""
+    port = url.rsplit(":", 1)[1]
+    pid = next(p.pid for p in psutil.process_iter(["cmdline"]) if port in (p.info["cmdline"] or []))
+    assert os.getpgid(pid) != os.getpgid(0)
+    os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+
+def test_server_dying_mid_run_loses_no_record(tmp_path, mlflow_server):
+    """Records whose asynchronous log_batch fails after the server died end up in the pending file."""
+    run_dir = tmp_path / "run"
+    tracker = Tracker(run_dir, enabled=True, tracking_uri=mlflow_server, system_metrics=False)
+    tracker.log_params({"lr": 0.1})
+    for step in range(1, 4):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    deadline = time.monotonic() + 30
+    while len(client.get_metric_history(tracker.run_id, "loss")) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    kill_server(mlflow_server)
+    start = time.monotonic()
+    for step in range(4, 7):  # sent while the tracker still believes the server is up
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    tracker.set_tags({"stage": "after"})
+    assert time.monotonic() - start < 1  # training does not wait on the dead server
+    tracker.close()
+
+    lines = [json.loads(x) for x in (run_dir / PENDING_FILE).read_text().splitlines()]
+    assert {4, 5, 6} <= {r["step"] for r in lines if r["kind"] == "metrics"}
+    assert any(r["kind"] == "tags" for r in lines)
+    assert lines[-1]["kind"] == "end" and all(r["run_id"] == tracker.run_id for r in lines)
+
+    uri = f"sqlite:///{tmp_path}/srv.db"  # the dead server's own store
+    assert upload_pending(run_dir, tracking_uri=uri) == len(lines)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.1"} and run.data.tags["stage"] == "after"
+    assert history(client, tracker.run_id, "loss") == [(s, float(s)) for s in range(1, 7)]
 
 
 def test_upload_pending_skips_steps_the_run_already_has(tmp_path):

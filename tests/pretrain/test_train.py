@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.checkpoint import CRASH_BEFORE_MARKER_ENV, MARKER
+from hippo.pretrain.checkpoint import CRASH_BEFORE_MARKER_ENV, MARKER
 from tests.helpers import DROPOUT, ROOT, STEPS, hippo_train, latest_step, losses, torchrun, train_flags
 
 
@@ -51,7 +51,7 @@ def reference(reference_run) -> dict[int, float]:
 
 def test_export_evaluates_on_one_process_like_the_trainer_did(reference_run, data):
     """The consolidated export, run by plain HippoLM, gives the trainer's final validation loss."""
-    from pretrain.evaluation import evaluate_export
+    from hippo.pretrain.evaluation import evaluate_export
 
     [(client, run)] = mlflow_runs(reference_run)
     [final_val] = [m for m in client.get_metric_history(run.info.run_id, "val_loss") if m.step == STEPS]
@@ -64,7 +64,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(dat
     run = tmp_path / "run"
     sets = train_flags(data, DROPOUT)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "pretrain.cli", "train", "tiny_hybrid", "--run-dir", str(run), *sets],
+    proc = subprocess.Popen([sys.executable, "-m", "hippo.pretrain.cli", "train", "tiny_hybrid", "--run-dir", str(run), *sets],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -129,7 +129,7 @@ def test_export_of_a_tp2_pp2_checkpoint_equals_the_gathered_export(parallel_runs
     from safetensors.torch import load_file
 
     full, _ = parallel_runs["tp2_pp2"]
-    torchrun(0, ["-m", "pretrain.cli", "export", str(full), "-o", str(tmp_path / "export")])
+    torchrun(0, ["-m", "hippo.pretrain.cli", "export", str(full), "-o", str(tmp_path / "export")])
     a, b = load_file(str(full / "export" / "model.safetensors")), load_file(str(tmp_path / "export" / "model.safetensors"))
     assert set(a) == set(b) and all(a[k].equal(b[k]) for k in a)
 
@@ -195,7 +195,7 @@ def test_bf16_run_follows_the_fp32_run_within_bf16_precision(data, reference, tm
 def test_quickstart_runs_end_to_end(tmp_path):
     """The README's main job, shortened to 6 steps: corpus, prepare, train, eval, samples, MLflow."""
     run = tmp_path / "qs"
-    proc = torchrun(0, ["-m", "pretrain.cli", "quickstart", "--run-dir", str(run), "--set", "train.steps=6",
+    proc = torchrun(0, ["-m", "hippo.pretrain.cli", "quickstart", "--run-dir", str(run), "--set", "train.steps=6",
                         "--set", "train.eval_interval=3", "--set", "checkpoint.interval=3",
                         "--set", "tracking.system_metrics=false"])
     out = proc.stdout
@@ -203,3 +203,20 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert (run / "train" / "export" / "model.safetensors").exists() and latest_step(run / "train") == 6
     [(_, mlrun)] = mlflow_runs(run / "train")
     assert mlrun.data.metrics["val_loss"] < 5.55  # below a uniform guess over 257 bytes
+
+
+def test_a_checkpoint_written_before_the_hippo_namespace_resumes_exactly(data, tmp_path):
+    """`fixtures/checkpoint_v0_1` was written by Hippo 0.1 as it was before `hippo.*` (modules
+    `pretrain`, `parallel`, ... at the top level): step 16 of the test config, and the losses
+    of that program's uninterrupted 24-step run. Resumed today, steps 17-24 are those losses."""
+    import shutil
+
+    fixture = ROOT / "tests" / "fixtures" / "checkpoint_v0_1"
+    run = tmp_path / "run"
+    shutil.copytree(fixture / "run", run)
+    hippo_train(run, data, "tracking.enabled=false")  # its MLflow store is not part of the fixture
+    old = {json.loads(line)["step"]: json.loads(line)["loss"]
+           for line in (fixture / "uninterrupted_metrics.jsonl").read_text().splitlines()}
+    resumed = losses(run)
+    assert sorted(resumed) == list(range(17, STEPS + 1))
+    assert all(resumed[s] == pytest.approx(old[s], rel=1e-6) for s in resumed), (resumed, old)

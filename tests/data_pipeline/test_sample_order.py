@@ -6,19 +6,19 @@ from collections import Counter
 
 import pytest
 
-from data_pipeline.config import DataConfig, validate_data_layout
-from data_pipeline.layout import Layout, supported_dp_sizes
+from hippo.data_pipeline.config import DataConfig, validate_data_parallel
+from hippo.data_pipeline.sample_order import SampleOrder, supported_dp_sizes
 
 SHARDS = [[7, 7, 7, 7, 7, 3], [5, 5, 2]]
 
 
-def _layout(**kw) -> Layout:
+def _layout(**kw) -> SampleOrder:
     args = dict(weights=[1.0], seed=3, virtual_streams=8, shuffle_window=4, global_batch_size=4)
     args.update(kw)
-    return Layout(kw.pop("shards", [SHARDS[0]]), **{k: v for k, v in args.items() if k != "shards"})
+    return SampleOrder(kw.pop("shards", [SHARDS[0]]), **{k: v for k, v in args.items() if k != "shards"})
 
 
-def _epoch(layout: Layout, epoch: int) -> list[tuple[int, int, int]]:
+def _epoch(layout: SampleOrder, epoch: int) -> list[tuple[int, int, int]]:
     plan = layout.plan(epoch)
     return [plan.locate(g) for g in range(plan.total)]
 
@@ -50,7 +50,7 @@ def test_in_stream_shuffle_is_bounded_by_the_window():
 
 
 def test_mixture_weights_are_passes_per_epoch():
-    lay = Layout(SHARDS, weights=[2.0, 0.5], seed=0, virtual_streams=4, shuffle_window=8, global_batch_size=2)
+    lay = SampleOrder(SHARDS, weights=[2.0, 0.5], seed=0, virtual_streams=4, shuffle_window=8, global_batch_size=2)
     n0, n1 = sum(SHARDS[0]), sum(SHARDS[1])
     assert lay.slots == [2 * n0, round(0.5 * n1)]
     e0, e1 = _epoch(lay, 0), _epoch(lay, 1)
@@ -77,11 +77,11 @@ def test_ranks_own_disjoint_streams_and_batches_do_not_depend_on_dp():
 
 def test_layout_checks_name_the_option():
     cfg = DataConfig(paths=["x"], virtual_streams=8)
-    validate_data_layout(cfg, 4, 2, 16)
+    validate_data_parallel(cfg, 4, 2, 16)
     with pytest.raises(ValueError, match=r"virtual_streams=8.*\[1, 2, 4, 8\]"):
-        validate_data_layout(cfg, 3, 1, 12)
+        validate_data_parallel(cfg, 3, 1, 12)
     with pytest.raises(ValueError, match="global_batch_size=12 must be a multiple"):
-        validate_data_layout(cfg, 2, 4, 12)
+        validate_data_parallel(cfg, 2, 4, 12)
     assert supported_dp_sizes(12) == [1, 2, 3, 4, 6, 12]
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Segment", "EpochPlan", "Layout", "supported_dp_sizes"]
+__all__ = ["Segment", "EpochPlan", "SampleOrder", "supported_dp_sizes"]
 
 _TAG_SOURCE, _TAG_MIX, _TAG_BLOCK = 0, 1, 2
 
@@ -103,7 +103,7 @@ class EpochPlan:
         return seg.source, seg.shard, seg.start
 
 
-class Layout:
+class SampleOrder:
     """Epoch plans for a set of sources, and the batch arithmetic on top of them.
 
     Args:

@@ -1,0 +1,43 @@
+"""How one run is split over its ranks: the sizes and options every parallel component reads.
+
+Plain Python (no torch), so the run config can build and check it on a launching host. The run
+config validates the sections against each other (`HippoConfig.layout`); the components here
+take the result as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["ParallelLayout", "PipelinePartition"]
+
+PipelinePartition = Literal["parameters", "uniform"]
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """The validated parallel layout of a run on `world_size` ranks."""
+
+    world_size: int
+    tensor: int
+    pipeline: int
+    data: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    zero_stage: int = 1
+    sequence_parallel: bool = False
+    activation_checkpointing: bool = False
+    pipeline_partition: PipelinePartition = "parameters"
+    stage_layers: tuple[int, ...] = ()
+    """Explicit blocks per pipeline stage; empty: `pipeline_partition` decides."""
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.data
+
+    @property
+    def pipelined(self) -> bool:
+        """DeepSpeed's pipeline engine runs the model, except for ZeRO-2 on one stage (which
+        DeepSpeed refuses under a `PipelineModule`): that runs the plain engine."""
+        return self.pipeline > 1 or self.zero_stage <= 1

@@ -1,0 +1,98 @@
+"""The parts of a training run, each built from the run config: engine, data, tracker, validation.
+
+`hippo.parallel` takes the model config, the layout and an optimizer factory; the run config is
+read only here, on the training side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from hippo.data_pipeline.stream import build_stream
+from hippo.parallel.engine import TrainEngine, build_train_engine
+from hippo.parallel.groups import ParallelState
+from hippo.pretrain.config import HippoConfig, to_dict
+from hippo.pretrain.optim import optimizer_factory
+from hippo.pretrain.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def build_engine(cfg: HippoConfig, state: ParallelState, *, load_universal: bool = False) -> TrainEngine:
+    return build_train_engine(
+        cfg.model, state, optimizer_factory(cfg.optim, cfg.train.steps), seed=cfg.train.seed,
+        precision=cfg.train.precision, grad_clip=cfg.optim.grad_clip, load_universal=load_universal,
+    )
+
+
+def build_train_stream(cfg: HippoConfig, state: ParallelState):
+    layout = state.layout
+    return build_stream(cfg.data, dp_rank=state.dp_rank, dp_size=layout.data,
+                        micro_batch_size=layout.micro_batch_size, global_batch_size=layout.global_batch_size)
+
+
+def micro_batches(batches: Iterator[torch.Tensor], count: int) -> MicroBatches:
+    """The next `count` (input_ids, labels) pairs: samples hold seq_len + 1 tokens."""
+    return [(b[:, :-1], b[:, 1:]) for b in islice(batches, count)]
+
+
+def build_tracker(cfg: HippoConfig, run_dir: Path, state: ParallelState, *, run_id: str | None) -> Tracker:
+    """MLflow on rank 0 (a no-op elsewhere). A new run logs the config, layout and versions."""
+    t, rank0 = cfg.tracking, state.rank == 0
+    tracker = Tracker(run_dir, enabled=rank0 and t.enabled, experiment=t.experiment, run_name=run_dir.name,
+                      run_id=run_id, tracking_uri=t.tracking_uri, system_metrics=t.system_metrics)
+    if run_id is None:
+        layout = state.layout
+        tracker.log_params({"config": to_dict(cfg), "layout": dataclasses.asdict(layout),
+                            "world_size": layout.world_size, "versions": _versions()})
+        if rank0:
+            (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+            tracker.log_artifact(run_dir / "config.json")
+    return tracker
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("hippo-pretrain", "torch", "deepspeed", "megatron-core", "webdataset", "mlflow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+class Validation:
+    """Mean loss over the first `train.eval_batches` global batches of the validation split."""
+
+    def __init__(self, cfg: HippoConfig, state: ParallelState, engine: TrainEngine) -> None:
+        layout = state.layout
+        self.engine, self.grad_accum = engine, layout.grad_accum_steps
+        try:
+            self.stream = build_stream(
+                dataclasses.replace(cfg.data, split="validation"), dp_rank=state.dp_rank, dp_size=layout.data,
+                micro_batch_size=layout.micro_batch_size, global_batch_size=layout.global_batch_size,
+                one_pass=True, max_batches=cfg.train.eval_batches)
+        except (ValueError, KeyError) as e:
+            if state.rank == 0:
+                log.warning("no validation: %s (prepare with --val-fraction or --val-inputs)", e)
+            self.stream = None
+
+    def run(self) -> float | None:
+        if self.stream is None:
+            return None
+        batches = iter(self.stream)
+        losses = []
+        while micro := micro_batches(batches, self.grad_accum):
+            losses.append(self.engine.eval_batch(micro))
+        return sum(losses) / len(losses)

@@ -1,0 +1,80 @@
+"""The language model's own configuration: sizes and which mixer each layer uses.
+
+It knows nothing of data, optimizer, parallel layout or trainer, so a model can be built from it
+alone (`HippoLM(ModelConfig(...))`); the run config (`hippo.pretrain.config`) embeds it as its
+`model` section.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["ConfigError", "MixerKind", "ModelConfig"]
+
+MixerKind = Literal["h3", "s4d", "attention"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The language model: sizes, and which mixer each layer uses."""
+
+    vocab_size: int = 50257
+    """Tokenizer vocabulary; the embedding is padded up to a multiple of `pad_vocab_multiple`."""
+    pad_vocab_multiple: int = 8
+    d_model: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    """Attention heads (attention layers only)."""
+    mixer: MixerKind = "h3"
+    """Mixer of every layer not listed in `attn_layer_idx`."""
+    attn_layer_idx: list[int] = field(default_factory=list)
+    """Layers that use causal attention instead of `mixer` (the hybrid models)."""
+    d_state: int = 64
+    """SSM state size N: shift-SSM taps, and 2x the diagonal SSM's complex modes."""
+    mlp_ratio: int = 4
+    position_embedding: Literal["none", "learned", "rotary"] = "none"
+    """H3 and hybrid models use none; Transformers learned or rotary."""
+    max_position_embeddings: int = 2048
+    """Only for learned positions: the longest sequence the model accepts."""
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.0
+    """Dropout on embeddings and on each residual branch."""
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "pad_vocab_multiple", "d_model", "n_layer", "n_head", "d_state", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_state % 2:
+            raise ConfigError(f"model.d_state must be even (N/2 complex modes), got {self.d_state}")
+        bad = [i for i in self.attn_layer_idx if not 0 <= i < self.n_layer]
+        if bad:
+            raise ConfigError(f"model.attn_layer_idx {bad} outside [0, n_layer={self.n_layer})")
+        if len(set(self.attn_layer_idx)) != len(self.attn_layer_idx):
+            raise ConfigError(f"model.attn_layer_idx has duplicates: {self.attn_layer_idx}")
+        if self.uses_attention and self.d_model % self.n_head:
+            raise ConfigError(f"model.n_head={self.n_head} must divide model.d_model={self.d_model}")
+        if self.position_embedding == "rotary" and (self.d_model // self.n_head) % 2:
+            raise ConfigError("model.position_embedding=rotary needs an even head dimension")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return math.ceil(self.vocab_size / m) * m
+
+    @property
+    def layer_mixers(self) -> list[MixerKind]:
+        attn = set(self.attn_layer_idx)
+        return ["attention" if i in attn else self.mixer for i in range(self.n_layer)]
+
+    @property
+    def uses_attention(self) -> bool:
+        return "attention" in self.layer_mixers
