@@ -13,11 +13,12 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import BadRecordError, ManifestError, ShardFetchError
+from .errors import BadRecordError, EmptyDatasetError, ManifestError, ShardFetchError
 
 __all__ = ["register", "main", "parse_size"]
 
-_EXPECTED_ERRORS = (ValueError, FileExistsError, FileNotFoundError, BadRecordError, ManifestError, ShardFetchError)
+_EXPECTED_ERRORS = (ValueError, FileExistsError, FileNotFoundError, BadRecordError, EmptyDatasetError, ManifestError,
+                    ShardFetchError)
 
 
 def parse_size(text: str) -> int:
@@ -30,7 +31,7 @@ def parse_size(text: str) -> int:
 
 
 def _fail(e: BaseException) -> int:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"hippo: error: {e}", file=sys.stderr)
     return 2
 
 
@@ -41,7 +42,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         m = prepare(args.inputs, Path(args.output), tokenizer=args.tokenizer, seq_len=args.seq_len,
                     workers=args.workers, shard_bytes=args.shard_size, val_fraction=args.val_fraction,
                     val_inputs=args.val_inputs or (), split_seed=args.split_seed, strict=args.strict,
-                    overwrite=args.overwrite, eos_token=args.eos_token, progress=not args.no_progress)
+                    overwrite=args.overwrite, eos_token=args.eos_token, encoding=args.encoding,
+                    errors=args.errors, progress=not args.no_progress)
     except _EXPECTED_ERRORS as e:
         return _fail(e)
     for name, s in m.splits.items():
@@ -128,6 +130,10 @@ def register(subparsers) -> None:
     p.add_argument("--strict", action="store_true", help="stop at the first bad record (file and line)")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset in --output")
     p.add_argument("--eos-token", help="end-of-document token of a tokenizer.json (default: auto)")
+    p.add_argument("--encoding", default="utf-8", metavar="ENC", help="text encoding of the inputs (default utf-8)")
+    p.add_argument("--errors", default="strict", choices=("strict", "replace"),
+                   help="text that does not decode: strict skips and counts the record (.txt: the file), "
+                        "replace keeps it with U+FFFD (default strict)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
 

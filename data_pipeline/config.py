@@ -31,6 +31,9 @@ class DataConfig:
     """Fixed number of sample streams; the supported data-parallel sizes are its divisors."""
     strict: bool = False
     """Raise on a corrupt sample instead of replacing it (counted and logged) and continuing."""
+    max_corrupt_fraction: float = 0.001
+    """Budget of replaced (unreadable) samples: CorruptDataError once a rank's count exceeds
+    max(1, fraction x its samples so far), checked per global batch (see stream.corrupt_budget)."""
     split: str = "train"
     """Which split of the prepared folders to read: train or validation."""
     max_epochs: int | None = None
@@ -62,6 +65,11 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        f = self.max_corrupt_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
+            raise ValueError(f"data.max_corrupt_fraction must be a number in [0, 1] (0.001 = one sample in a "
+                             f"thousand may be unreadable), got {f!r}")
+        self.max_corrupt_fraction = float(f)
         if self.retries < 0:
             raise ValueError(f"data.retries must be >= 0, got {self.retries}")
         if self.timeout_s <= 0:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import zstandard
 
-from .manifest import Manifest, load_manifest
+from .errors import ManifestError
+from .manifest import Manifest, check_against_shards, load_manifest
 from .remote import join_url, open_url
 from .shard_io import CorruptSample, decode_sample, iter_shard_members
 from .tokenizer import load_tokenizer
@@ -57,6 +58,7 @@ def summarize(m: Manifest, folder: str) -> str:
 def decoded_samples(folder: str, *, split: str = "train", count: int = 3, max_chars: int = 300) -> list[str]:
     """The first `count` samples of a split's first shard, decoded back to text."""
     m = load_manifest(folder)
+    check_against_shards(folder, m, split)  # else a mismatched manifest fails below without saying why
     tok = load_tokenizer(folder)
     shard = m.split(split).shards[0]
     url = join_url(folder, shard.name)
@@ -136,6 +138,13 @@ def verify(folder: str, *, progress: bool = False) -> VerifyReport:
 
     m = load_manifest(folder)
     report = VerifyReport()
+    for name, s in m.splits.items():
+        if s.shards:
+            try:
+                check_against_shards(folder, m, name)
+            except ManifestError as e:  # one problem, not one per sample
+                report.problems.append(str(e))
+                return report
     shards = [(s, sh) for s in m.splits.values() for sh in s.shards]
     for s, sh in tqdm(shards, desc="verify", unit="shard", disable=not progress):
         report.shards += 1

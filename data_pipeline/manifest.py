@@ -14,10 +14,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ManifestError
-from .shard_io import ShardInfo
+from .errors import ManifestError, MissingSplitError
+from .shard_io import ShardInfo, sample_extension
 
-__all__ = ["SplitInfo", "Manifest", "MANIFEST_NAME", "FORMAT_VERSION", "load_manifest", "write_json_atomic"]
+__all__ = ["SplitInfo", "Manifest", "MANIFEST_NAME", "FORMAT_VERSION", "load_manifest", "write_json_atomic",
+           "check_against_shards"]
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -79,7 +80,7 @@ class Manifest:
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits or not self.splits[name].shards:
             have = [k for k, v in self.splits.items() if v.shards]
-            raise ManifestError(f"split {name!r} has no shards in this folder (splits with data: {have})")
+            raise MissingSplitError(f"split {name!r} has no shards in this folder (splits with data: {have})")
         return self.splits[name]
 
     def content_hash(self, split: str) -> str:
@@ -132,3 +133,67 @@ def load_manifest(folder: str) -> Manifest:
         return Manifest.from_dict(json.loads(data))
     except (json.JSONDecodeError, TypeError, KeyError) as e:
         raise ManifestError(f"{url}: unreadable manifest: {e}") from None
+
+
+_SAMPLE_DTYPES = {sample_extension(d): d for d in ("uint16", "uint32")}
+
+
+def _first_window(url: str, size: int) -> tuple[int, str] | None:
+    """(decompressed bytes, dtype by extension) of a shard's first sample; None if unreadable."""
+    import zstandard
+
+    from .remote import open_url
+    from .shard_io import CorruptSample, iter_shard_members
+
+    try:
+        f = open_url(url, expected_size=size)
+    except FileNotFoundError as e:
+        raise ManifestError(f"{url}: shard listed in the manifest is missing ({e}); "
+                            "run `hippo data verify` on the folder") from None
+    try:
+        for _, name, data in iter_shard_members(f, url):
+            dtype = _SAMPLE_DTYPES.get(name.split(".", 1)[-1])
+            if dtype is None:
+                return None
+            try:
+                return len(zstandard.ZstdDecompressor().decompress(data)), dtype
+            except zstandard.ZstdError:
+                return None  # damage, not a mismatch: the stream replaces and budgets it
+        return None
+    except CorruptSample:
+        return None
+    finally:
+        try:
+            f.close()
+        except OSError:
+            pass  # an abandoned `pipe:` command may report SIGPIPE
+
+
+def check_against_shards(folder: str, m: Manifest, split: str) -> None:
+    """Refuse a manifest whose seq_len or dtype its shards do not have, from one sample (cheap).
+
+    A mismatched manifest would otherwise make every sample "unreadable"; a damaged first
+    sample is left to the stream's corruption handling.
+
+    Raises:
+        ManifestError naming the folder, both windows and what to do.
+    """
+    from .remote import join_url
+
+    shard = m.split(split).shards[0]
+    found = _first_window(join_url(folder, shard.name), shard.bytes)
+    if found is None:
+        return
+    nbytes, dtype = found
+    itemsize = 2 if dtype == "uint16" else 4
+    if dtype == m.dtype and nbytes == m.window * itemsize:
+        return
+    tokens, odd = divmod(nbytes, itemsize)
+    fits = not odd and tokens > 1
+    theirs = f"seq_len={tokens - 1} ({dtype})" if fits else f"{nbytes}-byte {dtype} windows"
+    raise ManifestError(
+        f"{folder}: manifest.json says seq_len={m.seq_len} ({m.dtype}) but its shards hold {theirs} "
+        f"(first sample of {shard.name}); manifest and shards come from different prepare runs: re-run "
+        f"`hippo data prepare --overwrite -o {folder}` with the --seq-len you train at"
+        + (f" (these shards fit train.seq_len={tokens - 1})" if fits else "")
+    )

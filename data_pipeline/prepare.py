@@ -10,6 +10,10 @@ position (file, line, token offset) its next window starts at. A rerun re-reads 
 the earliest such position over the splits and redoes only what no finished shard covers.
 Tokenization is deterministic, so redone shards are byte-identical to what an uninterrupted run
 writes. The manifest is written last, atomically; the journal is then removed.
+
+A fresh run (or --overwrite) removes the folder's previous dataset only when it is about to
+write its first shard, so a run that produces nothing (empty or unusable inputs: EmptyDatasetError)
+leaves what was there untouched.
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadRecordError
+from .errors import BadRecordError, EmptyDatasetError
 from .journal import JOURNAL_NAME, Journal, explain_mismatch, fingerprint, read_journal, valid_prefix
 from .manifest import MANIFEST_NAME, Manifest, SplitInfo, load_manifest, write_json_atomic
 from .packing import Packer, Position
 from .shard_io import ShardInfo, ShardWriter, dtype_for_vocab
-from .sources import SUPPORTED_SUFFIXES, input_kind, iter_records
+from .sources import SUPPORTED_SUFFIXES, check_encoding, input_kind, iter_records
 from .tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 __all__ = ["prepare", "resolve_inputs", "split_of", "auto_shard_bytes", "JOURNAL_NAME", "DEFAULT_SHARD_BYTES",
@@ -145,7 +149,7 @@ class _Run:
     """State of one prepare run: packers, open shard writers, the journal, counters."""
 
     def __init__(self, out: Path, inputs: list[Path], tok: Tokenizer, *, seq_len: int, shard_bytes: int,
-                 level: int, strict: bool, journal: Journal, resumed: list[dict]) -> None:
+                 level: int, strict: bool, fingerprint: dict, resumed: list[dict]) -> None:
         self.out = out
         self.inputs = inputs
         self.tok = tok
@@ -153,7 +157,9 @@ class _Run:
         self.shard_bytes = shard_bytes
         self.level = level
         self.strict = strict
-        self.journal = journal
+        self.fingerprint = fingerprint
+        # A resumed run keeps its journal; a fresh one starts it (and clears the old dataset) at its first shard.
+        self.journal: Journal | None = Journal(out / JOURNAL_NAME, fingerprint, resumed) if resumed else None
         self.packers = {s: Packer(seq_len + 1, tok.eos_id, self.dtype) for s in SPLITS}
         self.writers: dict[str, ShardWriter | None] = {s: None for s in SPLITS}
         self.done: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
@@ -200,6 +206,9 @@ class _Run:
     def _emit(self, split: str, window: np.ndarray) -> None:
         w = self.writers[split]
         if w is None:
+            if self.journal is None:
+                _remove_old_dataset(self.out)
+                self.journal = Journal(self.out / JOURNAL_NAME, self.fingerprint, [])
             name = f"{split}-{len(self.done[split]):06d}.tar"
             w = self.writers[split] = ShardWriter(self.out, name, self.dtype, self.level)
         w.add(window)
@@ -228,13 +237,51 @@ class _Run:
             if w is not None:
                 w.abort()
 
+    def close_journal(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
 
-def _clean_outputs(out: Path, *, everything: bool) -> None:
+    def skipped(self) -> dict[str, int]:
+        """Skipped records per reason, over the splits."""
+        out: dict[str, int] = {}
+        for packer in self.packers.values():
+            for reason, n in packer.stats.skipped.items():
+                out[reason] = out.get(reason, 0) + n
+        return out
+
+    def check_not_empty(self) -> None:
+        """EmptyDatasetError (one line, with the skip counts) when no split got a sample."""
+        if any(self.done[s] for s in SPLITS):
+            return
+        skipped = self.skipped()
+        what = "the inputs hold no records"
+        if skipped:
+            what = "every record was skipped (" + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
+            examples = [e for p in self.packers.values() for e in p.stats.skipped_examples]
+            if examples:
+                e = examples[0]
+                what += f"; first: {e['file']}:{e['line']}: {e['reason']}: {e['detail']}"
+            what += ")"
+        hint = ("; text in another encoding needs --encoding ENC (or --errors replace)"
+                if {"invalid_utf8", "invalid_encoding"} & set(skipped) else "")
+        raise EmptyDatasetError(
+            f"no samples from {len(self.inputs)} input file(s) ({', '.join(map(str, self.inputs[:3]))}"
+            f"{', ...' if len(self.inputs) > 3 else ''}): {what}; nothing was written to {self.out}: fix the "
+            f"inputs{hint}")
+
+
+def _clean_temporary(out: Path) -> None:
     for p in out.iterdir():
         if p.name.endswith(".tar.tmp") or p.name.endswith(".json.tmp"):
             p.unlink()
-        elif everything and (p.name in (MANIFEST_NAME, JOURNAL_NAME, "tokenizer.json")
-                             or (p.name.endswith(".tar") and p.name.startswith(tuple(f"{s}-" for s in SPLITS)))):
+
+
+def _remove_old_dataset(out: Path) -> None:
+    """What an earlier prepare left in `out` (manifest first: the folder is no longer complete)."""
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    shard_prefixes = tuple(f"{s}-" for s in SPLITS)
+    for p in out.iterdir():
+        if p.name == "tokenizer.json" or (p.name.endswith(".tar") and p.name.startswith(shard_prefixes)):
             p.unlink()
 
 
@@ -252,6 +299,8 @@ def prepare(
     strict: bool = False,
     overwrite: bool = False,
     eos_token: str | None = None,
+    encoding: str = "utf-8",
+    errors: str = "strict",
     compression_level: int = 3,
     docs_per_batch: int = 256,
     progress: bool = True,
@@ -271,9 +320,16 @@ def prepare(
         val_inputs: files whose records all go to validation (added to inputs if absent).
         strict: raise BadRecordError at the first bad record instead of skipping it.
         overwrite: replace a different prepared dataset already in `output`.
+        encoding: text encoding of the inputs (`--encoding`).
+        errors: `strict` skips (and counts) records that do not decode, `replace` keeps them
+            with U+FFFD for the bad bytes (`--errors`).
 
     Returns:
         The manifest (also written to output/manifest.json).
+
+    Raises:
+        EmptyDatasetError: no input gave a document (empty, or every record skipped); `output`
+            is left as it was.
     """
     if seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {seq_len}")
@@ -285,6 +341,7 @@ def prepare(
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     val_paths = resolve_inputs(val_inputs) if val_inputs else []
     files = resolve_inputs(list(inputs) + [str(p) for p in val_paths])
+    encoding = check_encoding(encoding, errors, lines=any(input_kind(p)[0] == "jsonl" for p in files))
     val_set = {p.resolve() for p in val_paths}
     if shard_bytes is None:
         shard_bytes = auto_shard_bytes(files)
@@ -293,6 +350,8 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     args = {"seq_len": seq_len, "shard_bytes": shard_bytes, "val_fraction": val_fraction,
             "split_seed": split_seed, "compression_level": compression_level, "format_version": 1}
+    if (encoding, errors) != ("utf-8", "strict"):  # only then: folders prepared before these options still match
+        args.update(encoding=encoding, errors=errors)
     fp = fingerprint(files, val_set, tok, args)
 
     if (out / MANIFEST_NAME).exists() and not overwrite:
@@ -313,24 +372,25 @@ def prepare(
         )
     if overwrite or header != fp:
         entries = []
-    _clean_outputs(out, everything=not entries)
+    _clean_temporary(out)
     entries = valid_prefix(out, entries)
     if entries:
         logger.info("resuming %s: %d finished shards kept", out, len(entries))
 
-    journal = Journal(out / JOURNAL_NAME, fp, entries)
     run = _Run(out, files, tok, seq_len=seq_len, shard_bytes=shard_bytes, level=compression_level,
-               strict=strict, journal=journal, resumed=entries)
+               strict=strict, fingerprint=fp, resumed=entries)
     t0 = time.perf_counter()
     try:
         _drive(run, files, val_set, val_fraction=val_fraction, split_seed=split_seed, workers=workers,
-               tokenizer_spec=tok.spec, eos_token=eos_token, docs_per_batch=docs_per_batch, progress=progress)
+               tokenizer_spec=tok.spec, eos_token=eos_token, docs_per_batch=docs_per_batch, progress=progress,
+               encoding=encoding, errors=errors)
         run.finish()
     except BaseException:
         run.abort()
-        journal.close()
+        run.close_journal()
         raise
-    journal.close()
+    run.close_journal()
+    run.check_not_empty()
     elapsed = time.perf_counter() - t0
 
     tok_info = tok.identity()
@@ -383,7 +443,8 @@ def _input_entry(p: Path, is_val: bool, val_fraction: float) -> dict:
 
 
 def _drive(run: _Run, files: list[Path], val_set: set[Path], *, val_fraction: float, split_seed: int,
-           workers: int, tokenizer_spec: str, eos_token: str | None, docs_per_batch: int, progress: bool) -> None:
+           workers: int, tokenizer_spec: str, eos_token: str | None, docs_per_batch: int, progress: bool,
+           encoding: str = "utf-8", errors: str = "strict") -> None:
     """Read records from the resume point on, tokenize in batches (in order), and pack."""
     from tqdm import tqdm
 
@@ -424,7 +485,7 @@ def _drive(run: _Run, files: list[Path], val_set: set[Path], *, val_fraction: fl
                 continue
             is_val = path.resolve() in val_set
             first_line = resume[1] if fi == resume[0] else 1
-            for rec in iter_records(path, start_line=first_line):
+            for rec in iter_records(path, start_line=first_line, encoding=encoding, errors=errors):
                 split = split_of(path.name, rec.line, val_fraction=val_fraction, val_file=is_val,
                                  split_seed=split_seed)
                 s0 = run.start[split]

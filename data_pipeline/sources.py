@@ -3,11 +3,14 @@
 Every input line becomes a `Record`, good or bad, so that bad input is counted per reason and
 reported with file and line instead of stopping a multi-hour run (unless `--strict`).
 A `.txt` file is one document. A corrupt or truncated zstd stream cannot be resynchronised:
-the rest of that file is skipped and counted once, at the line where it broke.
+the rest of that file is skipped and counted once, at the line where it broke. Text is decoded
+with `encoding` (default UTF-8); `errors="strict"` skips (and counts) a record or `.txt` file
+that does not decode, `"replace"` keeps it with U+FFFD for the bad bytes.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,17 +18,20 @@ from pathlib import Path
 
 import zstandard
 
-__all__ = ["Record", "SKIP_REASONS", "iter_records", "iter_texts", "input_kind", "SUPPORTED_SUFFIXES"]
+__all__ = ["Record", "SKIP_REASONS", "iter_records", "iter_texts", "input_kind", "check_encoding",
+           "SUPPORTED_SUFFIXES", "DECODE_ERRORS"]
 
 SKIP_REASONS = (
     "malformed_json",
     "missing_text",
     "empty_text",
     "invalid_utf8",
+    "invalid_encoding",
     "corrupt_zstd",
     "truncated_zstd",
 )
 SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.zst", ".json.zst", ".txt", ".txt.zst")
+DECODE_ERRORS = ("strict", "replace")
 
 _CHUNK = 1 << 20
 
@@ -122,11 +128,39 @@ def _lines(path: Path, compressed: bool) -> Iterator[tuple[int, bytes]]:
             yield n + 1, pending.rstrip(b"\r")
 
 
-def _parse_json_line(line: bytes, n: int) -> Record:
+def check_encoding(encoding: str, errors: str, *, lines: bool) -> str:
+    """The codec's canonical name; ValueError naming --encoding / --errors for ones we cannot use.
+
+    jsonl is split into lines at byte 0x0A before decoding, so it needs an ASCII-compatible codec.
+    """
     try:
-        s = line.decode("utf-8")
+        name = codecs.lookup(encoding).name
+        newline = "\n{}".encode(name)
+    except (LookupError, UnicodeError):
+        raise ValueError(f"--encoding {encoding}: not a text encoding (examples: utf-8, latin-1, cp1252)") from None
+    if errors not in DECODE_ERRORS:
+        raise ValueError(f"--errors {errors}: must be one of {', '.join(DECODE_ERRORS)}")
+    if lines and newline != b"\n{}":
+        raise ValueError(f"--encoding {encoding}: jsonl lines are split at byte 0x0A, which {name} does not use; "
+                         "convert the file to UTF-8 (or use .txt inputs)")
+    return name
+
+
+def _decode(data: bytes, n: int, encoding: str, errors: str) -> str | Record:
+    """The text, or the skipped Record (with the line of the first bad byte) if it does not decode."""
+    try:
+        return data.decode(encoding, errors)
     except UnicodeDecodeError as e:
-        return Record(n, None, skip_reason="invalid_utf8", detail=f"byte {e.start}: {e.reason}")
+        reason = "invalid_utf8" if codecs.lookup(encoding).name == "utf-8" else "invalid_encoding"
+        line = n + data.count(b"\n", 0, e.start)
+        return Record(line, None, skip_reason=reason,
+                      detail=f"byte {e.start}: {e.reason} ({encoding}; --errors replace keeps it as U+FFFD)")
+
+
+def _parse_json_line(line: bytes, n: int, encoding: str = "utf-8", errors: str = "strict") -> Record:
+    s = _decode(line, n, encoding, errors)
+    if isinstance(s, Record):
+        return s
     try:
         obj = json.loads(s)
     except json.JSONDecodeError as e:
@@ -147,22 +181,24 @@ def _parse_json_line(line: bytes, n: int) -> Record:
     return Record(n, text, set_name=set_name if isinstance(set_name, str) else None)
 
 
-def iter_records(path: str | Path, *, start_line: int = 1) -> Iterator[Record]:
+def iter_records(path: str | Path, *, start_line: int = 1, encoding: str = "utf-8",
+                 errors: str = "strict") -> Iterator[Record]:
     """Every record of one input file from `start_line` on, in file order.
 
     Blank jsonl lines are not records. Lines before `start_line` are only counted, not parsed
-    (a resumed prepare skips what finished shards already hold).
+    (a resumed prepare skips what finished shards already hold). `encoding` and `errors` are
+    as for `bytes.decode` (errors: strict or replace); see `check_encoding`.
     """
     path = Path(path)
     kind, compressed = input_kind(path)
     if kind == "txt":
         if start_line <= 1:
-            yield _txt_record(path, compressed)
+            yield _txt_record(path, compressed, encoding, errors)
         return
     try:
         for n, line in _lines(path, compressed):
             if n >= start_line and line.strip():
-                yield _parse_json_line(line, n)
+                yield _parse_json_line(line, n, encoding, errors)
     except _ZstdBroken as e:
         yield Record(e.line, None, skip_reason=e.reason, detail=e.detail)
 
@@ -180,7 +216,7 @@ def iter_texts(paths: list[Path], max_docs: int | None = None) -> Iterator[str]:
                 return
 
 
-def _txt_record(path: Path, compressed: bool) -> Record:
+def _txt_record(path: Path, compressed: bool, encoding: str = "utf-8", errors: str = "strict") -> Record:
     try:
         if compressed:
             with open(path, "rb") as f:
@@ -189,11 +225,9 @@ def _txt_record(path: Path, compressed: bool) -> Record:
             data = path.read_bytes()
     except _ZstdBroken as e:
         return Record(1, None, skip_reason=e.reason, detail=e.detail)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        return Record(line, None, skip_reason="invalid_utf8", detail=f"byte {e.start}: {e.reason}")
+    text = _decode(data, 1, encoding, errors)
+    if isinstance(text, Record):
+        return text
     if not text:
         return Record(1, None, skip_reason="empty_text", detail="file is empty")
     return Record(1, text, set_name=None)

@@ -10,7 +10,10 @@ Reading uses webdataset's tar iterator on streams opened by `remote.open_url`. A
 sample (bad tar member, bad zstd, wrong length) is replaced by the next good sample of its
 shuffle block (or, if the whole block is unreadable, a window of EOS tokens), counted and
 logged; with `strict` it raises CorruptShardError. Replacing rather than dropping keeps every
-rank's batch count equal, so a damaged shard can never desynchronise (hang) the ranks. Fetch
+rank's batch count equal, so a damaged shard can never desynchronise (hang) the ranks. The
+replacements have a budget (`corrupt_budget`, data.max_corrupt_fraction): past it the stream
+raises CorruptDataError, so a dataset that is mostly unreadable (a manifest that does not match
+its shards, a damaged copy) stops within a batch or two instead of training on padding. Fetch
 failures (a connection lost beyond its retries) always raise.
 """
 
@@ -27,18 +30,32 @@ import torch
 import zstandard
 
 from .config import DataConfig, validate_data_parallel
-from .errors import CorruptShardError, DataExhaustedError, ManifestError, ShardFetchError
+from .errors import CorruptDataError, CorruptShardError, DataExhaustedError, ManifestError, ShardFetchError
 from .sample_order import EpochPlan, SampleOrder, Segment
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, check_against_shards, load_manifest
 from .remote import join_url, open_url
 from .shard_io import CorruptSample, decode_sample, iter_shard_members, sample_extension
 
-__all__ = ["TokenStream", "build_stream", "STATE_VERSION"]
+__all__ = ["TokenStream", "build_stream", "corrupt_budget", "STATE_VERSION"]
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _MAX_CORRUPT_WARNINGS = 20
+_MAX_CORRUPT_SHARDS = 8
+
+Origin = tuple[str, str]
+"""(shard URL, reason) of a sample that could not be read and was replaced."""
+
+
+def corrupt_budget(samples: int, fraction: float) -> int:
+    """Replaced samples allowed among `samples`: max(1, floor(fraction x samples)).
+
+    The floor of one forgives a single bad sample however early it comes; two or more count
+    against the fraction, so an unreadable dataset fails at its first global batch (its second
+    when a rank gets one sample per batch).
+    """
+    return max(1, int(fraction * samples))
 
 
 @dataclass(frozen=True)
@@ -69,7 +86,7 @@ class _ReadSpec:
 class _StreamReader:
     """Virtual stream v of one epoch, from a position on, decoded one shuffle block at a time."""
 
-    def __init__(self, spec: _ReadSpec, plan: EpochPlan, v: int, pos: int, corrupt: list[int]) -> None:
+    def __init__(self, spec: _ReadSpec, plan: EpochPlan, v: int, pos: int, met: list[int]) -> None:
         self.spec = spec
         self.plan = plan
         self.v = v
@@ -77,22 +94,27 @@ class _StreamReader:
         begin = plan.stream_start[v] + first_block * plan.window
         self._inputs = self._iter_inputs(plan.pieces(begin, plan.stream_start[v] + plan.stream_len[v]))
         self._rows: list[np.ndarray] = []
+        self._origins: list[Origin | None] = []
         self._perm: np.ndarray | None = None
         self._loaded = first_block - 1  # blocks before the start position are never read
         self._dctx = zstandard.ZstdDecompressor()
-        self.corrupt = corrupt  # [count], shared by all readers of one rank/worker
+        self.met = met  # [unreadable samples read], shared by all readers of one rank/worker: caps the warnings
 
-    def get(self, pos: int) -> np.ndarray:
-        """The sample at stream position `pos` (positions must not decrease)."""
+    def get(self, pos: int) -> tuple[np.ndarray, Origin | None]:
+        """The sample at stream position `pos` (positions must not decrease), and its origin if it is a replacement."""
         b = pos // self.plan.window
         while self._loaded < b:
             self._load_block()
-        return self._rows[self._perm[pos - b * self.plan.window]]
+        i = self._perm[pos - b * self.plan.window]
+        return self._rows[i], self._origins[i]
 
-    def _iter_inputs(self, pieces: list[Segment]) -> Iterator[tuple[bytes | None, str]]:
-        """(sample bytes, where) in stream order; (None, reason) for samples that cannot be read."""
+    def _iter_inputs(self, pieces: list[Segment]) -> Iterator[tuple[bytes | None, str, str]]:
+        """(sample bytes, where, shard URL) in stream order; bytes None for samples that cannot be read."""
         for seg in pieces:
-            yield from self._read_segment(seg)
+            src = self.spec.sources[seg.source]
+            url = join_url(src.folder, src.names[seg.shard])
+            for data, where in self._read_segment(seg):
+                yield data, where, url
 
     def _read_segment(self, seg: Segment) -> Iterator[tuple[bytes | None, str]]:
         src = self.spec.sources[seg.source]
@@ -142,9 +164,10 @@ class _StreamReader:
         b = self._loaded + 1
         size = min(plan.window, plan.stream_len[self.v] - b * plan.window)
         rows: list[np.ndarray | None] = []
+        origins: list[Origin | None] = []
         bad: list[str] = []
         for _ in range(size):
-            data, reason = next(self._inputs)
+            data, reason, url = next(self._inputs)
             row = None
             if data is not None:
                 try:
@@ -156,13 +179,15 @@ class _StreamReader:
                     raise CorruptShardError(f"{reason} (data.strict is set)")
                 bad.append(reason)
             rows.append(row)
+            origins.append(None if row is not None else (url, reason))
         if bad:
             rows = _fill_corrupt(rows, spec.window, spec.dtype, spec.eos_id)
-            self.corrupt[0] += len(bad)
-            if self.corrupt[0] - len(bad) < _MAX_CORRUPT_WARNINGS:
+            self.met[0] += len(bad)
+            if self.met[0] - len(bad) < _MAX_CORRUPT_WARNINGS:
                 logger.warning("replaced %d unreadable sample(s) of epoch %d stream %d block %d, e.g. %s",
                                len(bad), plan.epoch, self.v, b, bad[0])
         self._rows = rows
+        self._origins = origins
         self._perm = plan.block_permutation(self.v, b)
         self._loaded = b
 
@@ -192,12 +217,13 @@ def _fill_corrupt(rows: list, window: int, dtype: str, eos_id: int) -> list[np.n
     return out
 
 
-def _rank_samples(spec: _ReadSpec, start: int, stop: int | None, step: int) -> Iterator[tuple[np.ndarray, int]]:
-    """This rank's samples start, start + step, ... (rank-local indices, over epochs): (row, corrupt so far)."""
+def _rank_samples(spec: _ReadSpec, start: int, stop: int | None,
+                  step: int) -> Iterator[tuple[np.ndarray, Origin | None]]:
+    """This rank's samples start, start + step, ... (rank-local indices, over epochs): (row, origin if replaced)."""
     order, D, r = spec.order, spec.dp_size, spec.dp_rank
     per_rank_epoch = order.samples_per_epoch // D
     readers: dict[tuple[int, int], _StreamReader] = {}
-    corrupt = [0]
+    met = [0]
     J = start
     while stop is None or J < stop:
         epoch, j = divmod(J, per_rank_epoch)
@@ -207,13 +233,16 @@ def _rank_samples(spec: _ReadSpec, start: int, stop: int | None, step: int) -> I
         if reader is None:
             for k in [k for k in readers if k[0] != epoch]:  # an epoch's readers are done once a later one starts
                 del readers[k]
-            reader = readers[(epoch, v)] = _StreamReader(spec, order.plan(epoch), v, pos, corrupt)
-        yield reader.get(pos), corrupt[0]
+            reader = readers[(epoch, v)] = _StreamReader(spec, order.plan(epoch), v, pos, met)
+        yield reader.get(pos)
         J += step
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
-    """One rank's samples for DataLoader workers: worker w makes every W-th, in slabs."""
+    """One rank's samples for DataLoader workers: worker w makes every W-th, in slabs.
+
+    A slab travels as (worker, slab index, rows, [(row in slab, origin)] of the replaced rows).
+    """
 
     def __init__(self, spec: _ReadSpec, start: int, stop: int | None, slab: int) -> None:
         super().__init__()
@@ -222,14 +251,18 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, W = (info.id, info.num_workers) if info is not None else (0, 1)
-        rows, k, corrupt = [], 0, 0
-        for row, corrupt in _rank_samples(self.spec, self.start + w, self.stop, W):
+        rows: list[np.ndarray] = []
+        bad: list[tuple[int, Origin]] = []
+        k = 0
+        for row, origin in _rank_samples(self.spec, self.start + w, self.stop, W):
+            if origin is not None:
+                bad.append((len(rows), origin))
             rows.append(row)
             if len(rows) == self.slab:
-                yield w, k, np.stack(rows), corrupt
-                rows, k = [], k + 1
+                yield w, k, np.stack(rows), bad
+                rows, bad, k = [], [], k + 1
         if rows:
-            yield w, k, np.stack(rows), corrupt
+            yield w, k, np.stack(rows), bad
 
 
 def _identity(x):
@@ -282,7 +315,12 @@ class TokenStream:
                     self.order.batches_per_epoch, global_batch_size, self.order.dropped_per_epoch)
         self.consumed_samples = 0
         self.corrupt_samples = 0
-        """Unreadable samples met while reading (replaced); includes any read past the rank's need."""
+        """Replaced (unreadable) samples among those this rank handed over: exact, so a resume neither
+        recounts nor forgets any. Per rank; the checkpointed value is the saving rank's."""
+        self.corrupt_shards: list[str] = []
+        """The first few shards (URLs) replaced samples came from, for the error message."""
+        self._more_shards = False
+        self._first_reason: str | None = None
 
     # ------------------------------------------------------------------ facts
 
@@ -321,6 +359,7 @@ class TokenStream:
             "samples_per_epoch": self.order.samples_per_epoch,
             "dropped_per_epoch": self.order.dropped_per_epoch,
             "corrupt_samples": self.corrupt_samples,
+            "corrupt_shards": list(self.corrupt_shards),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -341,6 +380,7 @@ class TokenStream:
             raise ValueError(f"consumed_samples={consumed} is not a multiple of global_batch_size")
         self.consumed_samples = consumed
         self.corrupt_samples = int(sd.get("corrupt_samples", 0))
+        self.corrupt_shards = list(sd.get("corrupt_shards", []))[:_MAX_CORRUPT_SHARDS]
 
     # ------------------------------------------------------------------ iteration
 
@@ -358,19 +398,16 @@ class TokenStream:
             stop = self.cfg.max_epochs * self.order.samples_per_epoch // D
         return start, stop
 
-    def _rows(self, start: int, stop: int | None) -> Iterator[np.ndarray]:
+    def _rows(self, start: int, stop: int | None) -> Iterator[tuple[np.ndarray, Origin | None]]:
+        """(row, origin if it is a replacement) for rank-local samples [start, stop)."""
         W = self.cfg.num_workers
-        base_corrupt = self.corrupt_samples
         if W == 0:
-            for row, corrupt in _rank_samples(self._spec, start, stop, 1):
-                self.corrupt_samples = base_corrupt + corrupt
-                yield row
+            yield from _rank_samples(self._spec, start, stop, 1)
             return
         loader = torch.utils.data.DataLoader(
             _WorkerDataset(self._spec, start, stop, self.cfg.samples_per_transfer),
             batch_size=None, num_workers=W, collate_fn=_identity, prefetch_factor=4)
-        slabs: dict[tuple[int, int], np.ndarray] = {}
-        worker_corrupt = [0] * W
+        slabs: dict[tuple[int, int], tuple[np.ndarray, dict[int, Origin]]] = {}
         it = iter(loader)
         k = self.cfg.samples_per_transfer
         J = start
@@ -378,16 +415,50 @@ class TokenStream:
             w, i = (J - start) % W, (J - start) // W
             key = (w, i // k)
             while key not in slabs:  # workers may finish unevenly at the end: index by (worker, slab)
-                sw, si, arr, corrupt = next(it)
-                slabs[(sw, si)] = arr
-                worker_corrupt[sw] = corrupt
-            slab = slabs[key]
+                sw, si, arr, bad = next(it)
+                slabs[(sw, si)] = arr, dict(bad)
+            slab, bad = slabs[key]
             t = i % k
             if t == len(slab) - 1:
                 del slabs[key]
-            self.corrupt_samples = base_corrupt + sum(worker_corrupt)
-            yield slab[t]
+            yield slab[t], bad.get(t)
             J += 1
+
+    def _count_corrupt(self, origin: Origin) -> None:
+        """One replaced sample handed over: counted, and its shard kept for the error message (bounded)."""
+        self.corrupt_samples += 1
+        url = origin[0]
+        if url not in self.corrupt_shards:
+            if len(self.corrupt_shards) < _MAX_CORRUPT_SHARDS:
+                self.corrupt_shards.append(url)
+            else:
+                self._more_shards = True
+        if self._first_reason is None:
+            self._first_reason = origin[1]
+
+    def _check_budget(self, pass_corrupt: int, pass_batches: int) -> None:
+        """At the end of a global batch: CorruptDataError if this rank's replaced samples exceed `corrupt_budget`.
+
+        Training streams count since the run began (restored by load_state_dict); one-pass streams per pass.
+        """
+        per_rank = self.global_batch_size // self.dp_size
+        if self.one_pass:
+            corrupt, samples = self.corrupt_samples - pass_corrupt, pass_batches * per_rank
+        else:
+            corrupt, samples = self.corrupt_samples, self.consumed_samples // self.dp_size + per_rank
+        f = self.cfg.max_corrupt_fraction
+        allowed = corrupt_budget(samples, f)
+        if corrupt <= allowed:
+            return
+        more = " and more" if self._more_shards else ""
+        first = f" (first: {self._first_reason})" if self._first_reason else ""
+        raise CorruptDataError(
+            f"data-parallel rank {self.dp_rank}: {corrupt} of the {samples} samples it read from {self.cfg.paths} "
+            f"({self.cfg.split}) were unreadable and replaced, over the budget of {allowed} "
+            f"(max(1, data.max_corrupt_fraction={f:g} x samples)); they came from "
+            f"{', '.join(self.corrupt_shards)}{more}{first}; run `hippo data verify` on the folder and re-run "
+            "`hippo data prepare` for it, or raise data.max_corrupt_fraction to train on regardless"
+        )
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         start, stop = self._local_range()
@@ -395,10 +466,12 @@ class TokenStream:
             self.consumed_samples = 0
         per_rank = self.global_batch_size // self.dp_size
         micro_per_batch = per_rank // self.micro_batch_size
-        rows = self._rows(start, stop)
+        pass_corrupt, pass_batches = self.corrupt_samples, 0  # one-pass streams: each pass has its own budget
         m = 0
         batch: list[np.ndarray] = []
-        for row in rows:
+        for row, origin in self._rows(start, stop):
+            if origin is not None:
+                self._count_corrupt(origin)
             batch.append(row)
             if len(batch) < self.micro_batch_size:
                 continue
@@ -406,8 +479,10 @@ class TokenStream:
             batch = []
             m += 1
             if m == micro_per_batch:
+                # Checked before the last micro-batch is handed over: an over-budget batch is never stepped on.
+                m, pass_batches = 0, pass_batches + 1
+                self._check_budget(pass_corrupt, pass_batches)
                 # Counted as the last micro-batch is handed over: a checkpoint after step k has k batches.
-                m = 0
                 self.consumed_samples += self.global_batch_size
             yield out
         if not self.one_pass:
@@ -435,6 +510,8 @@ def build_stream(cfg: DataConfig, *, dp_rank: int, dp_size: int, micro_batch_siz
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
     manifests = [load_manifest(p) for p in cfg.paths]
+    for p, m in zip(cfg.paths, manifests):
+        check_against_shards(p, m, cfg.split)
     first = manifests[0]
     for p, m in zip(cfg.paths[1:], manifests[1:]):
         if (m.seq_len, m.tokenizer["hash"]) != (first.seq_len, first.tokenizer["hash"]):

@@ -1,7 +1,7 @@
 """FlashConv: long convolutions and the SSM kernels of H3. Imports only torch (and triton)."""
 
 from hippo.kernels.fftconv import fft_size, fftconv, fftconv_ref
-from hippo.kernels.h3_core import H3_CORE_IMPLS, h3_core, h3_core_ref
+from hippo.kernels.h3_core import H3_CORE_IMPLS, TritonUnavailableError, h3_core, h3_core_ref, select_impl
 from hippo.kernels.ssm import (
     DiscreteDiagonalSSM,
     diagonal_kernel,
@@ -16,6 +16,7 @@ from hippo.kernels.state_passing import diagonal_kernel_blocked, state_passing_c
 
 __all__ = [
     "H3_CORE_IMPLS",
+    "TritonUnavailableError",
     "diagonal_kernel_blocked",
     "h3_core",
     "h3_core_ref",
@@ -29,6 +30,7 @@ __all__ = [
     "fft_size",
     "fftconv",
     "fftconv_ref",
+    "select_impl",
     "shift_kernel",
     "shift_state_from_prefix",
     "shift_step",

@@ -2,7 +2,8 @@
 
 `compile_flashconv(...)` builds one shipped config for a CUDA target (sm_80 / sm_90) through
 `triton.compile(ASTSource(...), target=GPUTarget(...))`, then reads what a GPU engineer would:
-tensor-core instructions in the PTX, shared memory per block, registers per thread, and spills
+tensor-core instructions in the PTX (and, for fp32, the 3xTF32 operand split that keeps them
+fp32-accurate), shared memory per block, registers per thread, and spills
 (local-memory traffic: `ld/st.local` in the PTX, `LDL/STL` in the SASS, the stack frame size
 reported by `cuobjdump --dump-resource-usage` on the cubin). Used by
 `tests/kernels/test_flashconv_compile.py` and `benchmarks/bench_flashconv_compile.py`.
@@ -23,7 +24,12 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hippo.kernels._flashconv_triton import FLASHCONV_FFT_SIZES, flashconv_fwd_kernel, launch_config
+from hippo.kernels._flashconv_triton import (
+    FLASHCONV_FFT_SIZES,
+    FP32_DOT_PRECISION,
+    flashconv_fwd_kernel,
+    launch_config,
+)
 
 __all__ = ["FLASHCONV_FFT_SIZES", "CompileReport", "SMEM_LIMIT_BYTES", "compile_flashconv", "flashconv_variants"]
 
@@ -53,6 +59,7 @@ class CompileReport:
     local_sass: int  # LDL/STL instructions in the SASS
     mma: int  # mma.sync (sm_80-style) instructions in the PTX
     wgmma: int  # wgmma.mma_async (sm_90) instructions in the PTX
+    tf32_splits: int  # cvt.rna.tf32.f32 in the PTX: 3xTF32's big halves (fp32 inputs; 0 for plain tf32)
 
 
 def flashconv_variants():
@@ -80,7 +87,8 @@ def compile_flashconv(
     fft_size: int, capability: int, dtype: str = "bf16", variant: str = "fwd_h3", **overrides
 ) -> CompileReport:
     """Compile `flashconv_fwd_kernel` at the shipped `launch_config(fft_size)` (or `overrides`)."""
-    cfg = {**launch_config(fft_size, capability), **overrides}
+    cfg = launch_config(fft_size, capability, fp32=dtype == "fp32")
+    cfg = {"FP32_PRECISION": FP32_DOT_PRECISION, **cfg, **overrides}
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     flags, fp32_out = {name: (f, o) for name, f, o in flashconv_variants()}[variant]
     constexprs = dict(**cfg, DOT_DTYPE=_TL_DTYPES[dtype], EMULATE=False, **flags)
@@ -115,4 +123,5 @@ def compile_flashconv(
         local_sass=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
         mma=len(re.findall(r"\bmma\.sync\.", ptx)),
         wgmma=len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
+        tf32_splits=len(re.findall(r"\bcvt\.rna\.tf32\.f32\b", ptx)),
     )

@@ -20,7 +20,8 @@ spectrum is laid out the same way in torch, so the pointwise product needs no re
 inverse runs the same steps backwards with conjugates. Every step is a `tl.dot` with a small dense
 DFT matrix (real and imaginary parts as separate real matrices): 12 real GEMMs per block of
 frequency rows (see the kernel), fp32 accumulation, operands in the input's half dtype
-(fp16 / bf16) or tf32 for fp32 inputs. Two levels cover N <= 16K (L <= 8K) in one kernel.
+(fp16 / bf16), or 3xTF32 for fp32 inputs (`FP32_DOT_PRECISION`). Two levels cover N <= 16K
+(L <= 8K) in one kernel; fp32 stops at L = 2K (`_flashconv_support.FP32_MAX_LEN`).
 
 The zero padding to N >= 2L makes the circular convolution causal-exact for the first L outputs;
 with a conjugated spectrum the same kernel computes the anti-causal correlation the backward
@@ -38,10 +39,13 @@ import torch
 import triton
 import triton.language as tl
 
+from hippo.kernels._flashconv_support import MAX_FFT_SIZE, MIN_FFT_SIZE, block_fft_config, flashconv_unsupported
+
 __all__ = [
     "FlashConvFn",
     "flashconv",
     "FLASHCONV_FFT_SIZES",
+    "FP32_DOT_PRECISION",
     "INTERPRET_CAPABILITY",
     "launch_config",
     "MAX_FFT_SIZE",
@@ -52,23 +56,76 @@ __all__ = [
     "flashconv_rows",
 ]
 
-MIN_FFT_SIZE = 256  # N1 = N2 = 16: tl.dot needs every dimension >= 16
-MAX_FFT_SIZE = 16384  # L = 8K in one kernel (128 x 128 on sm_8x, 256 x 64 on sm_90)
+# `input_precision` of the fp32 GEMMs (same keyword and values in triton 3.6 and 3.9; ignored for
+# 16-bit operands). "tf32" (triton's default) reads 10 mantissa bits: ~1e-3 errors. "ieee" is exact
+# fp32 but runs on CUDA cores: no tensor-core instruction and spills from N = 2048 at the shipped
+# configs (the compile check fails). "tf32x3" splits each operand into two tf32 halves, three
+# tensor-core products: per-product error ~2^-20 instead of 2^-10.
+FP32_DOT_PRECISION = "tf32x3"
 
 
 # --------------------------------------------------------------------------- Triton kernel
 @triton.jit
-def _mm(a, b, acc, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+def _tf32_trunc(x):
+    """What a TF32 tensor core reads of an fp32 value: the low 13 mantissa bits dropped."""
+    return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tf32_round(x):
+    """x rounded to TF32 (nearest, ties away: cvt.rna.tf32.f32), the "big" half of 3xTF32."""
+    return ((x.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """x.to(DTYPE) with a GPU's rounding (nearest even) also under the interpreter.
+
+    triton 3.9's interpreter truncates fp32 -> bf16 (errors up to 2^-7, all toward zero, so they
+    do not cancel). Under EMULATE bf16 is rounded by bit arithmetic and returned as fp32 values
+    that are exact in bf16 (a later `.to(tl.bfloat16)` is then exact).
+    """
+    if EMULATE and DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+        return ((bits + 32767 + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _mm_emulated(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b for fp32 a, b as a GPU computes it with this input_precision (interpreter only)."""
+    if PRECISION == "tf32":
+        return tl.dot(_tf32_trunc(a), _tf32_trunc(b), acc, input_precision="ieee")
+    elif PRECISION == "tf32x3":
+        a_hi = _tf32_round(a)
+        b_hi = _tf32_round(b)
+        small = tl.dot(_tf32_trunc(a - a_hi), b_hi, tl.zeros_like(acc), input_precision="ieee")
+        small = tl.dot(a_hi, _tf32_trunc(b - b_hi), small, input_precision="ieee")
+        return acc + tl.dot(a_hi, b_hi, small, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _mm(a, b, acc, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr, FP32_PRECISION: tl.constexpr):
     """acc + a @ b with operands in DOT_DTYPE and fp32 accumulation.
 
-    EMULATE (the CPU interpreter only): round the operands to DOT_DTYPE, then multiply in fp32.
-    Same numerics as the tensor-core product up to summation order; needed because triton 3.9's
-    interpreter computes bf16 `tl.dot` wrongly (errors ~1e10 seen), and numpy has no bf16.
+    EMULATE (the CPU interpreter only): round the operands to DOT_DTYPE (nearest even, `_to`),
+    then multiply in fp32, with fp32 operands treated as the GPU's FP32_PRECISION would
+    (`_mm_emulated`). Same numerics as the tensor-core product up to summation order; needed
+    because triton 3.9's interpreter computes bf16 `tl.dot` wrongly (errors ~1e10 seen), numpy
+    has no bf16, and the interpreter ignores input_precision (it would show ieee numerics for
+    every fp32 mode).
     """
     if EMULATE:
-        return tl.dot(a.to(DOT_DTYPE).to(tl.float32), b.to(DOT_DTYPE).to(tl.float32), acc, input_precision="ieee")
+        if DOT_DTYPE == tl.float32:
+            return _mm_emulated(a.to(tl.float32), b.to(tl.float32), acc, FP32_PRECISION)
+        else:
+            a32 = _to(a, DOT_DTYPE, EMULATE).to(tl.float32)
+            return tl.dot(a32, _to(b, DOT_DTYPE, EMULATE).to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=FP32_PRECISION)
 
 
 @triton.jit
@@ -88,7 +145,8 @@ def flashconv_fwd_kernel(
     H: tl.constexpr,  # rows n1 < H of the time-domain tile hold data (N1 / 2: L <= N / 2), >= 16
     R: tl.constexpr,  # frequency rows k1 per loop step
     HAS_V: tl.constexpr, HAS_Q: tl.constexpr, HAS_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,  # tl.float16 / tl.bfloat16 / tl.float32 (tf32 on tensor cores)
+    DOT_DTYPE: tl.constexpr,  # tl.float16 / tl.bfloat16 / tl.float32 (see FP32_PRECISION)
+    FP32_PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands: FP32_DOT_PRECISION
     EMULATE: tl.constexpr = False,
 ):
     # Only the first and last GEMMs (F_N1 @ A, conj(F_N1) @ G) mix the rows k1 of the (N1, N2)
@@ -111,7 +169,7 @@ def flashconv_fwd_kernel(
     w = tl.load(u_ptr + b * stride_ub + c * stride_uc + pos * stride_ul, mask=mask, other=0.0).to(tl.float32)
     if HAS_V:
         w = w * tl.load(v_ptr + b * stride_vb + c * stride_vc + pos * stride_vl, mask=mask, other=0.0).to(tl.float32)
-    w_op = w.to(DOT_DTYPE)
+    w_op = _to(w, DOT_DTYPE, EMULATE)
     sq2 = i2[:, None] * N2 + i2[None, :]
     f2r = tl.load(f2r_ptr + sq2)
     f2i = tl.load(f2i_ptr + sq2)
@@ -124,29 +182,33 @@ def flashconv_fwd_kernel(
         blk = k1[:, None] * N2 + i2[None, :]  # (R, N2)
         # Step 1: B = F_N1[blk, :H] @ A (A real: two GEMMs).
         f1_rows = k1[:, None] * N1 + ih[None, :]  # (R, H)
-        br = _mm(tl.load(f1r_ptr + f1_rows), w_op, zero, DOT_DTYPE, EMULATE)
-        bi = _mm(tl.load(f1i_ptr + f1_rows), w_op, zero, DOT_DTYPE, EMULATE)
+        br = _mm(tl.load(f1r_ptr + f1_rows), w_op, zero, DOT_DTYPE, EMULATE, FP32_PRECISION)
+        bi = _mm(tl.load(f1i_ptr + f1_rows), w_op, zero, DOT_DTYPE, EMULATE, FP32_PRECISION)
         # Step 2: twiddles.
         twr = tl.load(twr_ptr + blk)
         twi = tl.load(twi_ptr + blk)
         tr = br * twr - bi * twi
         ti = br * twi + bi * twr
         # Step 3: C = B @ F_N2 (complex x complex: four GEMMs chained through the accumulator).
-        cr = _mm(-ti, f2i, _mm(tr, f2r, zero, DOT_DTYPE, EMULATE), DOT_DTYPE, EMULATE)
-        ci = _mm(ti, f2r, _mm(tr, f2i, zero, DOT_DTYPE, EMULATE), DOT_DTYPE, EMULATE)
+        cr = _mm(-ti, f2i, _mm(tr, f2r, zero, DOT_DTYPE, EMULATE, FP32_PRECISION),
+                 DOT_DTYPE, EMULATE, FP32_PRECISION)
+        ci = _mm(ti, f2r, _mm(tr, f2i, zero, DOT_DTYPE, EMULATE, FP32_PRECISION),
+                 DOT_DTYPE, EMULATE, FP32_PRECISION)
         # Pointwise product with the kernel spectrum (1/N already folded in).
         kr = tl.load(kr_ptr + spec_ptr + blk)
         ki = tl.load(ki_ptr + spec_ptr + blk)
         pr = cr * kr - ci * ki
         pi = cr * ki + ci * kr
         # Inverse: E = P @ conj(F_N2); G = E * conj(T); S += Re(conj(F_N1)[:H, blk] @ G).
-        er = _mm(pi, f2i, _mm(pr, f2r, zero, DOT_DTYPE, EMULATE), DOT_DTYPE, EMULATE)
-        ei = _mm(-pr, f2i, _mm(pi, f2r, zero, DOT_DTYPE, EMULATE), DOT_DTYPE, EMULATE)
+        er = _mm(pi, f2i, _mm(pr, f2r, zero, DOT_DTYPE, EMULATE, FP32_PRECISION),
+                 DOT_DTYPE, EMULATE, FP32_PRECISION)
+        ei = _mm(-pr, f2i, _mm(pi, f2r, zero, DOT_DTYPE, EMULATE, FP32_PRECISION),
+                 DOT_DTYPE, EMULATE, FP32_PRECISION)
         gr = er * twr + ei * twi
         gi = ei * twr - er * twi
         f1_cols = ih[:, None] * N1 + k1[None, :]  # (H, R)
-        acc = _mm(tl.load(f1r_ptr + f1_cols), gr, acc, DOT_DTYPE, EMULATE)
-        acc = _mm(tl.load(f1i_ptr + f1_cols), gi, acc, DOT_DTYPE, EMULATE)
+        acc = _mm(tl.load(f1r_ptr + f1_cols), gr, acc, DOT_DTYPE, EMULATE, FP32_PRECISION)
+        acc = _mm(tl.load(f1i_ptr + f1_cols), gi, acc, DOT_DTYPE, EMULATE, FP32_PRECISION)
 
     s = acc
     if HAS_D:
@@ -156,21 +218,12 @@ def flashconv_fwd_kernel(
         s += tl.load(d_ptr + c) * w_op.to(tl.float32)
     if HAS_Q:
         s = s * tl.load(q_ptr + b * stride_qb + c * stride_qc + pos * stride_ql, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + b * stride_yb + c * stride_yc + pos * stride_yl, s.to(y_ptr.dtype.element_ty), mask=mask)
+    y = _to(s, y_ptr.dtype.element_ty, EMULATE).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + b * stride_yb + c * stride_yc + pos * stride_yl, y, mask=mask)
 
 
 # --------------------------------------------------------------------------- host side
-def block_fft_config(L: int) -> tuple[int, int, int]:
-    """(N, N1, N2) for a causal conv of length L: N = max(256, next_pow2(2L)), N1 <= N2 square-ish."""
-    n = max(MIN_FFT_SIZE, 1 << (2 * L - 1).bit_length())
-    if n > MAX_FFT_SIZE:
-        raise ValueError(f"flashconv (triton) handles L <= {MAX_FFT_SIZE // 2} in one kernel, got L={L}")
-    log_n = n.bit_length() - 1
-    n1 = 1 << (log_n // 2)
-    return n, n1, n // n1
-
-
-def launch_config(n: int, capability: int = 90) -> dict:
+def launch_config(n: int, capability: int = 90, *, fp32: bool = False) -> dict:
     """Block sizes and launch options for FFT size n on a GPU of this compute capability.
 
     Exactly what the compile test builds (tests/kernels/test_flashconv_compile.py).
@@ -179,15 +232,17 @@ def launch_config(n: int, capability: int = 90) -> dict:
     on sm_80 the square-ish split is the one that compiles clean
     (benchmarks/results/flashconv_triton.md).
     H: data rows of the time tile (N1 / 2, or N1 when N1 / 2 < 16, tl.dot's minimum).
-    R: frequency rows per loop step (16 from N = 8K: R = 32 spills there).
+    R: frequency rows per loop step (16 from N = 8K: R = 32 spills there; 16 from N = 2K for
+    fp32, whose 3xTF32 GEMMs hold three operand pairs: R = 32 spills on sm_90).
     num_stages=1: the loop's loads are small and L2-resident, while the default software
     pipelining multiplied shared memory (212 KiB at N = 8K, over sm_80's 163 KiB).
     """
     _, n1, n2 = block_fft_config(n // 2)
     if capability >= 90 and n >= 8192:
         n1, n2 = n // 64, 64
+    rows = 16 if n >= (2048 if fp32 else 8192) else 32
     return dict(
-        N1=n1, N2=n2, H=n1 // 2 if n1 >= 32 else n1, R=min(n1, 32 if n <= 4096 else 16),
+        N1=n1, N2=n2, H=n1 // 2 if n1 >= 32 else n1, R=min(n1, rows),
         num_warps=4 if n <= 1024 else 8, num_stages=1,
     )
 
@@ -262,18 +317,15 @@ def flashconv_rows(
     instead (y[j] = sum_{l >= j} k[l - j] (u v)[l]: the input gradient). Returns (B, C, L).
     """
     Bsz, C, L = u.shape
-    n = block_fft_config(L)[0]
     cap = _capability(u.device)
-    if u.dtype == torch.float32 and cap < 90 and n >= 8192:
-        # Compile check: fp32 (tf32) operands at N >= 8K need 168-184 KiB of shared memory on
-        # sm_8x (limit 163 KiB) and spill; not shipped. The model's GPU dtype is bf16.
-        raise ValueError(f"flashconv (triton): fp32 inputs with L > 4096 are not supported on sm_{cap}; use bf16/fp16")
-    cfg = launch_config(n, cap)
+    why = flashconv_unsupported(divmod(cap, 10) if u.device.type == "cuda" else None, u.dtype, L)
+    if why is not None:
+        raise ValueError(f"flashconv (triton): {why}")
+    n = block_fft_config(L)[0]
+    cfg = launch_config(n, cap, fp32=u.dtype == torch.float32)
     n1, n2 = cfg["N1"], cfg["N2"]
     spectrum = block_fft_spectrum(k[..., :L], n, n1, conj=conj)
-    dot_dtype = _DOT_DTYPES.get(u.dtype)
-    if dot_dtype is None:
-        raise TypeError(f"flashconv (triton) takes fp32/fp16/bf16 inputs, got {u.dtype}")
+    dot_dtype = _DOT_DTYPES[u.dtype]
     y = torch.empty(Bsz, C, L, device=u.device, dtype=out_dtype or u.dtype)
     f1r, f1i, f2r, f2i, twr, twi = _dft_mats(n1, n2, u.device, u.dtype)
     dummy = u  # never read: the HAS_* flags compile the loads out
@@ -289,6 +341,7 @@ def flashconv_rows(
         **cfg,
         HAS_V=v is not None, HAS_Q=q is not None, HAS_D=D is not None,
         DOT_DTYPE=dot_dtype,
+        FP32_PRECISION=FP32_DOT_PRECISION,
         EMULATE=_interpreting(),
     )
     return y
@@ -358,8 +411,22 @@ def flashconv(
         v: optional (B, C, L) pre-multiply (H3: V times the shift-SSM output u = K').
         q: optional (B, C, L) post-multiply (H3: Q).
     Returns:
-        (B, C, L) in u's dtype. Products on tensor cores with operands in u's dtype (tf32 for fp32)
-        and fp32 accumulation. Runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1.
+        (B, C, L) in u's dtype. Products on tensor cores with operands in u's dtype (3xTF32 for
+        fp32) and fp32 accumulation. Runs on CUDA tensors of compute capability >= 8.0 (fp32:
+        L <= 2048), or on CPU under TRITON_INTERPRET=1.
+
+    Accuracy, normwise relative to float64 on the same (dtype-rounded) inputs. u: one rounding,
+    bf16 2^-8, fp16 2^-11, fp32 GEMMs 3xTF32 <= 2.5 * 2^-21 per product (plain TF32: 2^-10).
+    One call rounds 9 times (4 GEMM operands, 4 DFT matrices, the output); with RMS u / sqrt(3)
+    each, in quadrature, times 3 for margin, the bound is 5.2 u, plus fp32 accumulation
+    (sqrt(8 n / 3) u32, n = N2 <= 128 the GEMM reduction length):
+      bf16  <= 2.0e-2   (interpreter, GPU rounding emulated: ~1e-3 .. 5e-3)
+      fp16  <= 2.5e-3   (~2e-4 .. 9e-4)
+      fp32  <= 6e-6     (~1e-7; plain TF32 dots would give ~1e-3)
+    `tests/kernels/test_flashconv_triton.py` checks these through h3_core (two chained calls:
+    18 roundings, 7.3 u). The interpreter emulates a GPU's rounding (EMULATE), so the same
+    bounds should hold on sm_80 / sm_90 up to the tensor cores' fp32 summation order; that part
+    is not yet measured on a GPU.
     """
     if u.dim() != 3:
         raise ValueError(f"flashconv expects u of shape (B, C, L), got {tuple(u.shape)}")

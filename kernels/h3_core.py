@@ -19,9 +19,11 @@ Paths (`impl=`):
                Exact (no FFT rounding); cost O(L (P + 2N)) per channel.
   "triton"     Triton FlashConv (`kernels._flashconv_triton`): the shift SSM as one fused block-FFT
                conv kernel (+ Dk k), then one fused kernel for q * (conv(k' v, Kd) + D k' v).
-               CUDA tensors (or CPU under TRITON_INTERPRET=1), L <= 8192, no initial/returned
-               state; otherwise asking for it raises.
-  "auto"       "triton" on CUDA when it applies, else "torch" (each choice logged once).
+               CUDA tensors of compute capability >= 8.0 (or CPU under TRITON_INTERPRET=1),
+               fp32 / fp16 / bf16, L <= 8192 (fp32: L <= 2048), no initial/returned state;
+               otherwise asking for it raises `TritonUnavailableError`.
+  "auto"       "triton" where it can run on a CUDA device, else "torch" (`select_impl`, a pure
+               function of capability, dtype, length and device type; each choice logged once).
 
 `kernels/` imports only torch (and triton).
 """
@@ -35,53 +37,100 @@ import os
 import torch
 import torch.nn.functional as F
 
+from hippo.kernels._flashconv_support import flashconv_unsupported
 from hippo.kernels.fftconv import fftconv
 from hippo.kernels.ssm import DiscreteDiagonalSSM, diagonal_kernel, diagonal_state_from_prefix, shift_kernel
 from hippo.kernels.state_passing import mode_powers
 
-__all__ = ["h3_core", "h3_core_ref", "H3_CORE_IMPLS"]
+__all__ = ["h3_core", "h3_core_ref", "H3_CORE_IMPLS", "TritonUnavailableError", "select_impl", "triton_unsupported"]
 
 log = logging.getLogger(__name__)
 
 H3_CORE_IMPLS = ("auto", "torch", "reference", "triton")
 _CHUNK = 64
-_TRITON_MAX_LEN = 8192
 _auto_logged: set[tuple[str, str]] = set()
 
 
-def _triton_runnable(device: torch.device) -> str | None:
-    """None if the Triton FlashConv path can run on `device`, else the reason it cannot."""
-    if importlib.util.find_spec("triton") is None:
+class TritonUnavailableError(RuntimeError):
+    """impl='triton' was asked for where the Triton path cannot run; `reason` says why.
+
+    A class of its own so that callers (the H3 layer) can name their own option in the message.
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(f"h3_core(impl='triton'): {reason}; use impl='torch' (chunked fast path) or impl='reference'")
+        self.reason = reason
+
+
+def triton_unsupported(
+    capability: tuple[int, int] | None,
+    dtype: torch.dtype,
+    length: int,
+    device_type: str,
+    *,
+    stateful: bool = False,
+    interpret: bool = False,
+    triton_installed: bool = True,
+) -> str | None:
+    """None if the Triton path can run these inputs, else why not.
+
+    Pure: the machine's facts (capability of a CUDA device, TRITON_INTERPRET, triton installed)
+    are arguments, so every branch is testable without a GPU.
+    """
+    if not triton_installed:
         return "triton is not installed"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return f"tensors are on {device.type}, not CUDA (set TRITON_INTERPRET=1 to interpret the kernel on CPU)"
-    return None
+    if device_type != "cuda" and not interpret:
+        return f"tensors are on {device_type}, not CUDA (set TRITON_INTERPRET=1 to interpret the kernel on CPU)"
+    if stateful:
+        return "initial_state / return_state are not supported by the Triton FlashConv path"
+    if device_type == "cuda" and capability is None:
+        return "the CUDA device's compute capability is unknown"
+    return flashconv_unsupported(capability if device_type == "cuda" else None, dtype, length)
 
 
-def _resolve_impl(impl: str, device: torch.device, length: int = 0, stateful: bool = False) -> str:
+def select_impl(
+    capability: tuple[int, int] | None,
+    dtype: torch.dtype,
+    length: int,
+    device_type: str,
+    *,
+    impl: str = "auto",
+    stateful: bool = False,
+    interpret: bool = False,
+    triton_installed: bool = True,
+) -> str:
+    """The path `h3_core` runs: "auto" never picks a path that raises (Triton on CUDA where it
+    has a clean configuration, else the chunked "torch" path; the interpreter is for tests and
+    never picked). An explicit "triton" that cannot run raises `TritonUnavailableError`.
+
+    capability: (major, minor) of the CUDA device, None elsewhere; dtype: the kernels' operand
+    dtype (k's); length: L. Pure, like `triton_unsupported`.
+    """
     if impl not in H3_CORE_IMPLS:
         raise ValueError(f"impl must be one of {H3_CORE_IMPLS}, got {impl!r}")
-    if impl == "triton":
-        why = _triton_runnable(device)
-        if why is None and stateful:
-            why = "initial_state / return_state are not supported by the Triton FlashConv path"
-        if why is None and length > _TRITON_MAX_LEN:
-            why = f"L={length} > {_TRITON_MAX_LEN} (one-kernel block FFT limit)"
-        if why is not None:
-            raise RuntimeError(
-                f"h3_core(impl='triton'): {why}; use impl='torch' (chunked fast path) or impl='reference'"
-            )
-        return impl
     if impl == "auto":
-        # Triton FlashConv on CUDA when it applies; the chunked matmul path everywhere else.
-        use_triton = (
-            device.type == "cuda" and not stateful and length <= _TRITON_MAX_LEN and _triton_runnable(device) is None
-        )
-        impl = "triton" if use_triton else "torch"
-        if (device.type, impl) not in _auto_logged:
-            _auto_logged.add((device.type, impl))
-            log.info("h3_core impl='auto' picked %r on %s", impl, device.type)
+        why = triton_unsupported(capability, dtype, length, device_type, stateful=stateful,
+                                 triton_installed=triton_installed)
+        return "triton" if why is None else "torch"
+    if impl == "triton":
+        why = triton_unsupported(capability, dtype, length, device_type, stateful=stateful, interpret=interpret,
+                                 triton_installed=triton_installed)
+        if why is not None:
+            raise TritonUnavailableError(why)
     return impl
+
+
+def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, length: int, stateful: bool) -> str:
+    """`select_impl` with this machine's facts; logs each (device type, choice) of "auto" once."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    facts = dict(stateful=stateful, interpret=os.environ.get("TRITON_INTERPRET", "0") == "1",
+                 triton_installed=importlib.util.find_spec("triton") is not None)
+    chosen = select_impl(capability, dtype, length, device.type, impl=impl, **facts)
+    if impl == "auto" and (device.type, chosen) not in _auto_logged:
+        _auto_logged.add((device.type, chosen))
+        why = triton_unsupported(capability, dtype, length, device.type, **{**facts, "interpret": False})
+        log.info("h3_core impl='auto' picked %r on %s%s", chosen, device.type, f" ({why})" if why else "")
+    return chosen
 
 
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -263,14 +312,14 @@ def h3_core(
         q, k, v: (B, C, L), any strides (a transposed (B, L, C) projection is fine).
         shift_B, shift_C: (C, N) shift-SSM parameters (N <= 64); shift_D: (C,).
         ssm: discretized diagonal SSM, (C, N/2) complex tensors; D: (C,).
-        impl: "auto" | "torch" | "reference" | "triton" (see module docstring).
+        impl: "auto" | "torch" | "reference" | "triton" (see module docstring and `select_impl`).
         initial_state: optional (B, C, N/2) complex diagonal-SSM state before position 0.
         return_state: also return the (B, C, N/2) complex diagonal-SSM state after L-1
             (the prefill state for generation).
     Returns:
         y (B, C, L) in q's dtype (computed in fp32, or fp64 for fp64 inputs)[, state].
     """
-    impl = _resolve_impl(impl, q.device, q.shape[-1], initial_state is not None or return_state)
+    impl = _resolve_impl(impl, q.device, k.dtype, q.shape[-1], initial_state is not None or return_state)
     if impl == "triton":
         return _h3_core_triton(q, k, v, shift_B, shift_C, shift_D, ssm, D)
     if impl == "reference":

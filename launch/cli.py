@@ -7,13 +7,17 @@ import os
 import subprocess
 from pathlib import Path
 
-from hippo.launch.env import train_argv, worker_env
+from hippo.launch.env import HOST_DECIDED, job_env, train_argv, worker_env
 from hippo.launch.torchrun import show
 
 
-def _run(cmd: list[str]) -> int:
+def _run(cmd: list[str], *, dry_run: bool, env: dict[str, str] | None = None) -> int:
+    """Print the command, then run it (unless `dry_run`: the layout is checked, nothing starts)."""
     print(f"hippo launch: {show(cmd)}", flush=True)
-    return subprocess.call(cmd, env=worker_env())
+    if dry_run:
+        print("hippo launch: --dry-run: nothing started")
+        return 0
+    return subprocess.call(cmd, env=worker_env() if env is None else env)
 
 
 def _validated_train_args(args: argparse.Namespace, world_size: int) -> list[str]:
@@ -29,7 +33,8 @@ def _cmd_torchrun(args: argparse.Namespace) -> int:
 
     spec = TorchrunSpec(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.max_restarts, args.rdzv_id,
                         args.local_addr, args.rdzv_host)
-    return _run(torchrun_command(spec, _validated_train_args(args, spec.nnodes * spec.nproc_per_node)))
+    cmd = torchrun_command(spec, _validated_train_args(args, spec.nnodes * spec.nproc_per_node))
+    return _run(cmd, dry_run=args.dry_run)
 
 
 def _cmd_deepspeed(args: argparse.Namespace) -> int:
@@ -38,7 +43,7 @@ def _cmd_deepspeed(args: argparse.Namespace) -> int:
     world_size = sum(parse_hostfile(args.hostfile).values())
     cmd = deepspeed_command(args.hostfile, _validated_train_args(args, world_size), master_port=args.master_port,
                             no_ssh=args.no_ssh, node_rank=args.node_rank, master_addr=args.master_addr)
-    return _run(cmd)
+    return _run(cmd, dry_run=args.dry_run)
 
 
 def _cmd_slurm(args: argparse.Namespace) -> int:
@@ -51,15 +56,20 @@ def _cmd_slurm(args: argparse.Namespace) -> int:
     out.write_text(script)
     os.chmod(out, 0o755)
     print(f"hippo launch: wrote {out}")
-    if args.submit:
-        return _run(["sbatch", str(out)])
-    return 0
+    if not args.submit:
+        return 0
+    if left := [k for k in HOST_DECIDED if k in os.environ]:
+        print(f"hippo launch: not passing this host's {', '.join(left)} to the job (each worker sets them itself)")
+    return _run(["sbatch", str(out)], dry_run=args.dry_run, env=job_env())
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config (path or shipped name)")
     p.add_argument("--run-dir", help="run folder on a filesystem every node sees")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config against the world size, print the command (slurm: write the script), "
+                        "start nothing")
 
 
 def register(subparsers) -> None:

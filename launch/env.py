@@ -12,10 +12,21 @@ from __future__ import annotations
 import os
 
 
+HOST_DECIDED = ("DS_ACCELERATOR", "OMP_NUM_THREADS")
+"""Settings each worker makes for its own hardware (`hippo.parallel.runtime`): a value in the
+launching host's environment describes that host (a GPU-less login node), not the workers."""
+
+
 def worker_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead peer fails the step, not a hang (NCCL only)
     return env
+
+
+def job_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a batch job is submitted with. sbatch hands the submitting environment to
+    every node of the job (`--export=ALL`, its default), so the host-decided settings stay behind."""
+    return {k: v for k, v in worker_env(base).items() if k not in HOST_DECIDED}
 
 
 def train_argv(config: str, run_dir: str | None, sets: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ config: `build_train_engine` composes one from those.
 
 from __future__ import annotations
 
+import argparse
 import re
 from typing import Any, Callable, Iterable, Iterator
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from hippo.parallel.gather import load_full_parameters
 from hippo.parallel.groups import ParallelState
 from hippo.parallel.layout import ParallelLayout
 from hippo.parallel.pipeline import SequentialLM, build_pipeline
@@ -66,15 +68,22 @@ def mean_token_loss(linears: Linears) -> Callable[[torch.Tensor, torch.Tensor], 
 
 
 def build_train_engine(cfg: ModelConfig, state: ParallelState, optimizer_factory: OptimizerFactory, *, seed: int,
-                       precision: str = "fp32", grad_clip: float = 1.0, load_universal: bool = False) -> TrainEngine:
+                       precision: str = "fp32", grad_clip: float = 1.0, load_universal: bool = False,
+                       initial_weights: Callable[[str], torch.Tensor] | None = None) -> TrainEngine:
     """Model, optimizer and DeepSpeed engine for this rank. `load_universal`: the engine will
-    load a universal checkpoint (one written under another layout)."""
+    load a universal checkpoint (one written under another layout). `initial_weights(name)`: the
+    single-process tensor of each parameter to start from (a pretrained model) instead of the
+    seeded initialization; loaded before DeepSpeed copies the weights into its optimizer."""
     deepspeed = import_deepspeed()
     layout = state.layout
     linears = megatron_linears(state.tp_rank, layout.tensor, layout.pipeline, sequence_parallel=layout.sequence_parallel)
     module = build_module(cfg, state, linears, seed=seed)
+    if initial_weights is not None:
+        load_full_parameters(module, state, initial_weights)
     optimizer, scheduler = optimizer_factory(module, FiniteStepAdamW)
     engine, optimizer, _, _ = deepspeed.initialize(
+        # DeepSpeed would set_device(LOCAL_RANK): wrong where each task sees one GPU (SLURM).
+        args=argparse.Namespace(device_rank=state.device.index or 0),
         model=module, optimizer=optimizer, lr_scheduler=scheduler,
         mpu=None if layout.pipelined else state.mpu,  # a pipeline module brings its own grid (same topology)
         config=deepspeed_config(layout, precision=precision, grad_clip=grad_clip, load_universal=load_universal),
@@ -182,19 +191,25 @@ class FiniteStepAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        bad = torch.zeros(())
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    bad.fill_(1.0)
-        if dist.is_initialized():
-            device = next(p.device for g in self.param_groups for p in g["params"])
-            bad = bad.to(device)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.overflow = bool(bad.item())
+        self.overflow = self._any_rank_non_finite()
         if self.overflow:
             return None
         return super().step(closure)
+
+    def _any_rank_non_finite(self) -> bool:
+        """One device->host sync per step: per-tensor flags stay on the device, one all-reduce
+        agrees on them, one `.item()` reads the result (a `bool()` per tensor would stall the
+        GPU once per parameter)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        device = params[0].device if params else torch.device("cpu")
+        if grads:
+            bad = torch.stack([torch.isfinite(g).all() for g in grads]).logical_not().any().float()
+        else:
+            bad = torch.zeros((), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item())
 
 
 def _to_device(it: Iterator, device: torch.device) -> Iterator:

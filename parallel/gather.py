@@ -1,6 +1,8 @@
-"""Full tensors from shards: the single-process view of a model split over TP and PP ranks."""
+"""Full tensors from shards and back: the single-process view of a model split over TP and PP ranks."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -27,16 +29,16 @@ def stage_full_parameters(module: nn.Module, state: ParallelState) -> dict[str, 
     return out
 
 
-def full_parameters(module: nn.Module, state: ParallelState) -> dict[str, torch.Tensor] | None:
-    """Every parameter of the model as full tensors on global rank 0 (None elsewhere)."""
-    mine = stage_full_parameters(module, state)
-    keep = state.tp_rank == 0 and state.dp_rank == 0  # one copy per stage
-    gathered = [None] * dist.get_world_size() if state.rank == 0 else None
-    dist.gather_object(mine if keep else None, gathered, dst=0)
-    if state.rank != 0:
-        return None
-    merged: dict[str, torch.Tensor] = {}
-    for part in gathered:
-        if part:
-            merged.update(part)
-    return merged
+@torch.no_grad()
+def load_full_parameters(module: nn.Module, state: ParallelState, full_tensor: Callable[[str], torch.Tensor]) -> None:
+    """The inverse of `stage_full_parameters`: fill this rank's parameters (its TP shard of each)
+    from single-process tensors under `HippoLM` names; `full_tensor(name)` reads one on demand,
+    so a rank never holds more of the model than one tensor at a time."""
+    tp = state.layout.tensor
+    for name, p in canonical_named_parameters(module):
+        full = full_tensor(name)
+        dim = partition_dim(p)
+        part = full if dim is None or tp == 1 else full.chunk(tp, dim=dim)[state.tp_rank]
+        if part.shape != p.shape:
+            raise ValueError(f"{name}: {tuple(full.shape)} does not split into this rank's {tuple(p.shape)}")
+        p.copy_(part.to(device=p.device, dtype=p.dtype))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hippo.parallel.runtime import backend, configure_cpu_threads, device, import_deepspeed
+from hippo.parallel.runtime import backend, bind_device, configure_cpu_threads, import_deepspeed
 from hippo.parallel.layout import ParallelLayout
 
 
@@ -115,8 +115,7 @@ def init_parallel(layout: ParallelLayout, seed: int) -> ParallelState:
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     configure_cpu_threads()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+    rank_device = bind_device(local_rank)
     if not dist.is_initialized():
         _init_process_group()
         deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
@@ -132,7 +131,7 @@ def init_parallel(layout: ParallelLayout, seed: int) -> ParallelState:
     if (coord.model, coord.pipe, coord.data) != ours:
         raise RuntimeError(f"rank {rank}: DeepSpeed topology {coord} disagrees with Megatron (tp, pp, dp) = {ours}")
     mpu = MegatronMPU()
-    state = ParallelState(layout, rank, *ours, device=device(local_rank), topology=topology, mpu=mpu)
+    state = ParallelState(layout, rank, *ours, device=rank_device, topology=topology, mpu=mpu)
     seed_tensor_parallel_rng(mpu, seed)
     return state
 

@@ -15,10 +15,12 @@ from typing import Iterator
 
 import torch
 
+from hippo.data_pipeline.errors import MissingSplitError
 from hippo.data_pipeline.stream import build_stream
 from hippo.parallel.engine import TrainEngine, build_train_engine
 from hippo.parallel.groups import ParallelState
-from hippo.pretrain.config import HippoConfig, to_dict
+from hippo.pretrain.config import ConfigError, HippoConfig, to_dict
+from hippo.pretrain.models.pretrained import read_config, weight_reader
 from hippo.pretrain.optim import optimizer_factory
 from hippo.pretrain.tracking import Tracker
 
@@ -27,11 +29,31 @@ log = logging.getLogger(__name__)
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def build_engine(cfg: HippoConfig, state: ParallelState, *, load_universal: bool = False) -> TrainEngine:
+def build_engine(cfg: HippoConfig, state: ParallelState, *, load_universal: bool = False,
+                 init_from: Path | None = None) -> TrainEngine:
+    """`init_from`: an export (`hippo export`, `hippo import h3`) whose weights the run starts from,
+    with a fresh optimizer, in any parallel layout."""
     return build_train_engine(
         cfg.model, state, optimizer_factory(cfg.optim, cfg.train.steps), seed=cfg.train.seed,
         precision=cfg.train.precision, grad_clip=cfg.optim.grad_clip, load_universal=load_universal,
+        initial_weights=None if init_from is None else weight_reader(init_from),
     )
+
+
+def check_init_from(cfg: HippoConfig, export: Path, tokenizer_id: str) -> None:
+    """Refuse, before anything is built, an export of another architecture or tokenizer."""
+    meta = read_config(export)
+    theirs = {k: v for k, v in meta["model"].items() if k != "dropout"}
+    ours = {k: v for k, v in to_dict(cfg.model).items() if k != "dropout"}
+    if diff := [f"model.{k}: {theirs.get(k)!r} (export) vs {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
+                if theirs.get(k) != ours.get(k)]:
+        raise ConfigError(f"--init-from {export}: its model differs from the config's: {'; '.join(diff)}; set the "
+                          f"model section to the export's ({export / 'config.json'})")
+    info = meta.get("tokenizer_info") or {}
+    theirs_tok = f"{info.get('name')}:{info.get('hash')}" if info.get("hash") else None
+    if theirs_tok is not None and theirs_tok != tokenizer_id:
+        raise ConfigError(f"--init-from {export} was trained with tokenizer {theirs_tok}, data.paths are of tokenizer "
+                          f"{tokenizer_id}: prepare the data with the export's tokenizer ({export / 'tokenizer.json'})")
 
 
 def build_train_stream(cfg: HippoConfig, state: ParallelState):
@@ -83,7 +105,7 @@ class Validation:
                 dataclasses.replace(cfg.data, split="validation"), dp_rank=state.dp_rank, dp_size=layout.data,
                 micro_batch_size=layout.micro_batch_size, global_batch_size=layout.global_batch_size,
                 one_pass=True, max_batches=cfg.train.eval_batches)
-        except (ValueError, KeyError) as e:
+        except MissingSplitError as e:
             if state.rank == 0:
                 log.warning("no validation: %s (prepare with --val-fraction or --val-inputs)", e)
             self.stream = None

@@ -7,14 +7,19 @@ schema), load, verify, keep-last and universal conversion. A checkpoint is the f
   - `hippo/rank<r>.pt` per rank: every RNG (python, numpy, torch CPU/CUDA, the TP dropout streams);
   - `hippo/state.json`: step, data-loader state (consumed samples, seed, manifest hash), skipped
     steps, layout, MLflow run id and the resolved config;
-  - `hippo_checkpoint.json`, written last by rank 0: every file of the checkpoint with its size.
+  - `hippo_checkpoint.json`, written last by rank 0: every file of the checkpoint with its size and
+    SHA-256 (each rank hashes its share of the files).
 `checkpoints/latest` names the newest complete checkpoint; it is replaced (atomic rename) only
 after the marker exists. A crash while writing leaves `latest` on the previous checkpoint, and
-loading verifies every listed file before trusting one.
+loading verifies every listed file (size and checksum) before trusting one, falling back to the
+newest checkpoint that verifies. A state with non-finite numbers is never written, and pruning
+counts only good checkpoints (none written during a run of non-finite steps).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,29 @@ _TAG = re.compile(r"^global_step(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit this run; the message names the path."""
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _no_space(error: BaseException, folder: Path) -> bool:
+    """torch.save reports a full disk as a RuntimeError, not an OSError: check both ways."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    try:
+        return "No space left" in str(error) or shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _wait_for(done: Path, failed: Path, poll_s: float = 1.0) -> None:
+    """Until `done` exists (no timeout: the converting rank decides); `failed` holds its error."""
+    while not done.exists():
+        if failed.exists():
+            raise CheckpointError(f"rank 0 could not convert the checkpoint: {failed.read_text()[-2000:]}")
+        time.sleep(poll_s)
 
 
 def tag_for(step: int) -> str:
@@ -106,7 +135,16 @@ class SavedState:
     """The resolved run config."""
     reason: str
     """Why it was written: 'interval', 'signal', 'exit interval' or 'non-finite'."""
+    non_finite_streak: int = 0
+    """Non-finite steps in a row when it was written: > 0 marks a state that is not trusted as
+    good (it is kept, but `keep_last` counts only good checkpoints)."""
+    tokenizer: str | None = None
+    """Identity (hash) of the tokenizer its data was made with; None before the field existed."""
     version: int = STATE_VERSION
+
+    @property
+    def good(self) -> bool:
+        return self.non_finite_streak == 0 and self.reason != "non-finite"
 
     @classmethod
     def from_json(cls, data: dict[str, Any], path: Path) -> SavedState:
@@ -118,7 +156,8 @@ class SavedState:
             raise CheckpointError(f"{path}: state.json lacks {missing}")
         return cls(step=int(data["step"]), data=data["data"], skipped_steps=int(data["skipped_steps"]),
                    mlflow_run_id=data.get("mlflow_run_id"), layout=data["layout"], config=data["config"],
-                   reason=data.get("reason", "interval"), version=STATE_VERSION)
+                   reason=data.get("reason", "interval"), non_finite_streak=int(data.get("non_finite_streak", 0)),
+                   tokenizer=data.get("tokenizer"), version=STATE_VERSION)
 
 
 @dataclass(frozen=True)
@@ -157,60 +196,111 @@ class CheckpointManager:
     folder: Path
     rank: int = 0
     keep_last: int = 3
+    last_save_seconds: float = 0.0
+    """How long the last save took (what a wall-clock limit must leave room for)."""
 
     # ------------------------------------------------------------------ finding
     def resolve(self, resume: str | Path | None = None) -> Checkpoint | None:
         """`resume` (a global_stepN folder, a checkpoints folder or a run folder), else the newest
-        checkpoint of this run that verifies (None for a new run)."""
-        if resume is None:
-            return self.latest(self.folder)
-        path = Path(resume)
-        if (path / MARKER).exists() or _TAG.match(path.name):
-            return self.verify(path)
-        if (path / "checkpoints").is_dir():
-            path = path / "checkpoints"
-        found = self.latest(path)
-        if found is None:
-            raise CheckpointError(f"{resume}: no complete checkpoint there")
-        return found
-
-    def latest(self, folder: Path) -> Checkpoint | None:
-        """The checkpoint `latest` names; if it fails verification, the newest one that passes."""
-        if not folder.exists():
-            return None
-        pointer = folder / LATEST
-        if pointer.exists():
+        checkpoint of this run that verifies (None for a new run). Under a job every rank calls
+        it: they verify the candidates' checksums together and agree on one."""
+        candidates = self._candidates(Path(resume) if resume is not None else None)
+        for path in candidates:
             try:
-                return self.verify(folder / pointer.read_text().strip())
-            except (CheckpointError, OSError, ValueError) as e:
-                log.warning("checkpoint named by %s is not usable (%s); looking for an older one", pointer, e)
-        for path in reversed(self._step_folders(folder)):
-            try:
-                return self.verify(path)
-            except (CheckpointError, OSError, ValueError) as e:
-                log.warning("skipping %s: %s", path, e)
+                t0 = time.perf_counter()
+                ckpt = self._verified_by_all(path)
+                if self.rank == 0:
+                    log.info("verified %s (sizes and checksums) in %.2f s", path, time.perf_counter() - t0)
+                return ckpt
+            except CheckpointError as e:
+                if resume is not None and len(candidates) == 1:
+                    raise
+                if self.rank == 0:
+                    log.warning("not resuming from %s: %s; trying an older checkpoint", path, e)
+        if resume is not None:
+            raise CheckpointError(f"{resume}: no complete checkpoint there that verifies")
         return None
 
+    def _candidates(self, resume: Path | None) -> list[Path]:
+        """Checkpoints to try, newest first: the one `latest` names, then every global_stepN."""
+        folder = self.folder if resume is None else resume
+        if resume is not None and ((resume / MARKER).exists() or _TAG.match(resume.name)):
+            return [resume]
+        if resume is not None and (resume / "checkpoints").is_dir():
+            folder = resume / "checkpoints"
+        if not folder.is_dir():
+            return []
+        found = list(reversed(self._step_folders(folder)))
+        pointer = folder / LATEST
+        named = folder / pointer.read_text().strip() if pointer.exists() else None
+        if named is not None and named in found:
+            found.remove(named)
+            found.insert(0, named)
+        return found
+
+    def _verified_by_all(self, path: Path) -> Checkpoint:
+        """`verify` with the checksum work split over the job's ranks; fails on every rank if it
+        fails on one, with that rank's reason."""
+        part, parts = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        ckpt, error = None, None
+        try:
+            ckpt = self.verify(path, part=part, parts=parts)
+        except (CheckpointError, OSError, ValueError) as e:
+            error = str(e)
+        if parts > 1:
+            errors: list[str | None] = [None] * parts
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e), None)
+        if error is not None:
+            raise CheckpointError(error)
+        return ckpt
+
     @staticmethod
-    def verify(path: Path) -> Checkpoint:
-        """Check that every file the marker lists exists with its recorded size."""
+    def verify(path: Path, *, part: int = 0, parts: int = 1) -> Checkpoint:
+        """Every file the marker lists exists with its size and, for files part, part + parts, ...
+        of the sorted listing, its SHA-256 (a same-size flip of bytes is caught too). Markers
+        written before checksums existed list sizes only."""
         marker = path / MARKER
         if not marker.exists():
             raise CheckpointError(f"{path} is incomplete: no {MARKER} (interrupted while writing?)")
-        listing = json.loads(marker.read_text())
-        for rel, size in listing["files"].items():
+        listing = json.loads(marker.read_text())["files"]
+        for i, (rel, recorded) in enumerate(sorted(listing.items())):
+            size, digest = (recorded, None) if isinstance(recorded, int) else (recorded["bytes"], recorded["sha256"])
             f = path / rel
             if not f.exists():
                 raise CheckpointError(f"{path}: {rel} is missing")
             if f.stat().st_size != size:
                 raise CheckpointError(f"{path}: {rel} has {f.stat().st_size} bytes, the marker says {size}")
+            if digest is not None and i % parts == part and file_sha256(f) != digest:
+                raise CheckpointError(f"{path}: {rel} does not match its SHA-256 (damaged after it was written)")
         state_file = path / "hippo" / "state.json"
         return Checkpoint(path, SavedState.from_json(json.loads(state_file.read_text()), state_file))
 
     # ------------------------------------------------------------------ writing
-    def save(self, engine, state: SavedState) -> Path:
-        """Write checkpoint `state.step` from every rank; returns its path."""
-        path = self.folder / tag_for(state.step)
+    def save(self, engine, state: SavedState) -> Path | None:
+        """Write checkpoint `state.step` from every rank; returns its path, or None when the state
+        holds non-finite numbers (nothing is written: it must never replace a good one)."""
+        if bad := self._non_finite(engine):
+            if self.rank == 0:
+                log.error("not saving step %d: %s is not finite; the newest good checkpoint stays %s",
+                          state.step, bad, self._latest_name())
+            return None
+        path, t0 = self.folder / tag_for(state.step), time.perf_counter()
+        try:
+            hash_seconds = self._write(engine, state, path)
+        except (OSError, RuntimeError) as e:
+            if _no_space(e, self.folder):
+                raise CheckpointError(f"no space left on {self.folder} while writing {path.name}; the previous "
+                                      f"checkpoint ({self._latest_name()}) is kept: free space and run again") from e
+            raise
+        self.last_save_seconds = time.perf_counter() - t0
+        if self.rank == 0:
+            log.info("checkpoint %s (%s) written in %.2f s, of which checksums %.2f s", path, state.reason,
+                     self.last_save_seconds, hash_seconds)
+        return path
+
+    def _write(self, engine, state: SavedState, path: Path) -> float:
+        """Returns the seconds this rank spent hashing."""
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             if path.exists():  # a stale, incomplete attempt at this step
@@ -224,22 +314,68 @@ class CheckpointManager:
         if os.environ.get(CRASH_BEFORE_MARKER_ENV) == str(state.step):  # fault injection for the crash test
             os.kill(os.getpid(), signal.SIGKILL)
         dist.barrier()
+        t0 = time.perf_counter()
+        files = self._checksums(path)
+        hash_seconds = time.perf_counter() - t0
         if self.rank == 0:
-            files = {
-                str(f.relative_to(path)): f.stat().st_size
-                for f in sorted(path.rglob("*"))
-                if f.is_file() and not f.name.startswith(".")
-            }
             _write_atomic(path / MARKER, json.dumps({"step": state.step, "files": files}, indent=1))
             _write_atomic(self.folder / LATEST, path.name)
             self._prune()
         dist.barrier()
-        return path
+        return hash_seconds
+
+    def _checksums(self, path: Path) -> dict[str, dict[str, Any]]:
+        """{file: {bytes, sha256}} of the whole checkpoint, each rank hashing its share of the
+        files right after they are written (complete on rank 0)."""
+        names = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+        world, rank = dist.get_world_size(), dist.get_rank()
+        mine = {n: {"bytes": (path / n).stat().st_size, "sha256": file_sha256(path / n)} for n in names[rank::world]}
+        parts: list[dict | None] = [None] * world
+        dist.all_gather_object(parts, mine)
+        return {n: part[n] for part in parts for n in part}
+
+    def _non_finite(self, engine) -> str | None:
+        """The first parameter or optimizer-state tensor of any rank holding a NaN or inf, or None."""
+        bad = None
+        for name, p in engine.module.named_parameters():
+            if not torch.isfinite(p).all():
+                bad = f"parameter {name}"
+                break
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        if bad is None:
+            for values in inner.state.values():
+                if any(torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all() for t in values.values()):
+                    bad = "optimizer state"
+                    break
+        found: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+        return next((b for b in found if b), None)
+
+    def _latest_name(self) -> str:
+        pointer = self.folder / LATEST
+        return pointer.read_text().strip() if pointer.exists() else "none"
 
     def _prune(self) -> None:
-        for path in self._step_folders(self.folder)[: -self.keep_last]:
+        """Keep the newest `keep_last` good checkpoints and everything newer than the oldest of
+        them (states written during a run of non-finite steps do not count); delete the rest."""
+        folders = self._step_folders(self.folder)
+        good = [p for p in folders if self._is_good(p)]
+        if len(good) <= self.keep_last:
+            return
+        oldest_kept = good[-self.keep_last]
+        for path in folders:
+            if path == oldest_kept:
+                break
             shutil.rmtree(path, ignore_errors=True)
             shutil.rmtree(path.with_name(path.name + "_universal"), ignore_errors=True)
+
+    @staticmethod
+    def _is_good(path: Path) -> bool:
+        try:
+            state = json.loads((path / "hippo" / "state.json").read_text())
+            return (path / MARKER).exists() and SavedState.from_json(state, path).good
+        except (OSError, ValueError, CheckpointError):
+            return False
 
     def _step_folders(self, folder: Path) -> list[Path]:
         """global_stepN folders, oldest first."""
@@ -249,12 +385,24 @@ class CheckpointManager:
     # ------------------------------------------------------------------ loading
     def prepare_load(self, ckpt: Checkpoint | None, layout) -> bool:
         """Whether `ckpt` loads through a universal checkpoint (another layout wrote it), converted
-        here by rank 0 while the others wait."""
+        here by rank 0. The other ranks wait for its marker file, not in a collective: converting a
+        1B+ model can outlast NCCL's timeout (10 minutes), which a barrier would hit."""
         universal = ckpt is not None and not ckpt.same_layout(layout)
-        if universal and self.rank == 0:
-            self.convert_to_universal(ckpt)
-        dist.barrier()
-        return universal
+        if not universal:
+            return False
+        failed = ckpt.folder / f".{ckpt.universal_path.name}.failed"
+        if self.rank == 0:
+            failed.unlink(missing_ok=True)
+        dist.barrier()  # before the long part: nobody reads a failure left by an earlier attempt
+        if self.rank == 0:
+            try:
+                self.convert_to_universal(ckpt)
+            except BaseException as e:
+                _write_atomic(failed, str(e))
+                raise
+        else:
+            _wait_for(ckpt.universal_path / MARKER, failed)
+        return True
 
     def load(self, engine, ckpt: Checkpoint, *, world_size: int, universal: bool = False) -> SavedState:
         """Restore model, optimizer and scheduler (DeepSpeed) and this rank's RNG streams.

@@ -94,16 +94,20 @@ class TrainConfig:
     max_skipped_steps: int = 5
     """Stop (after a checkpoint of the last good state) after this many non-finite steps in a row."""
     exit_interval: int = 0
+    time_limit: float = 0.0
+    """Wall-clock seconds this invocation may run (e.g. the scheduler's limit minus start-up): the
+    run checkpoints and exits cleanly when the next step and checkpoint would not fit; 0: none."""
     """Checkpoint and exit when the step is a multiple of this (a job-length limit); 0: never."""
     peak_flops: float = 0.0
-    """Peak FLOP/s of one device for MFU (e.g. 989e12 for an H100 in bf16); 0 measures nothing."""
+    """Peak FLOP/s of one device for MFU (e.g. 989e12 for an H100 in bf16); 0: detected from the GPU's
+    name (`hippo.parallel.runtime.PEAK_BF16_FLOPS`; nothing on CPU or an unknown GPU)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_batches",
                      "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_interval", "exit_interval"):
+        for name in ("eval_interval", "exit_interval", "time_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -365,6 +369,37 @@ class HippoConfig:
             sequence_parallel=p.sequence_parallel, activation_checkpointing=p.activation_checkpointing,
             pipeline_partition=p.pipeline_partition, stage_layers=tuple(p.stage_layers),
         )
+
+
+RESUME_FREE = ("parallel.", "train.exit_interval", "train.time_limit", "train.log_interval", "data.max_corrupt_fraction")
+"""May differ from the checkpoint's config: a new layout loads through a universal checkpoint, and
+these say how this invocation runs, not what is trained."""
+RESUME_NEVER = ("model.",)
+"""Never differ on resume: they say what the checkpoint's tensors mean (model.dropout excepted)."""
+
+
+def resume_changes(saved: dict[str, Any], cfg: HippoConfig) -> tuple[list[str], list[str]]:
+    """How `cfg` differs from a checkpoint's saved config, as 'key: old -> new' lines:
+    (changes that are refused, changes that need `--allow-config-change`)."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    old, new = flat(saved), flat(to_dict(cfg))
+    for side in (old, new):  # the same folders, written as another relative path
+        if isinstance(side.get("data.paths"), list):
+            side["data.paths"] = [str(Path(p).resolve()) for p in side["data.paths"]]
+    never, flagged = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key) or key.startswith(RESUME_FREE):
+            continue
+        if key not in old and not any(k.startswith(key + ".") for k in old):
+            continue  # an option added since the checkpoint was written: it has its default there
+        line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        (never if key.startswith(RESUME_NEVER) and key != "model.dropout" else flagged).append(line)
+    return never, flagged
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> HippoConfig:

@@ -26,16 +26,19 @@ class Throughput:
 
     @classmethod
     def of(cls, cfg: HippoConfig, world_size: int, global_batch_size: int) -> Throughput:
+        from hippo.parallel.runtime import detected_peak_flops
+
+        peak = cfg.train.peak_flops or detected_peak_flops()  # 0: from the GPU's name (0 on CPU)
         return cls(global_batch_size * cfg.train.seq_len, train_flops_per_token(cfg.model, cfg.train.seq_len),
-                   cfg.train.peak_flops * world_size)
+                   peak * world_size)
 
 
 def step_metrics(*, loss: float, lr: float, seconds: float, grad_norm: float | None, samples_consumed: int,
-                 skipped_steps: int, throughput: Throughput) -> dict[str, float]:
+                 corrupt_samples: int, skipped_steps: int, throughput: Throughput) -> dict[str, float]:
     tokens_per_s = throughput.tokens_per_step / seconds
     metrics = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "step_seconds": seconds,
-               "samples_consumed": samples_consumed, "skipped_steps": skipped_steps,
-               "flops_per_token": throughput.flops_per_token}
+               "samples_consumed": samples_consumed, "corrupt_samples": corrupt_samples,
+               "skipped_steps": skipped_steps, "flops_per_token": throughput.flops_per_token}
     if grad_norm is not None:
         metrics["grad_norm"] = grad_norm
     if throughput.peak_flops_total > 0:
@@ -54,6 +57,8 @@ def console_line(step: int, total: int, m: dict[str, float], skipped: bool) -> s
     if "grad_norm" in m:
         parts.append(f"grad {m['grad_norm']:.3f}")
     parts += [f"{m['tokens_per_s']:,.0f} tok/s", f"{m['step_seconds']:.2f} s/step", f"samples {m['samples_consumed']:,}"]
+    if m.get("corrupt_samples"):
+        parts.append(f"unreadable {m['corrupt_samples']:,}")
     if "mfu" in m:
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
     if "val_loss" in m:

@@ -15,10 +15,10 @@ import torch
 
 from hippo.data_pipeline.default_corpus import write_default_corpus
 from hippo.data_pipeline.prepare import prepare
-from hippo.data_pipeline.tokenizer import load_tokenizer
+from hippo.data_pipeline.tokenizer import Tokenizer
 from hippo.pretrain.config import load_config
 from hippo.pretrain.evaluation import evaluate_export
-from hippo.pretrain.export import load_export
+from hippo.pretrain.export import export_tokenizer, load_export
 from hippo.pretrain.models.generation import SamplingConfig, generate
 from hippo.pretrain.trainer import train
 
@@ -38,10 +38,9 @@ def quickstart(run_dir: Path, *, corpus_bytes: int = 3_000_000, overrides: list[
     export = run_dir / "train" / "export"
     val_loss, tokens = evaluate_export(export, [str(data_dir)])
     model, meta = load_export(export)
-    tok = load_tokenizer(meta["tokenizer"])
+    tok = export_tokenizer(export, meta)
     gen = torch.Generator().manual_seed(0)
-    print(f"\ntrained {result.step} steps; validation ({tokens:,} held-out tokens): loss {val_loss:.3f}, "
-          f"perplexity {math.exp(val_loss):.2f} (a uniform guess over 257 bytes: {math.log(257):.3f})")
+    print(f"\ntrained {result.step} steps; validation ({tokens:,} held-out tokens): {_versus_uniform(val_loss, tok)}")
     for prompt in PROMPTS:
         ids = torch.tensor([tok.encode(prompt)])
         out = generate(model, ids, 120, SamplingConfig(temperature=0.7, top_p=0.95), vocab_size=model.cfg.vocab_size,
@@ -50,3 +49,10 @@ def quickstart(run_dir: Path, *, corpus_bytes: int = 3_000_000, overrides: list[
     print(f"\nrun folder: {run_dir}  (MLflow store: {run_dir / 'train' / 'mlflow.db'}; "
           f"`mlflow ui --backend-store-uri sqlite:///{run_dir / 'train' / 'mlflow.db'}`)")
     return val_loss
+
+
+def _versus_uniform(loss: float, tok: Tokenizer) -> str:
+    """Loss and perplexity, each beside what a uniform guess over the vocabulary scores."""
+    unit = "bytes" if tok.name == "byte" else "tokens"
+    return (f"loss {loss:.3f} (a uniform guess over {tok.vocab_size} {unit}: {math.log(tok.vocab_size):.3f}), "
+            f"perplexity {math.exp(loss):.2f} (uniform: {tok.vocab_size})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 import signal
+import time
 from typing import Any
 
 import torch
@@ -18,7 +19,9 @@ class StopReason(enum.StrEnum):
     SIGNAL = "signal"
     """SIGTERM/SIGINT: stopped after the step with a checkpoint (preemption)."""
     EXIT_INTERVAL = "exit interval"
-    """`train.exit_interval`: a job-length limit."""
+    """`train.exit_interval`: a job-length limit in steps."""
+    TIME_LIMIT = "time limit"
+    """`train.time_limit`: the next step and checkpoint would not fit in the wall-clock limit."""
     NON_FINITE = "non-finite"
     """`train.max_skipped_steps` non-finite steps in a row; the last good state was saved."""
 
@@ -36,8 +39,24 @@ class StopRequest:
             log.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
         self.signalled = True
 
-    def agreed(self, device: torch.device) -> bool:
-        """Collective: True on every rank once any rank was signalled."""
-        flag = torch.tensor(float(self.signalled), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self, device: torch.device, *, time_up: bool = False) -> StopReason | None:
+        """Collective: SIGNAL once any rank was signalled, else TIME_LIMIT once any rank's clock
+        says so, else None; the same answer on every rank."""
+        flags = torch.tensor([float(self.signalled), float(time_up)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signalled, out_of_time = flags.tolist()
+        if signalled:
+            return StopReason.SIGNAL
+        return StopReason.TIME_LIMIT if out_of_time else None
+
+
+class WallClock:
+    """Whether one more step and a checkpoint still fit in `limit` seconds from `start`."""
+
+    def __init__(self, limit: float, start: float) -> None:
+        self.limit, self.start = limit, start
+
+    def time_up(self, step_seconds: float, checkpoint_seconds: float) -> bool:
+        if not self.limit:
+            return False
+        return time.monotonic() - self.start + step_seconds + checkpoint_seconds >= self.limit

@@ -3,8 +3,8 @@
 Training must never wait on, or die because of, the tracking server. Params, metrics and tags go
 through MLflow's own asynchronous `log_batch(..., synchronous=False)`; each record is kept until its
 operation is known to have succeeded (checked on every call, waited for at close). If the server
-cannot be reached, or fails mid-run, records go to `<run_dir>/mlflow_pending.jsonl` and
-`upload_pending` replays them later.
+cannot be reached (or answers but is not MLflow), or fails mid-run, records go to
+`<run_dir>/mlflow_pending.jsonl` and `upload_pending` (`hippo mlflow upload RUN_DIR`) replays them later.
 Hand-written stays only what MLflow lacks: an offline store (the pending file), a fast probe, de-duplication.
 
 mlflow is imported lazily: ranks with `enabled=False` never pay its import time.
@@ -12,6 +12,7 @@ mlflow is imported lazily: ranks with `enabled=False` never pay its import time.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import logging
@@ -27,19 +28,29 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.utils.async_logging.run_operations import RunOperations
 
-__all__ = ["PENDING_FILE", "UPLOADED_FILE", "Tracker", "upload_pending"]
+__all__ = ["PENDING_FILE", "UPLOADED_FILE", "Tracker", "TrackingError", "upload_pending"]
 
 log = logging.getLogger(__name__)
 
 PENDING_FILE = "mlflow_pending.jsonl"
 UPLOADED_FILE = "mlflow_pending.uploaded.jsonl"
 HEALTH_TIMEOUT_S = 5
+# A read-only MLflow REST call: MLflow answers it with JSON (the experiment, or 404
+# RESOURCE_DOES_NOT_EXIST); any other web server with a page of its own.
+PROBE_PATH = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+PROBE_BYTES = 1 << 16
+# A login in front of the server: urllib has no credentials, MLflow's client may (MLFLOW_TRACKING_TOKEN).
+AUTH_STATUS = (401, 403, 407)
 # MLflow's defaults (7 retries with exponential backoff, 120 s timeout) would let a dead server
 # stall `close()` for minutes; these apply unless the user set them.
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 # With this set, MLflow's async queue merges queued batches into one request and, if that request
 # fails, still reports the merged-in batches as logged (AsyncLoggingQueue._log_run_data): records lost.
 ASYNC_MERGE_ENV = "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"
+
+
+class TrackingError(RuntimeError):
+    """`upload_pending` cannot send the records now; the pending file is kept for another try."""
 
 
 class Tracker:
@@ -74,6 +85,7 @@ class Tracker:
         self._client: MlflowClient = MlflowClient(self._uri)
         self._experiment, self._run_name = experiment, run_name
         self._offline = False
+        self._remote = self._uri.startswith(("http://", "https://"))
         # Records handed to MLflow's async queue, kept until their operation is known to have succeeded.
         self._inflight: list[tuple[RunOperations, dict[str, Any]]] = []
         self._monitor = None
@@ -81,7 +93,7 @@ class Tracker:
         self._last_step: dict[str, int] = {}
         self._params: dict[str, str] = {}
 
-        if self._uri.startswith(("http://", "https://")):
+        if self._remote:
             for name, value in HTTP_ENV_DEFAULTS.items():
                 os.environ.setdefault(name, value)
             if reason := _unreachable(self._uri):
@@ -90,12 +102,12 @@ class Tracker:
         try:
             self._start_run()
         except Exception as e:
-            if _is_rejection(e):  # e.g. an unknown run_id: a configuration error, not an outage
+            if _is_rejection(e, remote=self._remote):  # e.g. an unknown run_id: a configuration error, not an outage
                 raise
             self._go_offline(e)
             return
         if self._pending.exists():
-            log.warning("%s holds records not yet in MLflow; run upload_pending() to add them", self._pending)
+            log.warning("%s holds records not yet in MLflow; add them with `%s`", self._pending, self._upload_command())
         if system_metrics:
             self._start_system_metrics(resumed=run_id is not None)
 
@@ -221,12 +233,13 @@ class Tracker:
             elif errors := [e for f in futures if (e := f.exception()) is not None]:
                 # A record split over several requests: an outage outweighs a rejection, so it is
                 # kept, and upload_pending skips what did arrive.
-                self._failed([record], next((e for e in errors if not _is_rejection(e)), errors[0]))
+                outage = next((e for e in errors if not _is_rejection(e, remote=self._remote)), errors[0])
+                self._failed([record], outage)
         self._inflight = running
 
     def _failed(self, records: list[dict[str, Any]], error: Exception) -> None:
         """A request MLflow refused would be refused again: drop it. Anything else is an outage."""
-        if _is_rejection(error):
+        if _is_rejection(error, remote=self._remote):
             log.warning("MLflow rejected %.300s, dropping it: %s", records, error)
             return
         self._go_offline(error)
@@ -236,10 +249,14 @@ class Tracker:
         if not self._offline:
             self._offline = True
             log.warning(
-                "MLflow tracking server %s unreachable (%s); training continues and records are "
-                "kept for later upload in %s (see upload_pending)",
-                self._uri, reason, self._pending,
+                "MLflow tracking server %s unreachable (%.300s); training continues and records are "
+                "kept in %s: upload them later with `%s`",
+                self._uri, reason, self._pending, self._upload_command(),
             )
+
+    def _upload_command(self) -> str:
+        """The command the warnings name, for this run folder and URI."""
+        return f"hippo mlflow upload {self._pending.parent} --tracking-uri {self._uri}"
 
     def _append_pending(self, records: list[dict[str, Any]]) -> None:
         header = {"run_id": self.run_id, "experiment": self._experiment, "run_name": self._run_name}
@@ -254,13 +271,30 @@ def upload_pending(run_dir: Path, tracking_uri: str | None = None) -> int:
     Records without a run id (the server was down before any run existed) go to one new run.
     Metric steps and params the run already has are skipped, so uploading after a resumed run
     re-logged some steps creates no duplicates. The file is then renamed to UPLOADED_FILE.
+    Raises TrackingError when the server is unreachable, is not MLflow, or fails on the way.
     """
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     pending = Path(run_dir) / PENDING_FILE
+    if not pending.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no records waiting for upload (`hippo train` writes them "
+                                "there while MLflow is unreachable)", str(pending))
     records = [json.loads(line) for line in pending.read_text().splitlines() if line.strip()]
     uri = _resolve_uri(Path(run_dir), tracking_uri)
-    client = MlflowClient(uri)
+    if uri.startswith(("http://", "https://")) and (reason := _unreachable(uri)):
+        raise TrackingError(f"MLflow tracking server {uri} unreachable ({reason}); {pending} is kept: "
+                            "retry once it is up, or pass the right --tracking-uri")
+    try:
+        _replay(MlflowClient(uri), uri, records)
+    except MlflowException as e:
+        raise TrackingError(f"MLflow at {uri} did not take the records ({str(e)[:300]}); {pending} is kept: "
+                            "retry, or pass the right --tracking-uri") from e
+    pending.rename(pending.with_name(UPLOADED_FILE))
+    return len(records)
+
+
+def _replay(client: MlflowClient, uri: str, records: list[dict[str, Any]]) -> None:
     by_run: dict[str | None, list[dict[str, Any]]] = {}
     for record in records:
         by_run.setdefault(record["run_id"], []).append(record)
@@ -270,8 +304,6 @@ def upload_pending(run_dir: Path, tracking_uri: str | None = None) -> int:
             experiment_id = _experiment_id(client, uri, first["experiment"])
             run_id = client.create_run(experiment_id, run_name=first["run_name"]).info.run_id
         _log_records(client, run_id, _not_yet_logged(client, run_id, run_records))
-    pending.rename(pending.with_name(UPLOADED_FILE))
-    return len(records)
 
 
 def _not_yet_logged(client: MlflowClient, run_id: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -363,22 +395,40 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
 
 
 def _unreachable(uri: str) -> str | None:
-    """A quick GET /health, so a dead server costs seconds, not MLflow's retry schedule."""
+    """Why `uri` cannot take records, or None. One quick MLflow REST call, so a dead server costs
+    seconds (not MLflow's retry schedule), and a web server that is not MLflow counts as down
+    instead of as MLflow refusing every record."""
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return None  # it answered: reachable, even if this server has no /health route
+        with urllib.request.urlopen(uri.rstrip("/") + PROBE_PATH, timeout=HEALTH_TIMEOUT_S) as answer:
+            status, body = answer.status, answer.read(PROBE_BYTES)
+    except urllib.error.HTTPError as e:
+        if e.code in AUTH_STATUS:
+            return None  # reachable; whether the client's credentials pass shows on the first request
+        try:
+            status, body = e.code, e.read(PROBE_BYTES)
+        except OSError as err:
+            return str(err)
     except OSError as e:  # URLError, refused, timeout
         return str(e)
+    if not _is_json_object(body):
+        return f"it answered HTTP {status} without an MLflow reply: not an MLflow tracking server"
     return None
 
 
-def _is_rejection(error: Exception) -> bool:
-    """True when MLflow refuses the request itself (bad value, unknown run): sending it again cannot
-    help. False for outages, and for auth or rate-limit answers, which may pass later."""
-    from mlflow.exceptions import MlflowException
+def _is_json_object(body: bytes) -> bool:
+    try:
+        return isinstance(json.loads(body), dict)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return False
 
-    if not isinstance(error, MlflowException):
+
+def _is_rejection(error: Exception, *, remote: bool) -> bool:
+    """True when MLflow refuses the request itself (bad value, unknown run): sending it again cannot
+    help. False for outages, and for auth or rate-limit answers, which may pass later. From a server
+    only MLflow's own JSON reply (RestException) counts: a 4xx page of another web server is an outage."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    if not isinstance(error, RestException if remote else MlflowException):
         return False
     status = error.get_http_status_code()
     return 400 <= status < 500 and status not in (401, 403, 429)

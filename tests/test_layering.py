@@ -31,7 +31,7 @@ MAY_IMPORT = {
 }
 THIRD_PARTY = {  # beyond the standard library; None: anything
     "hippo.kernels": {"torch", "triton"},
-    "hippo.pretrain.models": {"torch"},
+    "hippo.pretrain.models": {"torch", "safetensors"},  # safetensors: `from_pretrained` folders
     "hippo.launch": set(),
 }
 

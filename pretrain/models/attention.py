@@ -10,18 +10,27 @@ from hippo.pretrain.models.inference import InferenceParams
 from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (L, head_dim/2) for the given absolute positions."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float().unsqueeze(-1) * inv_freq
+def rotary_inv_freq(rotary_dim: int, base: float = 10000.0, device: torch.device | None = None) -> torch.Tensor:
+    """(rotary_dim/2,) frequencies, computed as flash-attention's RotaryEmbedding does (same float32
+    ops), so its stored `inv_freq` buffer and this agree bit for bit."""
+    return 1.0 / base ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim)
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, rotary_dim: int, base: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (L, rotary_dim/2) for the given absolute positions."""
+    angles = positions.float().unsqueeze(-1) * rotary_inv_freq(rotary_dim, base, positions.device)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, L, hd) by position, pairing the two halves of the head dimension."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.to(x.dtype)
+    """Rotate (B, H, L, hd) by position: the first rotary_dim = 2 * cos.shape[-1] dims, their two
+    halves paired (non-interleaved); the remaining head dims pass through unchanged."""
+    rotary_dim = 2 * cos.shape[-1]
+    x1, x2 = x[..., :rotary_dim].float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1) if rotary_dim < x.shape[-1] else rotated
 
 
 class CausalSelfAttention(nn.Module):
@@ -32,6 +41,7 @@ class CausalSelfAttention(nn.Module):
         *,
         layer_idx: int,
         rotary: bool = False,
+        rotary_dim: int | None = None,
         dropout: float = 0.0,
         linears: Linears = SINGLE_PROCESS,
     ):
@@ -40,6 +50,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = d_model // n_head
         self.local_heads = linears.local(n_head, "model.n_head")
         self.rotary = rotary
+        self.rotary_dim = rotary_dim or self.head_dim  # partial rotary: the leading dims only
         self.dropout = dropout
         self.tp_rng = linears.tp_rng
         # Separate Q, K, V maps: each column-parallel split lands on whole heads.
@@ -58,7 +69,7 @@ class CausalSelfAttention(nn.Module):
         B, _, L, _ = q.shape  # under sequence parallelism x holds L / TP positions, q all L
         offset = inference_params.seqlen_offset if inference_params is not None else 0
         if self.rotary:
-            cos, sin = rotary_cos_sin(torch.arange(offset, offset + L, device=x.device), self.head_dim)
+            cos, sin = rotary_cos_sin(torch.arange(offset, offset + L, device=x.device), self.rotary_dim)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if inference_params is not None:
             k, v = self._update_cache(inference_params, k, v, offset)

@@ -28,6 +28,7 @@ def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int, linears: Linears) -
             cfg.n_head,
             layer_idx=layer_idx,
             rotary=cfg.position_embedding == "rotary",
+            rotary_dim=cfg.rotary_dim,
             dropout=cfg.dropout,
             linears=linears,
         )

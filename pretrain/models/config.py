@@ -37,9 +37,16 @@ class ModelConfig:
     """Layers that use causal attention instead of `mixer` (the hybrid models)."""
     d_state: int = 64
     """SSM state size N: shift-SSM taps, and 2x the diagonal SSM's complex modes."""
+    conv_impl: Literal["auto", "triton", "chunked", "reference"] = "auto"
+    """H3 convolution path: auto (Triton FlashConv on CUDA sm >= 8.0 where it has a configuration,
+    else chunked), triton (raises where it cannot run), chunked (state passing, any device),
+    reference (full-length FFT oracle)."""
     mlp_ratio: int = 4
     position_embedding: Literal["none", "learned", "rotary"] = "none"
     """H3 and hybrid models use none; Transformers learned or rotary."""
+    rotary_dim: int | None = None
+    """Rotary only: how many leading dims of each head rotate (None: all). The released H3-2.7B
+    rotary model rotates 64 of its 128; the rest pass through unchanged."""
     max_position_embeddings: int = 2048
     """Only for learned positions: the longest sequence the model accepts."""
     layer_norm_eps: float = 1e-5
@@ -60,10 +67,26 @@ class ModelConfig:
             raise ConfigError(f"model.attn_layer_idx has duplicates: {self.attn_layer_idx}")
         if self.uses_attention and self.d_model % self.n_head:
             raise ConfigError(f"model.n_head={self.n_head} must divide model.d_model={self.d_model}")
-        if self.position_embedding == "rotary" and (self.d_model // self.n_head) % 2:
-            raise ConfigError("model.position_embedding=rotary needs an even head dimension")
+        self._check_rotary()
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.conv_impl not in ("auto", "triton", "chunked", "reference"):
+            raise ConfigError(f"model.conv_impl must be one of auto, triton, chunked, reference; got {self.conv_impl!r}")
+
+    def _check_rotary(self) -> None:
+        head_dim = self.d_model // self.n_head
+        if self.rotary_dim is not None:
+            if self.position_embedding != "rotary":
+                raise ConfigError(f"model.rotary_dim={self.rotary_dim} needs model.position_embedding=rotary "
+                                  f"(it is {self.position_embedding!r}); remove rotary_dim or set rotary")
+            if self.rotary_dim < 2 or self.rotary_dim % 2:
+                raise ConfigError(f"model.rotary_dim must be even and >= 2, got {self.rotary_dim}")
+            if self.uses_attention and self.rotary_dim > head_dim:
+                raise ConfigError(f"model.rotary_dim={self.rotary_dim} exceeds the head dimension "
+                                  f"d_model / n_head = {head_dim}")
+        elif self.position_embedding == "rotary" and head_dim % 2:
+            raise ConfigError("model.position_embedding=rotary needs an even head dimension "
+                              "(or an even model.rotary_dim)")
 
     @property
     def padded_vocab_size(self) -> int:

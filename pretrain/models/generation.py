@@ -5,10 +5,12 @@ Constant memory per H3 layer in the generated length; only attention layers grow
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from hippo.pretrain.models.config import ConfigError
 from hippo.pretrain.models.inference import InferenceParams
 from hippo.pretrain.models.lm import HippoLM
 
@@ -18,6 +20,7 @@ class SamplingConfig:
     """How the next token is picked from the logits."""
 
     greedy: bool = False
+    """Always the most likely token; temperature, top_k and top_p are then unused."""
     temperature: float = 1.0
     top_k: int = 0
     """Keep the k most likely tokens (0: all)."""
@@ -25,12 +28,14 @@ class SamplingConfig:
     """Keep the smallest set of tokens whose probability reaches top_p (1.0: all)."""
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        """Messages name the `hippo generate` options, the way most users set these."""
+        if self.temperature <= 0 and not self.greedy:
+            raise ConfigError(f"--temperature (temperature) must be > 0, got {self.temperature}; "
+                              "for the most likely token at every step use --greedy")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise ConfigError(f"--top-k (top_k) must be >= 0 (0 keeps every token), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"--top-p (top_p) must be in (0, 1] (1 keeps every token), got {self.top_p}")
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -62,11 +67,13 @@ def generate(
     vocab_size: int | None = None,
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
+    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Continue `prompt` (B, Lp) by up to `max_new_tokens`; returns (B, Lp + new).
 
     Padded vocabulary entries (>= vocab_size) are never sampled. Stops early once every
-    sequence has produced `eos_id`.
+    sequence has produced `eos_id` or been declared done by `stop` (called with the new tokens
+    so far, (B, n); returns (B,) bools: stop strings are text, which only the caller can decode).
     """
     sampling = sampling or SamplingConfig(greedy=True)
     B, Lp = prompt.shape
@@ -83,8 +90,10 @@ def generate(
         out.append(token.unsqueeze(1))
         if eos_id is not None:
             finished |= token == eos_id
-            if bool(finished.all()):
-                break
+        if stop is not None:
+            finished |= stop(torch.cat(out[1:], dim=1))
+        if bool(finished.all()):
+            break
         if i + 1 == max_new_tokens:
             break
         params.seqlen_offset = Lp + i

@@ -15,19 +15,34 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from hippo.kernels import h3_core
+from hippo.kernels import TritonUnavailableError, h3_core
+from hippo.pretrain.models.config import ConfigError
 from hippo.pretrain.models.inference import InferenceParams
 from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
 from hippo.pretrain.models.ssm import DiagonalSSM, ShiftSSM
 
 
-class H3(nn.Module):
-    # Convolution-mode path for the SSM core (`kernels.h3_core` impl): "auto" picks the fast
-    # chunked path; "reference" selects the full-length FFT oracle.
-    conv_impl: str = "auto"
+# `model.conv_impl` -> the `kernels.h3_core` impl that runs it (the kernels call the chunked
+# state-passing path "torch").
+CONV_IMPLS = {"auto": "auto", "triton": "triton", "chunked": "torch", "reference": "reference"}
 
-    def __init__(self, d_model: int, d_state: int = 64, *, layer_idx: int, linears: Linears = SINGLE_PROCESS):
+
+class H3(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        *,
+        layer_idx: int,
+        linears: Linears = SINGLE_PROCESS,
+        conv_impl: str = "auto",
+    ):
         super().__init__()
+        if conv_impl not in CONV_IMPLS:
+            raise ConfigError(f"model.conv_impl must be one of {list(CONV_IMPLS)}, got {conv_impl!r}")
+        # Convolution-mode path of the SSM core (`model.conv_impl`): "auto" is Triton FlashConv
+        # where it can run on the GPU, else the chunked path; "reference" the full-length FFT oracle.
+        self.conv_impl = conv_impl
         self.layer_idx = layer_idx
         self.q_proj = linears.column(d_model, d_model, bias=True)
         self.k_proj = linears.column(d_model, d_model, bias=True)
@@ -46,7 +61,14 @@ class H3(nn.Module):
         prefill = inference_params is not None
         discrete = dg.discrete()
         # y = q * DiagSSM(ShiftSSM(k) * v); a prefill also gets the diagonal state at the end.
-        out = h3_core(q, k, v, sh.B, sh.C, sh.D, discrete, dg.D, impl=self.conv_impl, return_state=prefill)
+        try:
+            out = h3_core(q, k, v, sh.B, sh.C, sh.D, discrete, dg.D, impl=CONV_IMPLS[self.conv_impl],
+                          return_state=prefill)
+        except TritonUnavailableError as e:  # raised before any work: the path choice, not the math
+            raise ConfigError(
+                f"model.conv_impl='triton' cannot run here: {e.reason}; "
+                "set model.conv_impl to 'auto' (Triton where it can run, else chunked) or 'chunked'"
+            ) from e
         if prefill:
             y, diag_state = out
             # The discretized SSM is kept with the state: weights do not change while generating,

@@ -5,6 +5,10 @@ LayerNorm, and an LM head tied to the embedding. No position embeddings unless c
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -14,6 +18,7 @@ from hippo.pretrain.models.embedding import TokenEmbedding
 from hippo.pretrain.models.inference import InferenceParams
 from hippo.pretrain.models.init import init_parameters
 from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
+from hippo.pretrain.models.pretrained import load_weights, read_config, save_weights, write_config
 
 
 class HippoLM(nn.Module):
@@ -48,6 +53,35 @@ class HippoLM(nn.Module):
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross entropy over all positions (whole vocabulary, also under TP)."""
         return self.linears.cross_entropy(self(input_ids), labels).mean()
+
+    def save_pretrained(self, folder: str | Path, **meta: Any) -> Path:
+        """Config (plus `meta`: tokenizer, step, ...) and weights (the tied head stored once)."""
+        return save_pretrained(folder, dict(self.named_parameters()), self.cfg, **meta)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu") -> HippoLM:
+        """The model of a folder written by `save_pretrained` (or `hippo export`), in eval mode."""
+        meta = read_config(folder)
+        model = cls(ModelConfig(**meta["model"]), init=False)
+        weights = load_weights(folder)
+        expected = dict(model.named_parameters())
+        missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        wrong = [k for k in expected.keys() & weights.keys() if weights[k].shape != expected[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(f"{folder}: the weights do not fit its config.json: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}, other shapes {wrong[:5]}")
+        model.load_state_dict(weights, strict=False)
+        return model.to(device).eval()
+
+
+def save_pretrained(folder: str | Path, params: dict[str, torch.Tensor], cfg: ModelConfig, **meta: Any) -> Path:
+    """What `HippoLM.save_pretrained` writes, from full tensors under `HippoLM` names (as the
+    trainer gathers them from any layout)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(folder, params)
+    write_config(folder, {"model": dataclasses.asdict(cfg), **meta})
+    return folder
 
 
 def count_parameters(cfg: ModelConfig) -> int:

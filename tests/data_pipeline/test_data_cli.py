@@ -103,3 +103,75 @@ def test_default_corpus_is_the_stdlib_in_sorted_order(tmp_path):
     tokens = np.concatenate([s for shard in read_split(tmp_path / "prepared") for s in shard] +
                             [s for shard in read_split(tmp_path / "prepared", "validation") for s in shard])
     assert sorted(byte_docs_from_tokens(tokens)) == sorted(r["text"] for r in recs)
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("hippo: error:")]
+
+
+@pytest.mark.parametrize("name,content,counts", [
+    ("empty.jsonl", b"", "the inputs hold no records"),
+    ("bad.jsonl", b'{"text": oops}\n{"meta": {}}\n{"text": ""}\n{oops\n',
+     "every record was skipped (empty_text=1, malformed_json=2, missing_text=1; first: "),
+    ("plain.jsonl.zst", b'{"text": "not compressed at all"}\n', "every record was skipped (corrupt_zstd=1; first: "),
+])
+def test_prepare_of_an_empty_dataset_fails_in_one_line_and_keeps_what_was_there(tmp_path, capsys, name, content,
+                                                                                  counts):
+    src = tmp_path / name
+    src.write_bytes(content)
+    out = tmp_path / "out"
+    assert _run(["data", "prepare", str(src), "-o", str(out), "--seq-len", "8", "--no-progress"]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert counts in line and str(src) in line and "nothing was written" in line
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
+
+    # Over a prepared folder (--overwrite): the empty run must not have removed it.
+    good = write_jsonl(tmp_path / "good.jsonl", make_docs(40, seed=33))
+    assert _run(["data", "prepare", str(good), "-o", str(out), "--seq-len", "8", "--no-progress"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert _run(["data", "prepare", str(src), "-o", str(out), "--seq-len", "8", "--overwrite",
+                 "--no-progress"]) == 2
+    assert len(_error_lines(capsys.readouterr().err)) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _run(["data", "verify", str(out), "--no-progress"]) == 0
+
+
+def test_text_in_another_encoding_is_decoded_or_replaced_or_skipped_and_counted(tmp_path, capsys):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café naïve, ½ déjà vu\n".encode("latin-1"))
+    good = tmp_path / "good.txt"
+    good.write_text("plain ascii\n", encoding="utf-8")
+
+    def docs(*opts: str) -> list[str]:
+        out = tmp_path / "-".join(("out",) + opts)
+        assert _run(["data", "prepare", str(good), str(latin), "-o", str(out), "--seq-len", "16", "--no-progress",
+                     *opts]) == 0
+        return byte_docs_from_tokens(np.concatenate([s for shard in read_split(out) for s in shard]))
+
+    assert docs() == ["plain ascii\n"]  # --errors strict (default): the file is skipped ...
+    assert "skipped: invalid_utf8=1" in capsys.readouterr().out  # ... and counted
+    assert docs("--encoding", "latin-1") == ["plain ascii\n", "café naïve, ½ déjà vu\n"]
+    replaced = docs("--errors", "replace")
+    assert replaced == ["plain ascii\n", latin.read_bytes().decode("utf-8", errors="replace")]
+    assert replaced[1].count("\ufffd") == 5 and replaced[1].startswith("caf\ufffd na")
+    capsys.readouterr()
+    assert _run(["data", "prepare", str(latin), "-o", str(tmp_path / "x"), "--seq-len", "16", "--no-progress",
+                 "--encoding", "no-such-codec"]) == 2
+    assert "--encoding no-such-codec" in capsys.readouterr().err
+
+
+def test_inspect_and_verify_name_a_manifest_that_disagrees_with_its_shards(small_corpus, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_corpus[0], copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["seq_len"] = 16
+    (copy / "manifest.json").write_text(json.dumps(m))
+    assert _run(["data", "verify", str(copy), "--no-progress"]) == 1
+    (problem,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("PROBLEM")]
+    assert "says seq_len=16" in problem and "shards hold seq_len=32" in problem  # once, not once per sample
+    assert _run(["data", "inspect", str(copy)]) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert "says seq_len=16" in line and "train.seq_len=32" in line

@@ -7,7 +7,7 @@ import json
 import pytest
 import zstandard
 
-from hippo.data_pipeline.sources import input_kind, iter_records
+from hippo.data_pipeline.sources import check_encoding, input_kind, iter_records
 
 
 def _lines_file(path, lines: list[bytes]):
@@ -88,3 +88,16 @@ def test_start_line_skips_without_parsing(tmp_path):
 def test_unsupported_input_type_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unsupported input type"):
         input_kind(tmp_path / "data.parquet")
+
+
+def test_jsonl_lines_in_another_encoding_are_decoded_replaced_or_skipped(tmp_path):
+    path = _lines_file(tmp_path / "l.jsonl", [b'{"text": "ok"}', '{"text": "déjà"}'.encode("latin-1")])
+    assert [(r.line, r.skip_reason) for r in iter_records(path)] == [(1, None), (2, "invalid_utf8")]
+    assert [r.text for r in iter_records(path, encoding="latin-1")] == ["ok", "déjà"]
+    assert [r.text for r in iter_records(path, errors="replace")] == ["ok", "d\ufffdj\ufffd"]
+    (rec,) = list(iter_records(path, start_line=2, encoding="ascii"))
+    assert (rec.line, rec.skip_reason) == (2, "invalid_encoding") and "ascii" in rec.detail
+    assert check_encoding("Latin-1", "strict", lines=True) == "iso8859-1"
+    with pytest.raises(ValueError, match="--encoding utf-16"):
+        check_encoding("utf-16", "strict", lines=True)  # jsonl is split at byte 0x0A
+    assert check_encoding("utf-16", "replace", lines=False) == "utf-16"

@@ -7,13 +7,15 @@ import json
 import shutil
 import tarfile
 from collections import Counter
+from itertools import islice
 
 import numpy as np
 import pytest
 from dp_helpers import byte_docs_from_tokens, make_docs, read_split, write_jsonl
 
 from hippo.data_pipeline.config import DataConfig
-from hippo.data_pipeline.errors import CorruptShardError, DataExhaustedError
+from hippo.data_pipeline.errors import (CorruptDataError, CorruptShardError, DataExhaustedError, ManifestError,
+                                        MissingSplitError)
 from hippo.data_pipeline.prepare import prepare
 from hippo.data_pipeline.stream import build_stream
 
@@ -280,7 +282,7 @@ def test_truncated_and_garbled_shards_never_hang_and_are_counted(small_corpus, d
     raw = bytearray(t2.read_bytes())
     raw[1024 * 20: 1024 * 20 + 512] = b"\x07" * 512  # the 21st member's header is garbage
     t2.write_bytes(bytes(raw))
-    rows, s = _epoch_rows(damaged_copy)
+    rows, s = _epoch_rows(damaged_copy, max_corrupt_fraction=1.0)  # far over the default budget
     assert len(rows) == len(clean)  # same number of batches: ranks stay in step
 
     def lost(g: int) -> bool:
@@ -289,8 +291,7 @@ def test_truncated_and_garbled_shards_never_hang_and_are_counted(small_corpus, d
 
     used_lost = [g for g in range(len(rows)) if lost(g)]
     assert used_lost and all(np.array_equal(rows[g], clean[g]) for g in range(len(rows)) if not lost(g))
-    # Counted as met while reading: every lost sample the epoch uses, at most every lost sample.
-    assert len(used_lost) <= s.corrupt_samples <= (shards[2]["samples"] - 10) + (shards[4]["samples"] - 20)
+    assert s.corrupt_samples == len(used_lost)  # exactly the replaced samples handed over
 
 
 @pytest.mark.slow
@@ -303,6 +304,133 @@ def test_damage_seen_by_dataloader_workers_is_replaced_identically_or_raises(dam
     in_process, s0 = _epoch_rows(damaged_copy)
     with_workers, s2 = _epoch_rows(damaged_copy, W=2, samples_per_transfer=4)
     assert all(np.array_equal(a, b) for a, b in zip(in_process, with_workers))
-    assert s0.corrupt_samples == 1 and s2.corrupt_samples >= 1
+    assert s0.corrupt_samples == 1 == s2.corrupt_samples
     with pytest.raises(CorruptShardError, match="train-000003.tar"):  # raised in a worker, re-raised here
         _epoch_rows(damaged_copy, W=2, strict=True)
+
+
+# ---------------------------------------------------------------- the corruption budget, manifest vs shards
+
+
+def _garble(path, indices=None) -> None:
+    """Flip bytes inside the zstd data of the given members (all if None): each fails its checksum."""
+    members = _members(path)
+    for i in range(len(members)) if indices is None else indices:
+        m, data = members[i]
+        members[i] = (m, data[:20] + bytes(b ^ 0xFF for b in data[20:30]) + data[30:])
+    _rewrite(path, members)
+
+
+def _shard_names(folder) -> list[str]:
+    return [sh["name"] for sh in json.loads((folder / "manifest.json").read_text())["splits"]["train"]["shards"]]
+
+
+def _shard_read(folder, nth: int = 0) -> tuple[str, int]:
+    """The nth shard virtual stream 0 reads (0: that of global sample 0), and the shard index of its first sample."""
+    s, names = _stream([folder]), _shard_names(folder)
+    seen: list[str] = []
+    for g in range(0, s.samples_per_epoch, s.order.V):  # stream 0's samples, in order
+        _, shard, idx = s.order.locate(g)
+        name = names[shard]
+        if name not in seen:
+            seen.append(name)
+            if len(seen) > nth:
+                return name, idx
+    raise AssertionError("stream 0 reads fewer shards")
+
+
+def _bad_positions(folder, shard_name: str) -> list[bool]:
+    """Per global sample of epoch 0: does it come from `shard_name` (independent of the stream's counting)."""
+    s, names = _stream([folder]), _shard_names(folder)
+    return [names[s.order.locate(g)[1]] == shard_name for g in range(s.samples_per_epoch)]
+
+
+@pytest.mark.parametrize("D,gb,mb,batches_before", [(1, 16, 2, 0), (2, 2, 1, 1)])
+def test_unreadable_dataset_stops_within_the_first_global_batches(damaged_copy, D, gb, mb, batches_before):
+    for shard in damaged_copy.glob("train-*.tar"):
+        _garble(shard)
+    s = _stream([damaged_copy], D, 0, mb=mb, gb=gb)
+    handed = 0
+    per_rank = gb // D
+    with pytest.raises(CorruptDataError) as err:
+        for _ in islice(s, 3 * per_rank // mb):  # bounded: before the budget, this trained on padding forever
+            handed += 1
+    # gb=2 over D=2 is one sample per rank and batch: the first is forgiven by max(1, ...), the second stops.
+    assert s.consumed_samples == batches_before * gb and handed == (batches_before + 1) * per_rank // mb - 1
+    msg = str(err.value)
+    n = (batches_before + 1) * per_rank
+    assert f"{n} of the {n} samples" in msg and "data.max_corrupt_fraction=0.001" in msg and "\n" not in msg
+    assert "train-0000" in msg and str(damaged_copy) in msg
+    assert s.corrupt_samples == n
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.02, 0.1])
+def test_damaged_shard_raises_exactly_when_over_budget_else_counts(damaged_copy, fraction):
+    name, _ = _shard_read(damaged_copy, 1)  # met after some good batches: the fraction, not the floor, decides
+    _garble(damaged_copy / name)
+    bad = _bad_positions(damaged_copy, name)
+    # The documented rule, computed independently: stop at the first batch where bad > max(1, fraction x samples).
+    expected = next((k for k in range(len(bad) // B)
+                     if sum(bad[:(k + 1) * B]) > max(1, int(fraction * (k + 1) * B))), None)
+    assert (expected is None) == (fraction == 0.1) and not bad[0]  # the cases cover both outcomes
+    s = _stream([damaged_copy], max_corrupt_fraction=fraction)
+    it = iter(s)
+    try:
+        for _ in range(s.samples_per_epoch // MB):
+            next(it)
+    except CorruptDataError as e:
+        assert expected is not None and s.consumed_samples == expected * B, "raised at the wrong batch"
+        assert name in str(e) and f"{sum(bad[:(expected + 1) * B])} of the {(expected + 1) * B} samples" in str(e)
+    else:
+        assert expected is None, f"no error, expected one at batch {expected}"
+        assert s.corrupt_samples == sum(bad) and s.corrupt_shards == [str(damaged_copy / name)]
+
+
+def test_single_bad_sample_in_the_first_batch_is_forgiven(damaged_copy):
+    name, idx = _shard_read(damaged_copy)
+    _garble(damaged_copy / name, [idx])
+    rows, s = _epoch_rows(damaged_copy)  # default budget: the whole epoch runs
+    assert s.corrupt_samples == 1 and len(rows) == s.samples_per_epoch
+
+
+@pytest.mark.parametrize("W", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_resume_keeps_the_corrupt_count_exact(damaged_copy, W):
+    name, _ = _shard_read(damaged_copy)
+    _garble(damaged_copy / name)
+    bad = _bad_positions(damaged_copy, name)
+    k, m = 3, 5  # 2 samples per stream and batch, shuffle window 16: the resume point is inside a block
+    ref = _stream([damaged_copy], W=W, samples_per_transfer=5, max_corrupt_fraction=1.0)
+    it = iter(ref)
+    for _ in range(k * B // MB):
+        next(it)
+    state = ref.state_dict()
+    assert state["corrupt_samples"] == sum(bad[:k * B]) > 0
+    for _ in range(m * B // MB):
+        next(it)
+    del it  # its workers stop before the next stream's start
+    resumed = _stream([damaged_copy], W=W, samples_per_transfer=5, max_corrupt_fraction=1.0)
+    resumed.load_state_dict(state)
+    it2 = iter(resumed)
+    for _ in range(m * B // MB):
+        next(it2)
+    assert resumed.corrupt_samples == ref.corrupt_samples == sum(bad[:(k + m) * B])
+    assert resumed.corrupt_shards == [str(damaged_copy / name)]
+
+
+@pytest.mark.parametrize("key,value", [("seq_len", 16), ("dtype", "uint32")])
+def test_manifest_that_disagrees_with_its_shards_is_refused(damaged_copy, key, value):
+    path = damaged_copy / "manifest.json"
+    m = json.loads(path.read_text())
+    m[key] = value
+    path.write_text(json.dumps(m))
+    with pytest.raises(ManifestError) as err:
+        _stream([damaged_copy])
+    msg = str(err.value)
+    ours = f"seq_len={m['seq_len']} ({m['dtype']})"
+    shards = "seq_len=32 (uint16)"  # what small_corpus was prepared with
+    assert str(damaged_copy) in msg and f"manifest.json says {ours}" in msg and f"shards hold {shards}" in msg
+    assert "hippo data prepare --overwrite" in msg and "train.seq_len=32" in msg
+    # Not the "no such split" error a caller may treat as optional (no validation data):
+    assert not isinstance(err.value, MissingSplitError)
+    with pytest.raises(MissingSplitError):
+        _stream([damaged_copy], split="validation")

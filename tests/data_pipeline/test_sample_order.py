@@ -94,6 +94,8 @@ def test_layout_checks_name_the_option():
     (dict(paths=["a"], num_workers=-1), "data.num_workers"),
     (dict(paths=["a"], virtual_streams=0), "data.virtual_streams"),
     (dict(paths=["a"], split="test"), "data.split"),
+    (dict(paths=["a"], max_corrupt_fraction=1.5), "data.max_corrupt_fraction"),
+    (dict(paths=["a"], max_corrupt_fraction="0.1"), "data.max_corrupt_fraction"),
 ])
 def test_data_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -42,7 +42,8 @@ def test_hostfile_errors_name_file_and_line(tmp_path):
 
 def test_sbatch_script_for_two_nodes_of_eight_gpus():
     argv = train_argv("hybrid_1.3b", "/shared/runs/h13", ["train.global_batch_size=512"])
-    script = sbatch_script(SlurmSpec(nodes=2, gpus_per_node=8, partition="gpu"), argv, python="/venv/bin/python")
+    spec = SlurmSpec(nodes=2, gpus_per_node=8, partition="gpu")
+    script = sbatch_script(spec, argv, python="/venv/bin/python")
     for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --signal=TERM@120"]:
         assert line + "\n" in script
@@ -53,7 +54,8 @@ def test_sbatch_script_for_two_nodes_of_eight_gpus():
     assert command == [
         "/venv/bin/python", "-m", "torch.distributed.run", "--nnodes", '"$NNODES"', "--nproc-per-node", "8",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", '"$RDZV_ENDPOINT"', "--rdzv-id", '"$RDZV_ID"',
-        "--max-restarts", "3", "-m", "hippo.pretrain.cli", "train", "hybrid_1.3b", "--run-dir", "/shared/runs/h13",
+        "--max-restarts", "3", "--shutdown-timeout", str(spec.shutdown_timeout_s),
+        "-m", "hippo.pretrain.cli", "train", "hybrid_1.3b", "--run-dir", "/shared/runs/h13",
         "--set", "train.global_batch_size=512",
     ]
 

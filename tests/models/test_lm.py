@@ -167,3 +167,58 @@ def test_sampling_filters():
     assert len(set(hot.tolist())) == 5
     with pytest.raises(ValueError):
         SamplingConfig(temperature=0)
+
+
+# ------------------------------------------------------------------ model.conv_impl (issue 13)
+def test_conv_impl_config_is_validated():
+    from hippo.pretrain.models.config import ConfigError
+
+    for name in ("auto", "triton", "chunked", "reference"):
+        assert ModelConfig(**TINY, conv_impl=name).conv_impl == name
+    with pytest.raises(ConfigError, match="model.conv_impl must be one of"):
+        ModelConfig(**TINY, conv_impl="torch")  # the kernels' name for chunked, not a config value
+
+
+@pytest.mark.parametrize("name,kernel_impl", [("auto", "auto"), ("chunked", "torch"), ("reference", "reference")])
+def test_h3_conv_impl_selects_the_kernel_path(monkeypatch, name, kernel_impl):
+    """H3(conv_impl=...) hands h3_core the kernels' name of the path, and every path agrees."""
+    import hippo.pretrain.models.h3 as h3_module
+
+    seen = []
+    real = h3_module.h3_core
+
+    def spy(*args, impl, **kw):
+        seen.append(impl)
+        return real(*args, impl=impl, **kw)
+
+    monkeypatch.setattr(h3_module, "h3_core", spy)
+    torch.manual_seed(0)
+    layer = H3(32, 64, layer_idx=0, conv_impl=name)
+    u = torch.randn(2, 100, 32)
+    y = layer(u)
+    assert seen == [kernel_impl]
+    layer.conv_impl = "reference"
+    torch.testing.assert_close(y, layer(u), rtol=2e-4, atol=2e-5)
+
+
+def test_h3_rejects_an_unknown_conv_impl():
+    from hippo.pretrain.models.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.conv_impl"):
+        H3(32, 64, layer_idx=0, conv_impl="torch")
+
+
+def test_h3_explicit_triton_that_cannot_run_names_the_config_option(monkeypatch):
+    from hippo.pretrain.models.config import ConfigError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = H3(32, 64, layer_idx=0, conv_impl="triton")
+    with pytest.raises(ConfigError, match=r"model\.conv_impl='triton' cannot run here: .*not CUDA"):
+        layer(torch.randn(1, 16, 32))
+
+
+@pytest.mark.xfail(strict=True, reason="pretrain/models/block.py builds H3 without cfg.conv_impl (not in this change)")
+def test_model_config_conv_impl_reaches_every_h3_layer():
+    model = HippoLM(ModelConfig(**TINY, conv_impl="reference"))
+    impls = [m.conv_impl for m in model.modules() if isinstance(m, H3)]
+    assert impls and set(impls) == {"reference"}

@@ -13,13 +13,30 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from hippo.parallel.gather import full_parameters
+from hippo.parallel.gather import stage_full_parameters
 from hippo.parallel.groups import destroy_parallel, init_parallel
 from hippo.parallel.pipeline import canonical_named_parameters
 from hippo.pretrain.builders import build_engine
 from hippo.pretrain.config import HippoConfig, apply_overrides, from_dict
 from tests.parallel.common import BASE_CONFIG, global_batches, rank_micro_batches
+
+
+def full_parameters(module, state) -> dict[str, torch.Tensor] | None:
+    """Every parameter of the model as full tensors on global rank 0 (None elsewhere): for the
+    test's tiny model only (training exports stage by stage, never gathering the model)."""
+    mine = stage_full_parameters(module, state)
+    keep = state.tp_rank == 0 and state.dp_rank == 0  # one copy per stage
+    gathered = [None] * dist.get_world_size() if state.rank == 0 else None
+    dist.gather_object(mine if keep else None, gathered, dst=0)
+    if state.rank != 0:
+        return None
+    merged: dict[str, torch.Tensor] = {}
+    for part in gathered:
+        if part:
+            merged.update(part)
+    return merged
 
 
 def optimizer_state_bytes(optimizer) -> int:

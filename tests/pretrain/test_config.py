@@ -96,3 +96,58 @@ def test_yaml_values_are_coerced_in_the_shipped_sections():
 def test_a_fixed_length_tuple_option_refuses_another_length():
     with pytest.raises(ConfigError, match=r"optim\.betas must have 2 items"):
         from_dict(HippoConfig, {"optim": {"betas": [0.9, 0.99, 0.5]}})
+
+
+# The paper's training recipe (Fu et al. 2023, "Hungry Hungry Hippos"; the H3 reference notes):
+# sequences of 2048 tokens, bf16, ~420B Pile tokens, global batch per model size.
+PAPER_SEQ_LEN = 2048
+PAPER_TOKENS = 420e9
+PAPER_GLOBAL_BATCH = {"125m": 256, "355m": 256, "1.3b": 512, "2.7b": 512}
+PAPER_CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("tiny_"))
+TINY_CONFIGS = sorted(CONFIG_DIR.glob("tiny_*.yaml"))
+QUICKSTART_SEQ_LEN = 256
+"""`hippo quickstart` prepares its corpus with the byte tokenizer at this length (README)."""
+
+
+def test_every_paper_size_has_a_shipped_config():
+    sizes = sorted({p.stem.split("_", 1)[1] for p in PAPER_CONFIGS})
+    assert sizes == sorted(PAPER_GLOBAL_BATCH) and len(PAPER_CONFIGS) == 3 * len(PAPER_GLOBAL_BATCH)
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
+def test_paper_configs_carry_the_papers_training_recipe(path):
+    from hippo.pretrain.optim import lr_multiplier
+
+    cfg = load_config(path)
+    t, o = cfg.train, cfg.optim
+    assert t.seq_len == PAPER_SEQ_LEN and t.precision == "bf16"
+    assert t.global_batch_size == PAPER_GLOBAL_BATCH[path.stem.split("_", 1)[1]]
+    tokens = t.steps * t.global_batch_size * t.seq_len
+    assert abs(tokens / PAPER_TOKENS - 1) <= 0.05, f"{tokens / 1e9:.1f}B tokens"
+    # Linear warmup over 1% of the steps, then cosine down to 0.1 x lr at the last step.
+    warmup = round(0.01 * t.steps)
+    assert lr_multiplier(0, t.steps, o) == pytest.approx(1 / warmup)
+    assert lr_multiplier(warmup - 1, t.steps, o) == 1.0
+    assert lr_multiplier(warmup + (t.steps - warmup) // 2, t.steps, o) == pytest.approx(0.55, abs=1e-3)
+    assert lr_multiplier(t.steps - 1, t.steps, o) == pytest.approx(0.1, abs=1e-6)
+    # Checkpoints and evaluations every 0.1%..1% of the run: hours apart, not minutes or days.
+    for interval in (cfg.checkpoint.interval, t.eval_interval):
+        assert 100 <= t.steps / interval <= 1000, interval
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
+def test_paper_configs_run_on_one_node_of_eight_gpus(path):
+    """The batch splits over 8 data-parallel ranks (micro batch x accumulation x 8)."""
+    cfg = load_config(path, ["data.paths=[/shared/pile]"])
+    layout = cfg.layout(8)
+    assert layout.global_batch_size == cfg.train.global_batch_size and layout.grad_accum_steps >= 1
+
+
+@pytest.mark.parametrize("path", TINY_CONFIGS, ids=lambda p: p.stem)
+def test_tiny_configs_train_on_the_quickstarts_data(path):
+    from hippo.data_pipeline.tokenizer import load_tokenizer
+
+    cfg = load_config(path, ["data.paths=[/tmp/quickstart/data]"])
+    assert cfg.train.seq_len == QUICKSTART_SEQ_LEN
+    assert cfg.model.vocab_size == load_tokenizer("byte").vocab_size
+    assert cfg.layout(1).global_batch_size == cfg.train.global_batch_size

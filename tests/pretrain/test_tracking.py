@@ -1,11 +1,13 @@
 """MLflow tracking: values read back through MlflowClient, resume without duplicates, offline fallback."""
 
+import http.server
 import json
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
+from hippo.pretrain.cli import main
 from hippo.pretrain.tracking import PENDING_FILE, UPLOADED_FILE, Tracker, upload_pending
 from tests.helpers import free_port
 
@@ -200,6 +203,97 @@ def test_silent_server_does_not_stall(tmp_path, monkeypatch):
         assert time.monotonic() - start < 5
     kinds = [json.loads(x)["kind"] for x in (tmp_path / PENDING_FILE).read_text().splitlines()]
     assert kinds == ["metrics", "end"]
+
+
+class _HtmlEverywhere(http.server.BaseHTTPRequestHandler):
+    """Some web application: 200 and an HTML page for any request."""
+
+    status = 200
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b"<html><body>Welcome</body></html>"
+        self.send_response(self.status)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class _ReadOnlyProxy(_HtmlEverywhere):
+    """A proxy that forwards MLflow's lookups but answers writes with its own HTML 404."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"experiment": {"experiment_id": "1", "name": "hippo", "artifact_location": "/x",
+                                          "lifecycle_stage": "active"}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        self.status = 404
+        self._answer()
+
+
+class _Quiet404(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(params=["http.server 404", "HTML 200", "proxy 404 on writes"])
+def not_mlflow(request, tmp_path):
+    """A loopback web server that answers, but is not an MLflow tracking server."""
+    empty = tmp_path / "www"
+    empty.mkdir()
+    handler = {"http.server 404": lambda *a: _Quiet404(*a, directory=str(empty)),
+               "HTML 200": _HtmlEverywhere, "proxy 404 on writes": _ReadOnlyProxy}[request.param]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_a_server_that_is_not_mlflow_counts_as_unreachable(tmp_path, not_mlflow, caplog, capsys):
+    """One warning naming the upload command, no exception; the records wait in the pending file,
+    `hippo mlflow upload` refuses that server and sends them to a real store."""
+    run_dir = tmp_path / "run"
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="hippo.pretrain.tracking"):
+        tracker = Tracker(run_dir, enabled=True, run_name="foreign", tracking_uri=not_mlflow, system_metrics=False)
+        tracker.log_params({"lr": 0.1})
+        for step in range(1, 3):
+            tracker.log_metrics({"loss": float(step)}, step=step)
+        tracker.close()
+    assert time.monotonic() - start < 10
+    warnings = [r.getMessage() for r in caplog.records if r.name == "hippo.pretrain.tracking"]
+    assert len(warnings) == 1 and "unreachable" in warnings[0], warnings
+    assert f"hippo mlflow upload {run_dir} --tracking-uri {not_mlflow}" in warnings[0]
+    kinds = [json.loads(x)["kind"] for x in (run_dir / PENDING_FILE).read_text().splitlines()]
+    assert kinds == ["params", "metrics", "metrics", "end"]
+
+    capsys.readouterr()
+    assert main(["mlflow", "upload", str(run_dir), "--tracking-uri", not_mlflow]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("hippo: error:") and not_mlflow in err[0], err
+    assert (run_dir / PENDING_FILE).exists()
+
+    uri = f"sqlite:///{tmp_path}/upload.db"
+    assert main(["mlflow", "upload", str(run_dir), "--tracking-uri", uri]) == 0
+    assert "uploaded 4 records" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("hippo").experiment_id])
+    assert run.info.run_name == "foreign" and run.data.params == {"lr": "0.1"}
+    assert history(client, run.info.run_id, "loss") == [(1, 1.0), (2, 2.0)]
 
 
 def kill_server(url: str) -> None:

@@ -125,13 +125,17 @@ def test_stop_and_resume_equals_uninterrupted_run_in_parallel(parallel_runs, nam
 
 def test_export_of_a_tp2_pp2_checkpoint_equals_the_gathered_export(parallel_runs, tmp_path):
     """`hippo export` (universal conversion, one process) vs the trainer's own end-of-run export
-    (shards gathered over TP and PP ranks): the same tensors, bit for bit."""
-    from safetensors.torch import load_file
+    (TP shards gathered within each stage, one file per pipeline stage): the same tensors, bit for bit."""
+    from hippo.pretrain.models.pretrained import INDEX, load_weights
 
     full, _ = parallel_runs["tp2_pp2"]
     torchrun(0, ["-m", "hippo.pretrain.cli", "export", str(full), "-o", str(tmp_path / "export")])
-    a, b = load_file(str(full / "export" / "model.safetensors")), load_file(str(tmp_path / "export" / "model.safetensors"))
+    a, b = load_weights(full / "export"), load_weights(tmp_path / "export")
     assert set(a) == set(b) and all(a[k].equal(b[k]) for k in a)
+    weight_map = json.loads((full / "export" / INDEX).read_text())["weight_map"]
+    assert sorted(set(weight_map.values())) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert weight_map["embedding.word.weight"] == "model-00001-of-00002.safetensors"  # the tied weight, once
+    assert weight_map["norm_f.weight"] == "model-00002-of-00002.safetensors"
 
 
 @pytest.mark.parametrize("name", list(PARALLEL))
@@ -214,9 +218,23 @@ def test_a_checkpoint_written_before_the_hippo_namespace_resumes_exactly(data, t
     fixture = ROOT / "tests" / "fixtures" / "checkpoint_v0_1"
     run = tmp_path / "run"
     shutil.copytree(fixture / "run", run)
-    hippo_train(run, data, "tracking.enabled=false")  # its MLflow store is not part of the fixture
+    # Its MLflow store is not part of the fixture, and its data folder had another path.
+    hippo_train(run, data, "tracking.enabled=false", "--allow-config-change")
     old = {json.loads(line)["step"]: json.loads(line)["loss"]
            for line in (fixture / "uninterrupted_metrics.jsonl").read_text().splitlines()}
     resumed = losses(run)
     assert sorted(resumed) == list(range(17, STEPS + 1))
     assert all(resumed[s] == pytest.approx(old[s], rel=1e-6) for s in resumed), (resumed, old)
+
+
+def test_a_wall_clock_limit_stops_with_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(data, reference,
+                                                                                                   tmp_path):
+    """`train.time_limit` (a scheduler's limit): a second is gone before the first step ends, so
+    the run checkpoints after it and exits cleanly; resumed without the limit, it trains exactly
+    as the uninterrupted run did."""
+    run = tmp_path / "run"
+    first = hippo_train(run, data, DROPOUT, "train.time_limit=1")
+    assert "checkpoint" in first.stderr and "(time limit)" in first.stderr
+    assert latest_step(run) == 1 and not (run / "export").exists()
+    hippo_train(run, data, DROPOUT)
+    assert losses(run) == reference

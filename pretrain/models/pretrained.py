@@ -1,0 +1,120 @@
+"""A model folder: `config.json` (the model config under "model", plus what the caller adds) and its
+weights as safetensors, one file or shards with an index (the Hugging Face layout), so a folder
+moves, and loads, as a unit."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 4 * 2**30
+
+
+def save_weights(folder: Path, tensors: dict[str, torch.Tensor], *, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """One file up to `max_shard_bytes`, else shards of at most that size and an index. Each file
+    is written under a temporary name and renamed, so a folder never holds half a file."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().contiguous().cpu()
+        size += nbytes
+    if len(shards) == 1:
+        _save_atomic(shards[0], folder / WEIGHTS)
+        (folder / INDEX).unlink(missing_ok=True)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        save_shard(folder, shard, i, len(shards))
+        weight_map.update(dict.fromkeys(shard, shard_name(i, len(shards))))
+    write_index(folder, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def save_shard(folder: Path, tensors: dict[str, torch.Tensor], index: int, count: int) -> None:
+    """Shard `index` of `count` (written by whichever process holds those tensors)."""
+    _save_atomic({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, Path(folder) / shard_name(index, count))
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """The index over shards; a single-file model of an earlier save is removed, so only one is read."""
+    _write_json(Path(folder) / INDEX, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    (Path(folder) / WEIGHTS).unlink(missing_ok=True)
+
+
+def load_weights(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    folder = Path(folder)
+    if (folder / INDEX).exists():
+        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        out: dict[str, torch.Tensor] = {}
+        for file in sorted(set(weight_map.values())):
+            out.update(load_file(str(folder / file), device=str(device)))
+        return out
+    if not (folder / WEIGHTS).exists():
+        raise FileNotFoundError(f"{folder} has neither {WEIGHTS} nor {INDEX}: not a Hippo model folder")
+    return load_file(str(folder / WEIGHTS), device=str(device))
+
+
+def weight_reader(folder: Path) -> Callable[[str], torch.Tensor]:
+    """`read(name)` -> that one tensor, read from its file on demand (safetensors maps the file):
+    a rank of a large job takes only the tensors of its own stage."""
+    folder = Path(folder)
+    if (folder / INDEX).exists():
+        files = {name: folder / file for name, file in json.loads((folder / INDEX).read_text())["weight_map"].items()}
+    elif (folder / WEIGHTS).exists():
+        with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+            files = dict.fromkeys(f.keys(), folder / WEIGHTS)
+    else:
+        raise FileNotFoundError(f"{folder} has neither {WEIGHTS} nor {INDEX}: not a Hippo model folder")
+
+    def read(name: str) -> torch.Tensor:
+        if name not in files:
+            raise KeyError(f"{folder} holds no tensor {name!r}: it is not a model of this architecture")
+        with safe_open(str(files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    return read
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: not a Hippo model folder") from None
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{path} has no \"model\" section: not a Hippo model folder")
+    return meta
+
+
+def write_config(folder: Path, meta: dict[str, Any]) -> None:
+    _write_json(Path(folder) / CONFIG, meta)
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
