@@ -29,6 +29,19 @@ def stage_full_parameters(module: nn.Module, state: ParallelState) -> dict[str, 
     return out
 
 
+def gather_to_rank0(module: nn.Module, state: ParallelState) -> dict[str, torch.Tensor] | None:
+    """Every parameter as full tensors on global rank 0 (None elsewhere), for work only one
+    process does on the whole model (benchmark evaluation). Rank 0 then holds the model on CPU:
+    exports do not use this (they write stage by stage)."""
+    mine = stage_full_parameters(module, state)
+    keep = state.tp_rank == 0 and state.dp_rank == 0  # one copy per stage
+    gathered = [None] * dist.get_world_size() if state.rank == 0 else None
+    dist.gather_object(mine if keep else None, gathered, dst=0)
+    if state.rank != 0:
+        return None
+    return {name: t for part in gathered if part for name, t in part.items()}
+
+
 @torch.no_grad()
 def load_full_parameters(module: nn.Module, state: ParallelState, full_tensor: Callable[[str], torch.Tensor]) -> None:
     """The inverse of `stage_full_parameters`: fill this rank's parameters (its TP shard of each)

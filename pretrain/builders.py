@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
 from hippo.data_pipeline.errors import MissingSplitError
 from hippo.data_pipeline.stream import build_stream
@@ -43,8 +44,9 @@ def build_engine(cfg: HippoConfig, state: ParallelState, *, load_universal: bool
 def check_init_from(cfg: HippoConfig, export: Path, tokenizer_id: str) -> None:
     """Refuse, before anything is built, an export of another architecture or tokenizer."""
     meta = read_config(export)
-    theirs = {k: v for k, v in meta["model"].items() if k != "dropout"}
-    ours = {k: v for k, v in to_dict(cfg.model).items() if k != "dropout"}
+    how_it_runs = ("dropout", "conv_impl")  # not what the weights mean
+    theirs = {k: v for k, v in meta["model"].items() if k not in how_it_runs}
+    ours = {k: v for k, v in to_dict(cfg.model).items() if k not in how_it_runs}
     if diff := [f"model.{k}: {theirs.get(k)!r} (export) vs {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
                 if theirs.get(k) != ours.get(k)]:
         raise ConfigError(f"--init-from {export}: its model differs from the config's: {'; '.join(diff)}; set the "
@@ -118,3 +120,39 @@ class Validation:
         while micro := micro_batches(batches, self.grad_accum):
             losses.append(self.engine.eval_batch(micro))
         return sum(losses) / len(losses)
+
+
+class TaskEvaluation:
+    """`train.eval_tasks` through lm-evaluation-harness: the weights gathered into one `HippoLM` on
+    rank 0 (the other ranks hand in their shards and wait), its metrics returned there."""
+
+    def __init__(self, cfg: HippoConfig, state: ParallelState, engine: TrainEngine, tokenizer_spec: str) -> None:
+        self.cfg, self.state, self.engine = cfg, state, engine
+        self.enabled = bool(cfg.train.eval_tasks)
+        if self.enabled and state.rank == 0:
+            from hippo.data_pipeline.tokenizer import load_tokenizer
+            from hippo.pretrain.lm_eval_model import parse_tasks, task_manager
+
+            task_manager(parse_tasks(cfg.train.eval_tasks), cfg.train.eval_tasks_include_path)  # unknown: fail now
+            self.tokenizer = load_tokenizer(tokenizer_spec)
+
+    def run(self, step: int) -> dict[str, float]:
+        if not self.enabled:
+            return {}
+        from hippo.parallel.gather import gather_to_rank0
+
+        params = gather_to_rank0(self.engine.module, self.state)
+        metrics: dict[str, float] = {}
+        if self.state.rank == 0:
+            from hippo.pretrain.lm_eval_model import evaluate_tasks, task_metrics
+            from hippo.pretrain.models import HippoLM
+
+            model = HippoLM(self.cfg.model, init=False)
+            model.load_state_dict(params, strict=False)
+            t = self.cfg.train
+            results = evaluate_tasks(model, self.tokenizer, t.eval_tasks, limit=t.eval_tasks_limit,
+                                     include_path=t.eval_tasks_include_path, source=f"step {step}")
+            metrics = {f"eval/{k}": v for k, v in task_metrics(results).items()}
+            log.info("tasks after step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        dist.barrier()
+        return metrics

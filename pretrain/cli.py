@@ -94,6 +94,7 @@ def _export_tokenizer(folder: Path, meta: dict) -> Tokenizer:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from hippo.pretrain.devices import resolve_device
     from hippo.pretrain.export import load_export
     from hippo.pretrain.models.generation import SamplingConfig
     from hippo.pretrain.text_generation import generate_texts
@@ -103,7 +104,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     prompts = _read_prompts(Path(args.prompts)) if args.prompts else [args.prompt]
     _require_export(Path(args.model))
-    device = _device(args.device)
+    device = resolve_device(args.device, None)
     model, meta = load_export(Path(args.model), device=device)
     tok = _export_tokenizer(Path(args.model), meta)
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -122,17 +123,6 @@ def _read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise ConfigError(f"--prompts {path}: no prompts (one per line)")
     return prompts
-
-
-def _device(name: str | None) -> str:
-    """--device: default CUDA where a GPU is visible; asking for CUDA without one is refused."""
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is visible here; use --device cpu")
-    return name
 
 
 # `hippo eval` options of one mode only (dest: flag); given to the other, they would go unused.
@@ -172,7 +162,8 @@ def _eval_tasks(args: argparse.Namespace) -> int:
         raise ConfigError("--tasks runs lm-evaluation-harness, which is not installed: "
                           "pip install 'hippo-pretrain[eval]' (lm_eval>=0.4.13,<0.5)")
     from hippo.pretrain.export import load_export
-    from hippo.pretrain.lm_eval_model import evaluate_tasks, resolve_device, results_table, save_results
+    from hippo.pretrain.devices import resolve_device
+    from hippo.pretrain.lm_eval_model import evaluate_tasks, results_table, save_results
 
     folder = Path(args.model)
     model, meta = load_export(folder, device=resolve_device(args.device, None))

@@ -94,6 +94,13 @@ class TrainConfig:
     max_skipped_steps: int = 5
     """Stop (after a checkpoint of the last good state) after this many non-finite steps in a row."""
     exit_interval: int = 0
+    eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run every `eval_interval` steps and at the end (rank 0, on the
+    gathered weights; logged to MLflow as eval/<task>/<metric>); needs the `eval` extra."""
+    eval_tasks_include_path: str | None = None
+    """Folder of task YAMLs (e.g. over local files) for `eval_tasks`."""
+    eval_tasks_limit: float | None = None
+    """Examples per task (a fraction when < 1); None: all."""
     time_limit: float = 0.0
     """Wall-clock seconds this invocation may run (e.g. the scheduler's limit minus start-up): the
     run checkpoints and exits cleanly when the next step and checkpoint would not fit; 0: none."""
@@ -110,6 +117,8 @@ class TrainConfig:
         for name in ("eval_interval", "exit_interval", "time_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_tasks_limit is not None and self.eval_tasks_limit <= 0:
+            raise ConfigError(f"train.eval_tasks_limit must be > 0 (a count, or a fraction below 1), got {self.eval_tasks_limit}")
 
 
 @dataclass(kw_only=True)
@@ -371,7 +380,8 @@ class HippoConfig:
         )
 
 
-RESUME_FREE = ("parallel.", "train.exit_interval", "train.time_limit", "train.log_interval", "data.max_corrupt_fraction")
+RESUME_FREE = ("parallel.", "model.conv_impl", "train.exit_interval", "train.time_limit", "train.log_interval",
+               "data.max_corrupt_fraction")
 """May differ from the checkpoint's config: a new layout loads through a universal checkpoint, and
 these say how this invocation runs, not what is trained."""
 RESUME_NEVER = ("model.",)

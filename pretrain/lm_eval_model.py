@@ -30,6 +30,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from hippo.data_pipeline.tokenizer import Tokenizer
 from hippo.pretrain.config import ConfigError
+from hippo.pretrain.devices import resolve_device
 from hippo.pretrain.export import export_tokenizer, load_export
 from hippo.pretrain.models import HippoLM
 from hippo.pretrain.models.generation import SamplingConfig, generate
@@ -242,22 +243,6 @@ def sampling_config(kwargs: dict) -> SamplingConfig:
         return SamplingConfig(greedy=True)
     return SamplingConfig(temperature=float(kwargs.get("temperature", 1.0)), top_k=int(kwargs.get("top_k") or 0),
                           top_p=float(kwargs.get("top_p") or 1.0))
-
-
-def resolve_device(device: str | None, model: HippoLM | None) -> torch.device:
-    """None: the given model's own device, else CUDA when there is one. A CUDA device that is
-    not there is refused by name (lm-eval's command line asks for cuda:0 unless told)."""
-    if device is None:
-        if model is not None:
-            return next(model.parameters()).device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is visible here; use --device cpu")
-    return dev
 
 
 def check_batch_size(batch_size: int | str) -> int:

@@ -33,11 +33,12 @@ class Throughput:
                    peak * world_size)
 
 
-def step_metrics(*, loss: float, lr: float, seconds: float, grad_norm: float | None, samples_consumed: int,
-                 corrupt_samples: int, skipped_steps: int, throughput: Throughput) -> dict[str, float]:
+def step_metrics(*, loss: float, lr: float, seconds: float, grad_norm: float | None, skipped_steps: int, stream,
+                 throughput: Throughput) -> dict[str, float]:
+    """One step's record; `stream`: the training data stream (samples read, unreadable ones replaced)."""
     tokens_per_s = throughput.tokens_per_step / seconds
     metrics = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "step_seconds": seconds,
-               "samples_consumed": samples_consumed, "corrupt_samples": corrupt_samples,
+               "samples_consumed": stream.consumed_samples, "corrupt_samples": stream.corrupt_samples,
                "skipped_steps": skipped_steps, "flops_per_token": throughput.flops_per_token}
     if grad_norm is not None:
         metrics["grad_norm"] = grad_norm

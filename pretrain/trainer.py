@@ -23,8 +23,9 @@ import torch.distributed as dist
 from hippo.parallel.engine import TrainEngine
 from hippo.parallel.gather import stage_full_parameters
 from hippo.parallel.groups import ParallelState, destroy_parallel, init_parallel
-from hippo.pretrain.builders import (Validation, build_engine, build_tracker, build_train_stream, check_init_from,
-                                     micro_batches)
+from hippo.parallel.layout import ParallelLayout
+from hippo.pretrain.builders import (TaskEvaluation, Validation, build_engine, build_tracker, build_train_stream,
+                                     check_init_from, micro_batches)
 from hippo.pretrain.checkpoint import Checkpoint, CheckpointManager, SavedState
 from hippo.pretrain.config import ConfigError, HippoConfig, resume_changes, to_dict
 from hippo.pretrain.export import save_export, save_export_by_stage
@@ -51,11 +52,7 @@ def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None, allow_c
     """Train `cfg` into `run_dir`, resuming from its latest checkpoint (or `resume`) if any, else
     starting from the weights of the export `init_from` (or the seeded initialization)."""
     clock = WallClock(cfg.train.time_limit, time.monotonic())
-    if cfg.data is None:
-        raise ConfigError("hippo train needs data.paths: prepared folders from `hippo data prepare`")
-    _join_single_process_job()
-    layout = cfg.layout(int(os.environ["WORLD_SIZE"]))  # refuse a bad layout before any work
-    tokenizer_id = _check_data_fits_model(cfg)
+    layout, tokenizer_id = _checked_layout(cfg)  # refuse a bad layout or data before any work
     state = init_parallel(layout, cfg.train.seed)
     run_dir, lock = Path(run_dir), _claim_run_dir(Path(run_dir), state)
     checkpoints = CheckpointManager(run_dir / "checkpoints", rank=state.rank, keep_last=cfg.checkpoint.keep_last)
@@ -68,7 +65,8 @@ def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None, allow_c
     tracker = build_tracker(cfg, run_dir, state, run_id=run_id)
     report = StepReporter(tracker, MetricsFile(run_dir / "metrics.jsonl", enabled=state.rank == 0, resume_step=step),
                           total_steps=cfg.train.steps, log_interval=cfg.train.log_interval, console=state.rank == 0)
-    validation, throughput = Validation(cfg, state, engine), Throughput.of(cfg, layout.world_size, layout.global_batch_size)
+    validation, tasks = Validation(cfg, state, engine), TaskEvaluation(cfg, state, engine, stream.tokenizer_spec)
+    throughput = Throughput.of(cfg, layout.world_size, layout.global_batch_size)
     stop, losses, val_loss, last_ckpt, stopped_by, skips_in_a_row = StopRequest(), {}, None, None, StopReason.COMPLETED, 0
 
     def save(reason: str) -> Path | None:  # the newest good checkpoint
@@ -86,11 +84,10 @@ def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None, allow_c
             losses[step] = loss
             skips_in_a_row = skips_in_a_row + 1 if engine.last_step_skipped else 0
             metrics = step_metrics(loss=loss, lr=lr, seconds=seconds, grad_norm=engine.grad_norm, skipped_steps=skipped,
-                                   samples_consumed=stream.consumed_samples, corrupt_samples=stream.corrupt_samples,
-                                   throughput=throughput)
+                                   stream=stream, throughput=throughput)
             if _every(cfg.train.eval_interval, step) and step < cfg.train.steps:
                 val_loss = validation.run()
-                metrics.update(validation_metrics(val_loss))
+                metrics.update(validation_metrics(val_loss), **tasks.run(step))
             report(step, metrics, skipped=engine.last_step_skipped)
             reason = stop_reason(cfg, step, skips_in_a_row, stop, state.device,
                                  time_up=clock.time_up(seconds, checkpoints.last_save_seconds))
@@ -102,7 +99,7 @@ def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None, allow_c
                     _log_non_finite_stop(skips_in_a_row, loss, last_ckpt)
                 break
         if stopped_by is StopReason.COMPLETED:
-            val_loss = _finish(cfg, run_dir, step, engine, state, validation, tracker, stream.tokenizer_spec)
+            val_loss = _finish(cfg, run_dir, step, engine, state, validation, tasks, tracker, stream.tokenizer_spec)
     except BaseException:
         tracker.close("FAILED")
         raise
@@ -171,12 +168,12 @@ def _resume(checkpoints: CheckpointManager, ckpt: Checkpoint, engine: TrainEngin
 
 
 def _finish(cfg: HippoConfig, run_dir: Path, step: int, engine: TrainEngine, state: ParallelState,
-            validation: Validation, tracker, tokenizer: str) -> float | None:
+            validation: Validation, tasks: TaskEvaluation, tracker, tokenizer: str) -> float | None:
     """After the last step: the final validation, and the consolidated export: one shard per
     pipeline stage, written by that stage (no rank ever holds the whole model)."""
     val_loss = validation.run()
+    tracker.log_metrics({**validation_metrics(val_loss), **tasks.run(step)}, step)
     if val_loss is not None:
-        tracker.log_metrics(validation_metrics(val_loss), step)
         if state.rank == 0:
             m = validation_metrics(val_loss)
             log.info("validation after step %d: loss %.4f, perplexity %.2f", step, m["val_loss"], m["val_ppl"])
@@ -194,6 +191,15 @@ def _finish(cfg: HippoConfig, run_dir: Path, step: int, engine: TrainEngine, sta
         tracker.set_tags({"export": str(export.resolve())})
         log.info("consolidated model for one process: %s", export)
     return val_loss
+
+
+def _checked_layout(cfg: HippoConfig) -> tuple[ParallelLayout, str]:
+    """The run's layout on this job's world size, and its data's tokenizer identity, both checked
+    before any process group exists."""
+    if cfg.data is None:
+        raise ConfigError("hippo train needs data.paths: prepared folders from `hippo data prepare`")
+    _join_single_process_job()
+    return cfg.layout(int(os.environ["WORLD_SIZE"])), _check_data_fits_model(cfg)
 
 
 def _join_single_process_job() -> None:

@@ -19,7 +19,7 @@ from hippo.pretrain.models.s4d import S4D
 
 def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int, linears: Linears) -> nn.Module:
     if kind == "h3":
-        return H3(cfg.d_model, cfg.d_state, layer_idx=layer_idx, linears=linears)
+        return H3(cfg.d_model, cfg.d_state, layer_idx=layer_idx, linears=linears, conv_impl=cfg.conv_impl)
     if kind == "s4d":
         return S4D(cfg.d_model, cfg.d_state, layer_idx=layer_idx, linears=linears)
     if kind == "attention":

@@ -217,7 +217,6 @@ def test_h3_explicit_triton_that_cannot_run_names_the_config_option(monkeypatch)
         layer(torch.randn(1, 16, 32))
 
 
-@pytest.mark.xfail(strict=True, reason="pretrain/models/block.py builds H3 without cfg.conv_impl (not in this change)")
 def test_model_config_conv_impl_reaches_every_h3_layer():
     model = HippoLM(ModelConfig(**TINY, conv_impl="reference"))
     impls = [m.conv_impl for m in model.modules() if isinstance(m, H3)]

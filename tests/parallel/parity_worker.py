@@ -13,30 +13,13 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from hippo.parallel.gather import stage_full_parameters
+from hippo.parallel.gather import gather_to_rank0
 from hippo.parallel.groups import destroy_parallel, init_parallel
 from hippo.parallel.pipeline import canonical_named_parameters
 from hippo.pretrain.builders import build_engine
 from hippo.pretrain.config import HippoConfig, apply_overrides, from_dict
 from tests.parallel.common import BASE_CONFIG, global_batches, rank_micro_batches
-
-
-def full_parameters(module, state) -> dict[str, torch.Tensor] | None:
-    """Every parameter of the model as full tensors on global rank 0 (None elsewhere): for the
-    test's tiny model only (training exports stage by stage, never gathering the model)."""
-    mine = stage_full_parameters(module, state)
-    keep = state.tp_rank == 0 and state.dp_rank == 0  # one copy per stage
-    gathered = [None] * dist.get_world_size() if state.rank == 0 else None
-    dist.gather_object(mine if keep else None, gathered, dst=0)
-    if state.rank != 0:
-        return None
-    merged: dict[str, torch.Tensor] = {}
-    for part in gathered:
-        if part:
-            merged.update(part)
-    return merged
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -68,7 +51,7 @@ def main() -> None:
         tp_draw = torch.rand(4).tolist()
     default_draw = torch.rand(4).tolist()
     local = {n: p.numel() for n, p in canonical_named_parameters(engine.module)}
-    params = full_parameters(engine.module, state)
+    params = gather_to_rank0(engine.module, state)
     out = Path(args.out)
     report = {
         "rank": state.rank, "tp": state.tp_rank, "pp": state.pp_rank, "dp": state.dp_rank,

@@ -341,3 +341,25 @@ def test_eval_needs_data_or_tasks(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", str(tmp_path)])
     assert "one of the arguments --data --tasks is required" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tasks_are_evaluated_during_training_and_logged(tasks_dir, train_data, tmp_path):
+    """`train.eval_tasks`: every eval_interval and at the end on rank 0, logged to metrics.jsonl
+    and MLflow; the final score equals `hippo eval --tasks` of the run's export."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.helpers import hippo_train
+
+    run = tmp_path / "run"
+    hippo_train(run, train_data, "train.eval_tasks=[hippo_mc]", f"train.eval_tasks_include_path={tasks_dir}")
+    during = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in during if "eval/hippo_mc/acc" in r] == [8, 16]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    [mlrun] = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    history = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, "eval/hippo_mc/acc")}
+    assert sorted(history) == [8, 16, 24]
+    out = tmp_path / "final.json"
+    assert main(["eval", str(run / "export"), "--tasks", "hippo_mc", "--include-path", str(tasks_dir),
+                 "--output", str(out), "--device", "cpu"]) == 0
+    assert json.loads(out.read_text())["results"]["hippo_mc"]["acc,none"] == pytest.approx(history[24], abs=1e-12)
