@@ -25,7 +25,7 @@ def worker(out: Path, d_model: int, n_layer: int) -> None:
     import psutil
     import torch.distributed as dist
 
-    from hippo.parallel.gather import stage_full_parameters
+    from hippo.parallel.gather import gather_to_rank0, stage_full_parameters
     from hippo.parallel.groups import destroy_parallel, init_parallel
     from hippo.pretrain.builders import build_engine
     from hippo.pretrain.config import load_config
@@ -61,12 +61,8 @@ def worker(out: Path, d_model: int, n_layer: int) -> None:
                              model_cfg=cfg.model, tokenizer="byte", step=0)
 
     def gathered() -> None:  # the previous export: every stage's tensors pickled to rank 0
-        mine = stage_full_parameters(engine.module, state)
-        keep = state.tp_rank == 0 and state.dp_rank == 0
-        parts = [None] * dist.get_world_size() if state.rank == 0 else None
-        dist.gather_object(mine if keep else None, parts, dst=0)
+        merged = gather_to_rank0(engine.module, state)
         if state.rank == 0:
-            merged = {k: v for part in parts if part for k, v in part.items()}
             save_export(out / "gathered", merged, cfg.model, tokenizer="byte", step=0)
 
     staged, full = peak_during(by_stage), peak_during(gathered)

@@ -129,6 +129,11 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode(keep, skip_special_tokens=False)
 
 
+def identity_label(identity: dict) -> str:
+    """"name:hash" of a tokenizer's `identity()` (as manifests and exports record it)."""
+    return f"{identity['name']}:{identity['hash']}"
+
+
 def _name_from_path(path: str) -> str:
     p = Path(path.rstrip("/"))
     # ".../gpt2/tokenizer.json" is better named by its folder than by the generic file name.

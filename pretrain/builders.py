@@ -18,9 +18,11 @@ import torch.distributed as dist
 
 from hippo.data_pipeline.errors import MissingSplitError
 from hippo.data_pipeline.stream import build_stream
+from hippo.data_pipeline.tokenizer import identity_label
 from hippo.parallel.engine import TrainEngine, build_train_engine
 from hippo.parallel.groups import ParallelState
 from hippo.pretrain.config import ConfigError, HippoConfig, to_dict
+from hippo.pretrain.models.config import RUNTIME_FIELDS
 from hippo.pretrain.models.pretrained import read_config, weight_reader
 from hippo.pretrain.optim import optimizer_factory
 from hippo.pretrain.tracking import Tracker
@@ -44,15 +46,14 @@ def build_engine(cfg: HippoConfig, state: ParallelState, *, load_universal: bool
 def check_init_from(cfg: HippoConfig, export: Path, tokenizer_id: str) -> None:
     """Refuse, before anything is built, an export of another architecture or tokenizer."""
     meta = read_config(export)
-    how_it_runs = ("dropout", "conv_impl")  # not what the weights mean
-    theirs = {k: v for k, v in meta["model"].items() if k not in how_it_runs}
-    ours = {k: v for k, v in to_dict(cfg.model).items() if k not in how_it_runs}
+    theirs = {k: v for k, v in meta["model"].items() if k not in RUNTIME_FIELDS}
+    ours = {k: v for k, v in to_dict(cfg.model).items() if k not in RUNTIME_FIELDS}
     if diff := [f"model.{k}: {theirs.get(k)!r} (export) vs {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
                 if theirs.get(k) != ours.get(k)]:
         raise ConfigError(f"--init-from {export}: its model differs from the config's: {'; '.join(diff)}; set the "
                           f"model section to the export's ({export / 'config.json'})")
     info = meta.get("tokenizer_info") or {}
-    theirs_tok = f"{info.get('name')}:{info.get('hash')}" if info.get("hash") else None
+    theirs_tok = identity_label(info) if info.get("hash") else None
     if theirs_tok is not None and theirs_tok != tokenizer_id:
         raise ConfigError(f"--init-from {export} was trained with tokenizer {theirs_tok}, data.paths are of tokenizer "
                           f"{tokenizer_id}: prepare the data with the export's tokenizer ({export / 'tokenizer.json'})")

@@ -17,7 +17,7 @@ import yaml
 
 from hippo.data_pipeline.config import DataConfig, validate_data_parallel
 from hippo.parallel.layout import ParallelLayout, PipelinePartition
-from hippo.pretrain.models.config import ConfigError, ModelConfig
+from hippo.pretrain.models.config import RUNTIME_FIELDS, ConfigError, ModelConfig
 
 __all__ = [
     "ConfigError",
@@ -385,7 +385,7 @@ RESUME_FREE = ("parallel.", "model.conv_impl", "train.exit_interval", "train.tim
 """May differ from the checkpoint's config: a new layout loads through a universal checkpoint, and
 these say how this invocation runs, not what is trained."""
 RESUME_NEVER = ("model.",)
-"""Never differ on resume: they say what the checkpoint's tensors mean (model.dropout excepted)."""
+"""Never differ on resume: they say what the checkpoint's tensors mean (`RUNTIME_FIELDS` excepted)."""
 
 
 def resume_changes(saved: dict[str, Any], cfg: HippoConfig) -> tuple[list[str], list[str]]:
@@ -408,7 +408,8 @@ def resume_changes(saved: dict[str, Any], cfg: HippoConfig) -> tuple[list[str], 
         if key not in old and not any(k.startswith(key + ".") for k in old):
             continue  # an option added since the checkpoint was written: it has its default there
         line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        (never if key.startswith(RESUME_NEVER) and key != "model.dropout" else flagged).append(line)
+        weights_meaning = key.startswith(RESUME_NEVER) and key.split(".", 1)[1] not in RUNTIME_FIELDS
+        (never if weights_meaning else flagged).append(line)
     return never, flagged
 
 

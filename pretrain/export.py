@@ -4,7 +4,6 @@ weights under `HippoLM` names, and a copy of the tokenizer, so the folder alone 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -54,7 +53,7 @@ def save_export_by_stage(folder: Path, stage_params: dict[str, torch.Tensor] | N
     if dist.get_rank() == 0:
         total = sum(dict(writers)[s][k] for k, s in owner.items())
         write_index(folder, {k: shard_name(s, stages) for k, s in owner.items()}, total)
-        write_config(folder, {"model": dataclasses.asdict(model_cfg), "step": step, **_copy_tokenizer(folder, tokenizer)})
+        write_config(folder, model_cfg, step=step, **_copy_tokenizer(folder, tokenizer))
     dist.barrier()
     return folder
 

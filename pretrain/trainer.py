@@ -253,6 +253,7 @@ def _check_data_fits_model(cfg: HippoConfig) -> str:
     """The tokenizer identity of the run's data, after checking the folders fit the model and
     share one tokenizer."""
     from hippo.data_pipeline.manifest import check_against_shards, load_manifest
+    from hippo.data_pipeline.tokenizer import identity_label
 
     identities = {}
     for path in cfg.data.paths:
@@ -263,7 +264,7 @@ def _check_data_fits_model(cfg: HippoConfig) -> str:
                 f"{path} holds windows for seq_len={m.seq_len} from a {m.tokenizer['vocab_size']}-token vocabulary; "
                 f"set train.seq_len={m.seq_len} and model.vocab_size >= {m.tokenizer['vocab_size']}"
             )
-        identities[path] = f"{m.tokenizer['name']}:{m.tokenizer['hash']}"
+        identities[path] = identity_label(m.tokenizer)
     if len(set(identities.values())) > 1:
         raise ConfigError(f"data.paths were made with different tokenizers: {identities}")
     return next(iter(identities.values()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -74,6 +75,18 @@ def torchrun(nproc: int, argv: list[str], *, timeout: float = 600, env: dict[str
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def output_within(proc: subprocess.Popen, timeout: float, what: str) -> str:
+    """The output of `proc` (its own process group) once it exits; still running after `timeout`, it
+    is killed with its children and the test fails (a stuck rendezvous must not hang CI)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{what} still running after {timeout} s:\n{out[-6000:]}") from None
+    return out
 
 
 def free_port() -> int:

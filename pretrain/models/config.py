@@ -11,9 +11,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["ConfigError", "MixerKind", "ModelConfig"]
+__all__ = ["ConfigError", "MixerKind", "ModelConfig", "RUNTIME_FIELDS"]
 
 MixerKind = Literal["h3", "s4d", "attention"]
+
+RUNTIME_FIELDS = ("dropout", "conv_impl")
+"""Fields that say how the model runs, not what its weights mean: they may differ between a
+checkpoint or export and the model that loads it."""
 
 
 class ConfigError(ValueError):

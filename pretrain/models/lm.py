@@ -5,7 +5,6 @@ LayerNorm, and an LM head tied to the embedding. No position embeddings unless c
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +79,7 @@ def save_pretrained(folder: str | Path, params: dict[str, torch.Tensor], cfg: Mo
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(folder, params)
-    write_config(folder, {"model": dataclasses.asdict(cfg), **meta})
+    write_config(folder, cfg, **meta)
     return folder
 
 

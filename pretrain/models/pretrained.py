@@ -4,6 +4,7 @@ moves, and loads, as a unit."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from hippo.pretrain.models.config import ModelConfig
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -104,8 +107,9 @@ def read_config(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def write_config(folder: Path, meta: dict[str, Any]) -> None:
-    _write_json(Path(folder) / CONFIG, meta)
+def write_config(folder: Path, cfg: ModelConfig, **meta: Any) -> None:
+    """config.json: the model config under "model", and what the caller adds (tokenizer, step)."""
+    _write_json(Path(folder) / CONFIG, {"model": dataclasses.asdict(cfg), **meta})
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:

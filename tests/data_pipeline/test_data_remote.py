@@ -25,7 +25,25 @@ pytestmark = pytest.mark.slow
 B, MB = 16, 2
 
 
-class _Server:
+class _LoopbackServer:
+    """A threaded HTTP server on 127.0.0.1 for the life of a `with` block."""
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler], path: str) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/{path}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _Server(_LoopbackServer):
     """Serves a folder under /data; can drop connections in .tar files.
 
     drop="first": each shard's first response stops halfway; "always": no response gets past byte 4096;
@@ -77,18 +95,7 @@ class _Server:
                     return
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/data"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._serve(Handler, "data")
 
 
 def _batches(path: str, D: int, n: int, **kw) -> list[np.ndarray]:
@@ -169,7 +176,7 @@ def test_webdataset_pipe_urls(small_corpus, tmp_path):
         _batches(f"pipe:cat {copy}", 1, 200)
 
 
-class _BlobServer:
+class _BlobServer(_LoopbackServer):
     """Serves one object at /blob (HTTP Range `bytes=a-` and `bytes=a-b` when `ranges`); the next
     `drops` responses stop at absolute byte `cut`. Logs every request's Range header."""
 
@@ -204,18 +211,7 @@ class _BlobServer:
                     return
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/blob"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._serve(Handler, "blob")
 
 
 def _urllib_read(url: str, start: int = 0, length: int | None = None) -> bytes:

@@ -21,7 +21,7 @@ import pytest
 
 from hippo.launch.env import HOST_DECIDED
 from hippo.launch.slurm import SlurmSpec, sbatch_script
-from tests.helpers import ROOT, STEPS, free_port, latest_step, train_flags
+from tests.helpers import ROOT, STEPS, free_port, latest_step, output_within, train_flags
 
 LOGIN_NODE_SETTINGS = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 """What a CPU-only host's shell may hold (this project's CPU tests export exactly these)."""
@@ -152,13 +152,7 @@ def _signal_the_step(job: subprocess.Popen, ready, timeout: float = 300) -> None
 
 
 def _wait(job: subprocess.Popen, timeout: float = 300) -> str:
-    try:
-        out, _ = job.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
-        out, _ = job.communicate()
-        raise AssertionError(f"job still running after {timeout} s:\n{out[-6000:]}") from None
-    return out
+    return output_within(job, timeout, "job")
 
 
 @pytest.mark.slow

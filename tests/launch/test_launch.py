@@ -21,7 +21,7 @@ from hippo.launch.env import train_argv
 from hippo.launch.slurm import SlurmSpec, sbatch_script
 from hippo.launch.torchrun import TorchrunSpec, torchrun_command
 from hippo.pretrain.config import ConfigError
-from tests.helpers import ROOT, STEPS, free_port, latest_step, losses, train_flags
+from tests.helpers import ROOT, STEPS, free_port, latest_step, losses, output_within, train_flags
 
 
 # ------------------------------------------------------------------ fast: commands and scripts
@@ -98,12 +98,7 @@ def _launch(args: list[str], run: Path, data: Path, *, env: dict | None = None) 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     """The launcher's output once it exits 0; a launcher still running after `timeout` is killed
     with its workers (a rendezvous that never completes must fail the test, not hang CI)."""
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"launcher still running after {timeout} s:\n{out[-6000:]}") from None
+    out = output_within(proc, timeout, "launcher")
     assert proc.returncode == 0, out[-6000:]
     return out
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from hippo.parallel.layout import ParallelLayout
-from hippo.pretrain.config import HippoConfig
+from hippo.pretrain.config import HippoConfig, apply_overrides, from_dict
 
 # Tiny hybrid with both mixers: H3 at layers 0, 2, 3, attention at 1 (4 heads), vocab 64.
 BASE_CONFIG = {
@@ -16,6 +18,11 @@ BASE_CONFIG = {
     "optim": {"lr": 0.001, "warmup_fraction": 0.2, "grad_clip": 1.0, "weight_decay": 0.1},
     "train": {"steps": 5, "seq_len": 16, "micro_batch_size": 2, "global_batch_size": 8, "seed": 1234},
 }
+
+
+def config(overrides: list[str]) -> HippoConfig:
+    """BASE_CONFIG with `key=value` overrides (a deep copy: BASE_CONFIG stays as it is)."""
+    return from_dict(HippoConfig, apply_overrides(json.loads(json.dumps(BASE_CONFIG)), overrides))
 
 
 def global_batches(cfg: HippoConfig) -> list[torch.Tensor]:

@@ -19,8 +19,7 @@ import torch
 from hippo.parallel.groups import destroy_parallel, init_parallel
 from hippo.parallel.pipeline import canonical_named_parameters
 from hippo.pretrain.builders import build_engine
-from hippo.pretrain.config import HippoConfig, apply_overrides, from_dict
-from tests.parallel.common import BASE_CONFIG, global_batches, rank_micro_batches
+from tests.parallel.common import config, global_batches, rank_micro_batches
 
 POISONED_RANK = 1
 
@@ -59,13 +58,12 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
     torch.set_num_threads(1)
-    base = from_dict(HippoConfig, apply_overrides(json.loads(json.dumps(BASE_CONFIG)), args.set))
+    base = config(args.set)
     layout = base.layout(int(os.environ["WORLD_SIZE"]))
     state = init_parallel(layout, base.train.seed)
     report = {"rank": state.rank, "pp": state.pp_rank, "dp": state.dp_rank}
     for precision in args.precision:
-        cfg = from_dict(HippoConfig, apply_overrides(json.loads(json.dumps(BASE_CONFIG)),
-                                                     [*args.set, f"train.precision={precision}"]))
+        cfg = config([*args.set, f"train.precision={precision}"])
         engine = build_engine(cfg, state)
         batches = global_batches(cfg)
         hook = poison_a_block_gradient(engine) if state.rank == POISONED_RANK else None

@@ -18,8 +18,7 @@ from hippo.parallel.gather import gather_to_rank0
 from hippo.parallel.groups import destroy_parallel, init_parallel
 from hippo.parallel.pipeline import canonical_named_parameters
 from hippo.pretrain.builders import build_engine
-from hippo.pretrain.config import HippoConfig, apply_overrides, from_dict
-from tests.parallel.common import BASE_CONFIG, global_batches, rank_micro_batches
+from tests.parallel.common import config, global_batches, rank_micro_batches
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -39,7 +38,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = from_dict(HippoConfig, apply_overrides(json.loads(json.dumps(BASE_CONFIG)), args.set))
+    cfg = config(args.set)
     layout = cfg.layout(int(os.environ["WORLD_SIZE"]))
     state = init_parallel(layout, cfg.train.seed)
     engine = build_engine(cfg, state)

@@ -14,11 +14,10 @@ import pytest
 import torch
 
 from hippo.parallel.memory import stage_parameter_counts
-from hippo.pretrain.config import HippoConfig, apply_overrides, from_dict
 from hippo.pretrain.models import HippoLM
 from hippo.pretrain.optim import build_optimizer, build_scheduler
 from tests.helpers import ROOT, torchrun
-from tests.parallel.common import BASE_CONFIG, global_batches
+from tests.parallel.common import config, global_batches
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +33,10 @@ LAYOUTS = {
 }
 
 
-def _config(extra: list[str]) -> HippoConfig:
-    return from_dict(HippoConfig, apply_overrides(json.loads(json.dumps(BASE_CONFIG)), extra))
-
-
 @pytest.fixture(scope="module")
 def reference():
     torch.manual_seed(0)
-    cfg = _config([])
+    cfg = config([])
     model = HippoLM(cfg.model, seed=cfg.train.seed)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
@@ -61,7 +56,7 @@ def reference():
 def test_reference_moves_the_weights_and_clips(reference):
     """Guards the parity bounds: the steps change every weight matrix by far more than 1e-5, and
     gradient clipping is active (so layouts must agree on the global norm too)."""
-    assert max(reference["norms"]) > _config([]).optim.grad_clip
+    assert max(reference["norms"]) > config([]).optim.grad_clip
     moved = [(reference["params"][n] - p).abs().max().item() for n, p in reference["initial"].items() if n.endswith("weight")]
     assert min(moved) > 1e-3
 
@@ -106,7 +101,7 @@ def test_layout_matches_single_process(name, reference, tmp_path):
         assert len({next(iter(d)) for d in tp_streams.values()}) == tp
 
     # The memory estimator (meta-device, no process groups) counts what each rank really holds.
-    layout_cfg = _config([f"parallel.{k}={v}" for k, v in (("tensor", tp), ("pipeline", pp))] + extra)
+    layout_cfg = config([f"parallel.{k}={v}" for k, v in (("tensor", tp), ("pipeline", pp))] + extra)
     expected_counts = stage_parameter_counts(layout_cfg.model, layout_cfg.layout(len(reports)))
     for rep in reports:
         assert sum(rep["local_param_numel"].values()) == expected_counts[rep["pp"]], rep["rank"]
