@@ -49,9 +49,15 @@ def bench_prepare(corpus: Path, work: Path, tokenizer: str, label: str, workers:
             "tok_s": tokens / dt, "tok_s_worker": tokens / dt / workers, "folder": out}
 
 
-def bench_stream(folder: Path, seq_len: int, seconds: float, micro_batch: int = 8, num_workers: int = 0) -> dict:
-    cfg = DataConfig(paths=[str(folder)], num_workers=num_workers)
-    stream = build_stream(cfg, dp_rank=0, dp_size=1, micro_batch_size=micro_batch, global_batch_size=micro_batch)
+OLD_ORDER = dict(virtual_streams=8, shuffle_window=1024, order_version=1)
+"""The sample order of runs begun before the 3072-stream default (Hippo 0.1/0.2)."""
+
+
+def bench_stream(folder: Path, seq_len: int, seconds: float, micro_batch: int = 8, num_workers: int = 0,
+                 dp_size: int = 1, order: dict | None = None) -> dict:
+    cfg = DataConfig(paths=[str(folder)], num_workers=num_workers, **(order or {}))
+    stream = build_stream(cfg, dp_rank=0, dp_size=dp_size, micro_batch_size=micro_batch,
+                          global_batch_size=micro_batch * dp_size)
     it = iter(stream)
     for _ in range(10):  # warm-up: first blocks, worker start-up
         next(it)
@@ -64,6 +70,22 @@ def bench_stream(folder: Path, seq_len: int, seconds: float, micro_batch: int = 
             "seconds": dt, "tok_s": samples * seq_len / dt, "epoch_samples": stream.samples_per_epoch}
 
 
+def bench_stream_counts(folders: dict[int, Path], seconds: float, rounds: int = 2) -> list[dict]:
+    """One rank's reading speed with the old 8-stream order and the 3072-stream default, rounds
+    interleaved (best of `rounds` each), at DP 1 (3072 streams on one rank, over the open-shard
+    cap) and DP 16 (192 streams per rank; the old order cannot serve DP 16, so it is read at DP 8)."""
+    rows = []
+    for seq_len, folder in folders.items():
+        for dp_new, dp_old in ((1, 1), (16, 8)):
+            best = {"old": 0.0, "new": 0.0}
+            for _ in range(rounds):
+                best["old"] = max(best["old"], bench_stream(folder, seq_len, seconds, dp_size=dp_old,
+                                                            order=OLD_ORDER)["tok_s"])
+                best["new"] = max(best["new"], bench_stream(folder, seq_len, seconds, dp_size=dp_new)["tok_s"])
+            rows.append({"seq_len": seq_len, "dp_new": dp_new, "dp_old": dp_old, **best})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus-mb", type=float, default=8.0, help="default-corpus text to prepare (MB)")
@@ -71,6 +93,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="duration of each streaming measurement")
     ap.add_argument("--workers", default="1,2", help="prepare worker counts to measure")
     ap.add_argument("--output", help="also write the Markdown table here")
+    ap.add_argument("--only-stream-counts", action="store_true",
+                    help="only the 8-stream vs 3072-stream reading comparison")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -84,6 +108,13 @@ def main() -> int:
         train_bpe_tokenizer(iter_texts([corpus], 400), work / "bpe.json", vocab_size=args.bpe_vocab)
         bpe_train_s = time.perf_counter() - t0
 
+        if args.only_stream_counts:
+            folders = {n: bench_prepare(corpus, work, "byte", "byte", 1, n)["folder"] for n in (256, 2048)}
+            table = stream_count_table(bench_stream_counts(folders, args.seconds))
+            print(table)
+            if args.output:
+                Path(args.output).write_text(table + "\n", encoding="utf-8")
+            return 0
         prep = []
         for w in workers:
             prep.append(bench_prepare(corpus, work, "byte", "byte", w, 256))
@@ -94,6 +125,7 @@ def main() -> int:
         streams = [bench_stream(byte_256["folder"], 256, args.seconds),
                    bench_stream(byte_2048["folder"], 2048, args.seconds),
                    bench_stream(byte_256["folder"], 256, args.seconds, num_workers=2)]
+        counts = bench_stream_counts({256: byte_256["folder"], 2048: byte_2048["folder"]}, args.seconds)
 
     need = TINY_CONFIG_TOKENS_PER_S * REQUIRED_FACTOR
     lines = [
@@ -117,11 +149,20 @@ def main() -> int:
         ok = "yes" if s["tok_s"] >= need else "NO"
         lines.append(f"| one reader | {s['seq_len']} | {s['micro_batch']} | {s['num_workers']} | {s['samples']:,} | "
                      f"{s['tok_s']:,.0f} | {s['tok_s'] / TINY_CONFIG_TOKENS_PER_S:,.0f}x | {ok} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\n" + stream_count_table(counts)
     print(table)
     if args.output:
         Path(args.output).write_text(table + "\n", encoding="utf-8")
     return 0 if all(s["tok_s"] >= need for s in streams[:2]) else 1
+
+
+def stream_count_table(rows: list[dict]) -> str:
+    lines = ["| seq_len | 8 streams (old order): DP, tokens/s per rank | 3072 streams (default): DP, tokens/s per rank "
+             "| default / old |", "|---:|---|---|---:|"]
+    for r in rows:
+        lines.append(f"| {r['seq_len']} | DP {r['dp_old']}: {r['old']:,.0f} | DP {r['dp_new']}: {r['new']:,.0f} | "
+                     f"{r['new'] / r['old']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import argparse
 import os
 import time
 
+import torch
+
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from hippo.kernels._flashconv_compile import (
@@ -26,11 +28,13 @@ from hippo.kernels._flashconv_compile import (
     compile_flashconv,
     flashconv_variants,
 )
+from hippo.kernels._flashconv_support import flashconv_unsupported
 from hippo.kernels._flashconv_triton import launch_config
 
 H100_FLOPS = {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12}
 H100_HBM = 3.35e12
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (input rows read, output in fp32?) per (batch, channel) row.
 _IO = {"fwd_h3": (3, False), "conv_d": (1, False), "bwd_h3": (2, True), "bwd_conv": (1, True)}
 
@@ -58,8 +62,9 @@ def main() -> None:
         for variant, _, _ in flashconv_variants():
             for n in FLASHCONV_FFT_SIZES:
                 for cap in (80, 90):
-                    if dtype == "fp32" and cap < 90 and n >= 8192:
-                        print(f"| {variant} | {dtype} | {n} | sm_{cap} | not shipped (launcher refuses: > 163 KiB smem, spills) |||||| ")
+                    why = flashconv_unsupported((cap // 10, cap % 10), _TORCH_DTYPES[dtype], n // 2)
+                    if why:  # the same rule the path selection applies (kernels/_flashconv_support.py)
+                        print(f"| {variant} | {dtype} | {n} | sm_{cap} | not shipped: {why} |||||| ")
                         continue
                     r = compile_flashconv(n, cap, dtype=dtype, variant=variant)
                     roof = ""

@@ -7,6 +7,12 @@ CPU's measured fp32 matmul peak.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_h3_layer.py --d-model 256 --batch 4 \
         --lengths 512 1024 2048 4096 8192 16384 32768 (paste the printed table into BENCHMARKS.md)
+
+`--curve` instead measures the fast path's cost per token from 1K to 64K (issue 17): H3 fwd+bwd
+time / (batch x L) at each L with its ratio to 4K, and H3 against the attention layer at
+`--attn-lengths` (1K and 16K), the two layers timed in alternation in the same process:
+
+    .venv/bin/python benchmarks/bench_h3_layer.py --curve --threads 2
 """
 
 from __future__ import annotations
@@ -99,6 +105,64 @@ def h3_fast_flops(B: int, L: int, d: int, P: int = 64, n_modes: int = 32) -> flo
     return 3.0 * B * L * d * (core + proj)
 
 
+CURVE_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+
+
+def _curve_reps(L: int, repeats: int) -> int:
+    return repeats if L <= 4096 else max(2, repeats // 2) if L <= 16384 else 2
+
+
+def cost_curve(args) -> str:
+    """Per-token fwd+bwd cost of the H3 fast path over L, and H3 vs attention at a few L.
+
+    Attention is timed only at `--attn-lengths`: its cost grows with L^2 (about 1 min per
+    fwd+bwd at 32K on 2 cores), so the longer lengths are H3 only. At the attention lengths the
+    two layers alternate repetition by repetition, so both see the same machine load.
+    """
+    d, B = args.d_model, args.batch
+    h3, attn = build("h3_fast", d), build("attn", d)
+    load_before = os.getloadavg()
+    rows = []
+    for L in args.lengths:
+        reps = _curve_reps(L, args.repeats)
+        u = torch.randn(B, L, d, requires_grad=True)
+        layers = {"h3": h3, "attn": attn} if L in args.attn_lengths else {"h3": h3}
+        times = {k: [] for k in layers}
+        for layer in layers.values():
+            fwd_bwd(layer, u)  # warm-up
+        for _ in range(reps):
+            for kind, layer in layers.items():
+                layer.zero_grad(set_to_none=True)
+                u.grad = None
+                t0 = time.perf_counter()
+                fwd_bwd(layer, u)
+                times[kind].append(time.perf_counter() - t0)
+        r = {"L": L, "reps": reps, **{k: statistics.median(v) for k, v in times.items()},
+             **{k + "_min": min(v) for k, v in times.items()}}
+        rows.append(r)
+        print(r, flush=True)
+        del u
+    load_after = os.getloadavg()
+    per_tok = {r["L"]: r["h3"] / (B * r["L"]) for r in rows}
+    ref = per_tok.get(4096)
+    lines = [
+        f"#### H3 layer fwd+bwd cost per token, batch {B}, d_model {d}, fp32, {args.threads} threads",
+        "",
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; median of `reps`",
+        "",
+        "| L | reps | H3 fwd+bwd (ms) | per token (us) | vs 4K | attention (ms) | attention / H3 |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        L = r["L"]
+        vs = f"{per_tok[L] / ref:.2f}x" if ref else "-"
+        at = f"{r['attn'] * 1e3:.0f}" if "attn" in r else "not run"
+        ratio = f"{r['attn'] / r['h3']:.2f}x" if "attn" in r else "-"
+        lines.append(f"| {L} | {r['reps']} | {r['h3'] * 1e3:.0f} | {per_tok[L] * 1e6:.2f} | {vs} | {at} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--d-model", type=int, default=256)
@@ -111,11 +175,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--probe", choices=LAYERS)
     ap.add_argument("--out")
+    ap.add_argument("--curve", action="store_true", help="per-token cost curve of H3 (default lengths 1K..64K)")
+    ap.add_argument("--attn-lengths", type=int, nargs="+", default=[1024, 16384],
+                    help="with --curve: the lengths where attention is timed alongside")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     d, B = args.d_model, args.batch
     if args.probe:
         memory_probe(args.probe, d, B, args.lengths[0])
+        return
+    if args.curve:
+        if "--lengths" not in sys.argv:
+            args.lengths = CURVE_LENGTHS
+        text = cost_curve(args)
+        print(text)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(text + "\n")
         return
 
     peak = matmul_peak()

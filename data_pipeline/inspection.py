@@ -65,8 +65,8 @@ def decoded_samples(folder: str, *, split: str = "train", count: int = 3, max_ch
     out = []
     dctx = zstandard.ZstdDecompressor()
     with open_url(url, expected_size=shard.bytes) as f:
-        for _, _, data in iter_shard_members(f, url):
-            ids = decode_sample(data, np.dtype(m.dtype), m.window, dctx)
+        for member in iter_shard_members(f, url):
+            ids = decode_sample(member.data, np.dtype(m.dtype), m.window, dctx)
             text = tok.decode(ids.tolist())
             out.append(text[:max_chars] + ("..." if len(text) > max_chars else ""))
             if len(out) == count:
@@ -112,7 +112,7 @@ def _check_shard(folder: str, m: Manifest, name: str, samples: int, size: int, s
         h = _HashingReader(f)
         n = 0
         try:
-            for idx, member, data in iter_shard_members(io.BufferedReader(h), url):
+            for idx, member, data, _ in iter_shard_members(io.BufferedReader(h), url):
                 if idx != n:
                     yield f"{name}: member {member} out of order (expected sample {n})"
                 try:

@@ -151,7 +151,7 @@ def _first_window(url: str, size: int) -> tuple[int, str] | None:
         raise ManifestError(f"{url}: shard listed in the manifest is missing ({e}); "
                             "run `hippo data verify` on the folder") from None
     try:
-        for _, name, data in iter_shard_members(f, url):
+        for _, name, data, _ in iter_shard_members(f, url):
             dtype = _SAMPLE_DTYPES.get(name.split(".", 1)[-1])
             if dtype is None:
                 return None

@@ -58,17 +58,18 @@ class ResumableHTTPReader(io.RawIOBase):
             transfer error, never a clean end of file.
         retries: reconnections allowed without progress before giving up.
         timeout: socket timeout in seconds, so a stalled server cannot hang training.
+        offset: first byte to read (a Range request).
     """
 
     def __init__(self, url: str, *, expected_size: int | None = None, retries: int = 5,
-                 timeout: float = 60.0, backoff: float = 0.2) -> None:
+                 timeout: float = 60.0, backoff: float = 0.2, offset: int = 0) -> None:
         super().__init__()
         self.url = url
         self.expected_size = expected_size
         self.retries = retries
         self.timeout = timeout
         self.backoff = backoff
-        self.offset = 0
+        self.offset = offset
         self.reconnects = 0
         self._resp: http.client.HTTPResponse | None = None
         self._total: int | None = expected_size
@@ -166,19 +167,31 @@ class ResumableHTTPReader(io.RawIOBase):
         super().close()
 
 
-def open_url(url: str, *, expected_size: int | None = None, retries: int = 5, timeout: float = 60.0) -> BinaryIO:
-    """Open a local path or URL for binary reading (buffered)."""
+def open_url(url: str, *, expected_size: int | None = None, retries: int = 5, timeout: float = 60.0,
+             offset: int = 0) -> BinaryIO:
+    """Open a local path or URL for binary reading (buffered), from byte `offset` on.
+
+    Files seek and HTTP asks for a Range; a `pipe:` command can only be read through to the
+    offset, so readers that close and reopen shards (stream.MAX_OPEN_SHARDS) cost more there.
+    """
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
-        raw = ResumableHTTPReader(url, expected_size=expected_size, retries=retries, timeout=timeout)
+        raw = ResumableHTTPReader(url, expected_size=expected_size, retries=retries, timeout=timeout, offset=offset)
         return io.BufferedReader(raw, buffer_size=1 << 20)
-    if parsed.scheme == "file":
-        return open(urllib.request.url2pathname(parsed.path), "rb")
-    if not is_url(url):
-        return open(url, "rb")
+    if parsed.scheme == "file" or not is_url(url):
+        f = open(urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else url, "rb")
+        f.seek(offset)
+        return f
     from webdataset.gopen import gopen as wds_gopen
 
-    return wds_gopen(url, "rb")
+    f = wds_gopen(url, "rb")
+    to_skip = offset
+    while to_skip:
+        chunk = f.read(min(to_skip, 1 << 20))
+        if not chunk:
+            raise ShardFetchError(f"{url}: ended before byte {offset}")
+        to_skip -= len(chunk)
+    return f
 
 
 def read_bytes(url: str, **kw) -> bytes:

@@ -13,13 +13,21 @@ Epoch e of a run is laid out in four steps:
    `shuffle_window` samples, by a permutation seeded with (seed, epoch, v, block). Blocks (not a
    reservoir) make position j of a stream computable without replaying the stream: resuming
    reads at most one block and one partial shard per stream.
-4. Interleave. Global sample g of the epoch is stream g % V, position g // V.
+4. Interleave. Global sample g of the epoch is position g // V of the stream in slot g % V.
+   Order version 2 (new runs) fills the V slots with the streams in an order shuffled per
+   epoch, so that neighbours in the order come from far-apart data even when the streams are
+   short (many streams over a small corpus); version 1 (runs begun by Hippo 0.1/0.2, resumed
+   with their order) has stream v in slot v.
 
 Global batch k holds samples [k*B, (k+1)*B) of this order. A data-parallel rank r of D (D | V)
-takes the samples with g % D == r, which all come from its own streams v % D == r; any
+takes the samples with g % D == r, which all come from the streams of its slots s % D == r; any
 window of B consecutive g (D | B) has exactly B / D of them. So the samples of batch k do not
 depend on D or on the number of DataLoader workers, and the state to resume is one number,
 the global count of consumed samples. The last N % B samples of an epoch are dropped (counted).
+
+The default V is 3072 = 2^10 x 3, so every DP size 2^a or 3 x 2^a up to 3072 (1 ... 1024, 12, 24,
+48, 96, 768, ...) reads the same order; each rank then follows V / D streams at once (memory:
+V / D x shuffle_window samples; the readers keep at most `stream.MAX_OPEN_SHARDS` shards open).
 """
 
 from __future__ import annotations
@@ -30,9 +38,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Segment", "EpochPlan", "SampleOrder", "supported_dp_sizes"]
+__all__ = ["Segment", "EpochPlan", "SampleOrder", "supported_dp_sizes", "DEFAULT_VIRTUAL_STREAMS",
+           "DEFAULT_SHUFFLE_WINDOW", "ORDER_VERSION"]
 
-_TAG_SOURCE, _TAG_MIX, _TAG_BLOCK = 0, 1, 2
+_TAG_SOURCE, _TAG_MIX, _TAG_BLOCK, _TAG_SLOTS = 0, 1, 2, 3
+
+DEFAULT_VIRTUAL_STREAMS = 3072
+"""2^10 x 3: its divisors are every data-parallel size a cluster uses (powers of two, 3 x 2^a)."""
+DEFAULT_SHUFFLE_WINDOW = 4
+"""Samples per in-stream shuffle block: 3072 streams x 4 = 12288 samples held by a DP-1 reader
+(~50 MB at seq_len 2048); the per-epoch slot shuffle does most of the mixing."""
+ORDER_VERSION = 2
+"""Order scheme of new runs: 2 = streams shuffled over the slots per epoch; 1 = slot v holds stream v."""
 
 
 def supported_dp_sizes(virtual_streams: int) -> list[int]:
@@ -58,7 +75,7 @@ class EpochPlan:
     """One epoch's layout: segments, stream boundaries and block permutations."""
 
     def __init__(self, segments: list[Segment], *, epoch: int, seed: int, virtual_streams: int,
-                 shuffle_window: int, shuffle: bool) -> None:
+                 shuffle_window: int, shuffle: bool, order_version: int = ORDER_VERSION) -> None:
         self.segments = segments
         self.epoch = epoch
         self.seed = seed
@@ -67,9 +84,16 @@ class EpochPlan:
         self.shuffle = shuffle
         self.ends = np.cumsum([s.size for s in segments]).tolist()
         self.total = self.ends[-1] if self.ends else 0
+        self.slot_stream: list[int] = list(range(self.V))
+        """The stream read in each interleave slot (slot of sample g: g % V)."""
+        if shuffle and order_version >= 2:
+            self.slot_stream = np.random.default_rng([seed, _TAG_SLOTS, epoch]).permutation(self.V).tolist()
+        # The first total % V slots get the streams one sample longer: the interleave's last round.
         q, r = divmod(self.total, self.V)
-        self.stream_len = [q + (v < r) for v in range(self.V)]
-        self.stream_start = [v * q + min(v, r) for v in range(self.V)]
+        self.stream_len = [0] * self.V
+        for slot, v in enumerate(self.slot_stream):
+            self.stream_len[v] = q + (slot < r)
+        self.stream_start = np.concatenate([[0], np.cumsum(self.stream_len)[:-1]]).astype(int).tolist()
 
     def block_permutation(self, v: int, block: int) -> np.ndarray:
         """Order of the samples of block `block` of stream v (identity without shuffle)."""
@@ -94,7 +118,7 @@ class EpochPlan:
 
     def locate(self, g: int) -> tuple[int, int, int]:
         """(source, shard, index in shard) of epoch sample g: the reference for the stream readers."""
-        v, j = g % self.V, g // self.V
+        v, j = self.slot_stream[g % self.V], g // self.V
         if j >= self.stream_len[v]:
             raise IndexError(f"sample {g} is beyond this epoch's {self.total} samples")
         b = j // self.window
@@ -112,12 +136,17 @@ class SampleOrder:
         seed: run seed; with the epoch number it fixes every permutation.
         virtual_streams: V, the number of streams (the supported DP sizes are its divisors).
         shuffle_window: samples per block of the in-stream shuffle.
+        order_version: the interleave scheme (see the module docstring); 1 reproduces older runs.
         global_batch_size: B; each epoch uses the largest multiple of B samples it has.
         shuffle: False gives the manifest order (one pass for evaluation).
     """
 
     def __init__(self, shard_samples: list[list[int]], *, weights: list[float], seed: int, virtual_streams: int,
-                 shuffle_window: int, global_batch_size: int, shuffle: bool = True) -> None:
+                 shuffle_window: int, global_batch_size: int, shuffle: bool = True,
+                 order_version: int = ORDER_VERSION) -> None:
+        if order_version not in (1, 2):
+            raise ValueError(f"order_version must be 1 or 2, got {order_version}")
+        self.order_version = order_version
         self.shard_samples = [list(s) for s in shard_samples]
         self.source_total = [sum(s) for s in self.shard_samples]
         if any(t == 0 for t in self.source_total):
@@ -167,7 +196,7 @@ class SampleOrder:
             order = np.random.default_rng([self.seed, _TAG_MIX, epoch]).permutation(len(segments))
             segments = [segments[k] for k in order]
         return EpochPlan(segments, epoch=epoch, seed=self.seed, virtual_streams=self.V,
-                         shuffle_window=self.window, shuffle=self.shuffle)
+                         shuffle_window=self.window, shuffle=self.shuffle, order_version=self.order_version)
 
     def locate(self, global_index: int) -> tuple[int, int, int]:
         """(source, shard, index) of the run's global sample `global_index` (over epochs)."""

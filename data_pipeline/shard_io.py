@@ -16,6 +16,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import zstandard
@@ -29,6 +30,8 @@ __all__ = [
     "sample_extension",
     "decode_sample",
     "iter_shard_members",
+    "member_offsets",
+    "ShardMember",
     "dtype_for_vocab",
 ]
 
@@ -140,20 +143,67 @@ def sample_index(member_name: str) -> int | None:
     return int(idx) if idx.isdigit() else None
 
 
-def iter_shard_members(stream: io.BufferedIOBase, url: str) -> Iterator[tuple[int | None, str, bytes]]:
-    """(index, member name, bytes) for each member, via webdataset's tar iterator.
+def member_offsets(f: io.BufferedIOBase) -> list[int]:
+    """Header offsets of the members a shard holds, from its start, sample index i at entry i,
+    reading only headers (seeking past the data when `f` can seek).
 
+    Stops at anything but a plain USTAR regular file named `<stem>-<i>` in order, as
+    `ShardWriter` writes them: a reader goes on from the last offset with the tar reader, only slower.
+    """
+    out: list[int] = []
+    at = 0
+    seekable = getattr(f, "seekable", lambda: False)()
+    while True:
+        head = f.read(tarfile.BLOCKSIZE)
+        if len(head) < tarfile.BLOCKSIZE or head[156:157] not in (b"0", b"\0") or head[257:262] != b"ustar":
+            break
+        if sample_index(head[:100].rstrip(b"\0").decode("utf-8", "replace")) != len(out):
+            break
+        try:
+            size = int(head[124:136].rstrip(b"\0 ") or b"0", 8)
+        except ValueError:
+            break
+        out.append(at)
+        padded = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        at += tarfile.BLOCKSIZE + padded
+        if seekable:
+            f.seek(at)
+        else:
+            while padded:
+                chunk = f.read(min(padded, 1 << 20))
+                if not chunk:
+                    return out
+                padded -= len(chunk)
+    return out
+
+
+class ShardMember(NamedTuple):
+    index: int | None
+    """Sample index from the member name (`sample_index`), None if the name is not ours."""
+    name: str
+    data: bytes
+    next_offset: int
+    """Byte offset in the shard of the next member's header: where a reader closed and opened
+    again later goes on (`remote.open_url(offset=...)`)."""
+
+
+def iter_shard_members(stream: io.BufferedIOBase, url: str, *, base_offset: int = 0) -> Iterator[ShardMember]:
+    """The regular-file members of a shard tar, read from `stream` positioned at byte `base_offset`
+    of the shard (a member header).
+
+    tarfile's stream mode, as webdataset's tar iterator uses it, plus the offsets that iterator hides.
     I/O failures become `ShardFetchError` (never skipped: samples must not vanish silently);
     what the tar reader raises about the bytes themselves means damaged content: CorruptSample.
     """
-    from webdataset.tariterators import tar_file_iterator
-
-    def reraise(exn: Exception) -> bool:
-        raise exn
-
     try:
-        for member in tar_file_iterator(stream, handler=reraise):
-            yield sample_index(member["fname"]), member["fname"], member["data"]
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for info in tar:
+            if not info.isreg():
+                continue
+            data = tar.extractfile(info).read()
+            tar.members = []  # stream mode keeps every TarInfo otherwise
+            end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            yield ShardMember(sample_index(info.name), info.name, data, base_offset + end)
     except ShardFetchError:
         raise
     except OSError as e:

@@ -6,7 +6,7 @@ yields global samples r, r + D, r + 2D, ... of the run, in micro-batches, B / D 
 global batch. With DataLoader workers, worker w of W produces every W-th of the rank's samples
 and the training process puts them back in order, so workers change speed, not content.
 
-Reading uses webdataset's tar iterator on streams opened by `remote.open_url`. A corrupt
+Reading uses tarfile's stream mode (`shard_io.iter_shard_members`) on `remote.open_url`. A corrupt
 sample (bad tar member, bad zstd, wrong length) is replaced by the next good sample of its
 shuffle block (or, if the whole block is unreadable, a window of EOS tokens), counted and
 logged; with `strict` it raises CorruptShardError. Replacing rather than dropping keeps every
@@ -19,9 +19,13 @@ failures (a connection lost beyond its retries) always raise.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,14 +37,18 @@ from .config import DataConfig, validate_data_parallel
 from .errors import CorruptDataError, CorruptShardError, DataExhaustedError, ManifestError, ShardFetchError
 from .sample_order import EpochPlan, SampleOrder, Segment
 from .manifest import Manifest, check_against_shards, load_manifest
-from .remote import join_url, open_url
-from .shard_io import CorruptSample, decode_sample, iter_shard_members, sample_extension
+from .remote import is_url, join_url, open_url
+from .shard_io import CorruptSample, decode_sample, iter_shard_members, sample_extension, member_offsets
 
 __all__ = ["TokenStream", "build_stream", "corrupt_budget", "STATE_VERSION"]
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+MAX_OPEN_SHARDS = 256
+"""Shards one rank (or DataLoader worker) keeps open at once; with more streams per rank than
+this (a small DP size and the default 3072 streams), readers close and reopen shards between
+blocks: a seek on files, a Range request over HTTP."""
 _MAX_CORRUPT_WARNINGS = 20
 _MAX_CORRUPT_SHARDS = 8
 
@@ -84,7 +92,11 @@ class _ReadSpec:
 
 
 class _StreamReader:
-    """Virtual stream v of one epoch, from a position on, decoded one shuffle block at a time."""
+    """Virtual stream v of one epoch, from a position on, decoded one shuffle block at a time.
+
+    Between blocks its shard may be closed (`suspend`, by the rank's `_OpenShards`); the next
+    block opens it again at the byte where reading stopped.
+    """
 
     def __init__(self, spec: _ReadSpec, plan: EpochPlan, v: int, pos: int, met: list[int]) -> None:
         self.spec = spec
@@ -92,13 +104,29 @@ class _StreamReader:
         self.v = v
         first_block = pos // plan.window
         begin = plan.stream_start[v] + first_block * plan.window
-        self._inputs = self._iter_inputs(plan.pieces(begin, plan.stream_start[v] + plan.stream_len[v]))
+        self._pieces = plan.pieces(begin, plan.stream_start[v] + plan.stream_len[v])
+        self._piece = 0
+        """Index in `_pieces` of the segment being read."""
+        self._resume: tuple[int, int] | None = None
+        """(next sample index, byte offset of a member header at or before it) in that segment's shard."""
+        self._inputs: Iterator[tuple[bytes | None, str, str]] | None = None
+        """The open reading position; None while no shard is open."""
         self._rows: list[np.ndarray] = []
         self._origins: list[Origin | None] = []
         self._perm: np.ndarray | None = None
         self._loaded = first_block - 1  # blocks before the start position are never read
         self._dctx = zstandard.ZstdDecompressor()
         self.met = met  # [unreadable samples read], shared by all readers of one rank/worker: caps the warnings
+
+    @property
+    def is_open(self) -> bool:
+        return self._inputs is not None
+
+    def suspend(self) -> None:
+        """Close the shard being read; reading goes on from the same sample later."""
+        if self._inputs is not None:
+            self._inputs.close()
+            self._inputs = None
 
     def get(self, pos: int) -> tuple[np.ndarray, Origin | None]:
         """The sample at stream position `pos` (positions must not decrease), and its origin if it is a replacement."""
@@ -108,37 +136,52 @@ class _StreamReader:
         i = self._perm[pos - b * self.plan.window]
         return self._rows[i], self._origins[i]
 
-    def _iter_inputs(self, pieces: list[Segment]) -> Iterator[tuple[bytes | None, str, str]]:
+    def _next_input(self) -> tuple[bytes | None, str, str]:
+        if self._inputs is None:
+            self._inputs = self._iter_inputs()
+        return next(self._inputs)
+
+    def _iter_inputs(self) -> Iterator[tuple[bytes | None, str, str]]:
         """(sample bytes, where, shard URL) in stream order; bytes None for samples that cannot be read."""
-        for seg in pieces:
+        while self._piece < len(self._pieces):
+            seg = self._pieces[self._piece]
             src = self.spec.sources[seg.source]
             url = join_url(src.folder, src.names[seg.shard])
-            for data, where in self._read_segment(seg):
+            for data, where in self._read_segment(seg, url):
                 yield data, where, url
+            self._piece += 1
+            self._resume = None
 
-    def _read_segment(self, seg: Segment) -> Iterator[tuple[bytes | None, str]]:
+    def _read_segment(self, seg: Segment, url: str) -> Iterator[tuple[bytes | None, str]]:
+        """The segment's samples from `_resume` on; `_resume` names the next one before each is yielded."""
         src = self.spec.sources[seg.source]
-        url = join_url(src.folder, src.names[seg.shard])
         ext = "." + sample_extension(np.dtype(self.spec.dtype))
-        want, reason = seg.start, ""
+        want, at = self._resume or (seg.start, 0)
+        if at == 0 and want > 0:  # a stream beginning inside a shard: straight to its first sample
+            offsets = _member_offsets(url, src.sizes[seg.shard], self.spec.retries, self.spec.timeout_s)
+            at = offsets[min(want, len(offsets) - 1)] if offsets else 0
+        reason = ""
         try:
             f = open_url(url, expected_size=src.sizes[seg.shard], retries=self.spec.retries,
-                         timeout=self.spec.timeout_s)
+                         timeout=self.spec.timeout_s, offset=at)
         except FileNotFoundError as e:
             raise ManifestError(f"{url}: shard listed in the manifest is missing ({e})") from None
         read_to_end = False
         try:
-            for idx, name, data in iter_shard_members(f, url):
+            for idx, name, data, next_at in iter_shard_members(f, url, base_offset=at):
                 if idx is None or idx < want:
+                    at = next_at
                     continue
                 while want < min(idx, seg.stop):
+                    self._resume = (want + 1, at)  # member idx, not yet handed over, starts at `at`
                     yield None, f"{url}: sample {want} is missing"
                     want += 1
                 if want >= seg.stop:
                     break
                 where = f"{url}: sample {idx}"
+                want, at = want + 1, next_at
+                self._resume = (want, at)
                 yield (data, where) if name.endswith(ext) else (None, f"{where}: {name} is not a {ext} member")
-                want += 1
                 if want >= seg.stop:
                     break
             else:
@@ -156,6 +199,7 @@ class _StreamReader:
         finally:
             _close(f, url, check=read_to_end)
         while want < seg.stop:
+            self._resume = (want + 1, 0)  # reopened, the damage is met again from the start
             yield None, reason or f"{url}: sample {want} is missing (shard ended early)"
             want += 1
 
@@ -167,7 +211,7 @@ class _StreamReader:
         origins: list[Origin | None] = []
         bad: list[str] = []
         for _ in range(size):
-            data, reason, url = next(self._inputs)
+            data, reason, url = self._next_input()
             row = None
             if data is not None:
                 try:
@@ -190,6 +234,26 @@ class _StreamReader:
         self._origins = origins
         self._perm = plan.block_permutation(self.v, b)
         self._loaded = b
+
+
+def _member_offsets(url: str, size: int, retries: int, timeout_s: float) -> tuple[int, ...]:
+    """Where each sample of a shard starts, read once per process (per version of a local file):
+    the many streams that begin inside one shard (3072 streams over few shards) seek there
+    instead of reading to it."""
+    version = None if is_url(url) and not url.startswith("file:") else os.stat(url.removeprefix("file://")).st_mtime_ns
+    return _cached_member_offsets(url, size, version, retries, timeout_s)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_member_offsets(url: str, size: int, version: int | None, retries: int,
+                           timeout_s: float) -> tuple[int, ...]:
+    try:
+        with open_url(url, expected_size=size, retries=retries, timeout=timeout_s) as f:
+            return tuple(member_offsets(f))
+    except FileNotFoundError as e:
+        raise ManifestError(f"{url}: shard listed in the manifest is missing ({e})") from None
+    except OSError as e:
+        raise ShardFetchError(f"{url}: {e}") from None
 
 
 def _close(f, url: str, *, check: bool) -> None:
@@ -222,20 +286,53 @@ def _rank_samples(spec: _ReadSpec, start: int, stop: int | None,
     """This rank's samples start, start + step, ... (rank-local indices, over epochs): (row, origin if replaced)."""
     order, D, r = spec.order, spec.dp_size, spec.dp_rank
     per_rank_epoch = order.samples_per_epoch // D
-    readers: dict[tuple[int, int], _StreamReader] = {}
+    readers: dict[int, _StreamReader] = {}
+    reading_epoch = -1
+    open_shards = _OpenShards(MAX_OPEN_SHARDS)
     met = [0]
     J = start
-    while stop is None or J < stop:
-        epoch, j = divmod(J, per_rank_epoch)
-        g = r + j * D
-        v, pos = g % order.V, g // order.V
-        reader = readers.get((epoch, v))
-        if reader is None:
-            for k in [k for k in readers if k[0] != epoch]:  # an epoch's readers are done once a later one starts
-                del readers[k]
-            reader = readers[(epoch, v)] = _StreamReader(spec, order.plan(epoch), v, pos, met)
-        yield reader.get(pos)
-        J += step
+    try:
+        while stop is None or J < stop:
+            epoch, j = divmod(J, per_rank_epoch)
+            g = r + j * D
+            plan = order.plan(epoch)
+            v, pos = plan.slot_stream[g % order.V], g // order.V
+            if epoch != reading_epoch:  # an epoch's readers are done once a later one starts
+                for old in readers.values():
+                    open_shards.forget(old)
+                readers, reading_epoch = {}, epoch
+            reader = readers.get(v)
+            if reader is None:
+                reader = readers[v] = _StreamReader(spec, plan, v, pos, met)
+            sample = reader.get(pos)
+            open_shards.used(reader)
+            yield sample
+            J += step
+    finally:
+        for reader in readers.values():
+            reader.suspend()
+
+
+class _OpenShards:
+    """Caps the shards a rank's readers hold open: the least recently used reader is suspended
+    (its shard closed, reopened at the same byte when it needs its next block)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lru: OrderedDict[int, _StreamReader] = OrderedDict()
+
+    def used(self, reader: _StreamReader) -> None:
+        if not reader.is_open:
+            return
+        self._lru[id(reader)] = reader
+        self._lru.move_to_end(id(reader))
+        while len(self._lru) > self.limit:
+            _, oldest = self._lru.popitem(last=False)
+            oldest.suspend()
+
+    def forget(self, reader: _StreamReader) -> None:
+        reader.suspend()
+        self._lru.pop(id(reader), None)
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
@@ -269,6 +366,18 @@ def _identity(x):
     return x
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """DataLoader workers start from a fork server, not by forking the training process: by the
+    time the stream is iterated that process runs CUDA, NCCL and MLflow threads, whose locks and
+    device state a forked child inherits half-held. The server preloads this module (torch), so
+    a worker starts in a fraction of a second; where there is no fork server, spawn."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 class TokenStream:
     """Batches for one data-parallel rank; `state_dict` is the global consumed-sample count.
 
@@ -281,6 +390,7 @@ class TokenStream:
     def __init__(self, cfg: DataConfig, manifests: list[Manifest], *, dp_rank: int, dp_size: int,
                  micro_batch_size: int, global_batch_size: int, one_pass: bool = False,
                  max_batches: int | None = None) -> None:
+        cfg = cfg.resolved()  # unset order settings: a new run's defaults (the trainer resolves resumed runs')
         self.cfg = cfg
         self.manifests = manifests
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -297,7 +407,8 @@ class TokenStream:
         splits = [m.split(cfg.split) for m in manifests]
         self.order = SampleOrder([[sh.samples for sh in s.shards] for s in splits], weights=cfg.source_weights,
                              seed=cfg.seed, virtual_streams=cfg.virtual_streams, shuffle_window=cfg.shuffle_window,
-                             global_batch_size=global_batch_size, shuffle=not one_pass)
+                             global_batch_size=global_batch_size, shuffle=not one_pass,
+                             order_version=cfg.order_version)
         if self.order.batches_per_epoch == 0:
             raise ValueError(
                 f"data.paths {cfg.paths} ({cfg.split}) give {self.order.samples_per_epoch_total} samples per epoch, "
@@ -355,6 +466,7 @@ class TokenStream:
             "global_batch_size": self.global_batch_size,
             "virtual_streams": self.cfg.virtual_streams,
             "shuffle_window": self.cfg.shuffle_window,
+            "order_version": self.cfg.order_version,
             "epoch": self.epoch,
             "samples_per_epoch": self.order.samples_per_epoch,
             "dropped_per_epoch": self.order.dropped_per_epoch,
@@ -367,9 +479,11 @@ class TokenStream:
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"data stream state version {sd.get('version')} is not {STATE_VERSION}")
         mine = self.state_dict()
+        sd = {"order_version": 1, **sd}  # states before the field: the first scheme
         for key, option in (("manifest_hash", "data.paths / data.weights (the prepared data)"),
                             ("seed", "data.seed"), ("global_batch_size", "global_batch_size"),
-                            ("virtual_streams", "data.virtual_streams"), ("shuffle_window", "data.shuffle_window")):
+                            ("virtual_streams", "data.virtual_streams"), ("shuffle_window", "data.shuffle_window"),
+                            ("order_version", "data.order_version")):
             if sd.get(key) != mine[key]:
                 raise ValueError(
                     f"cannot resume the data stream: the checkpoint has {key}={sd.get(key)!r}, this run "
@@ -406,7 +520,8 @@ class TokenStream:
             return
         loader = torch.utils.data.DataLoader(
             _WorkerDataset(self._spec, start, stop, self.cfg.samples_per_transfer),
-            batch_size=None, num_workers=W, collate_fn=_identity, prefetch_factor=4)
+            batch_size=None, num_workers=W, collate_fn=_identity, prefetch_factor=4,
+            multiprocessing_context=_worker_context())
         slabs: dict[tuple[int, int], tuple[np.ndarray, dict[int, Origin]]] = {}
         it = iter(loader)
         k = self.cfg.samples_per_transfer

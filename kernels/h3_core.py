@@ -7,16 +7,21 @@
 Paths (`impl=`):
   "reference"  `h3_core_ref`: two full-length FFT convolutions (`kernels.fftconv`), the oracle.
   "torch"      the fast path on any device: chunked state passing with chunks of P = 64 done as
-               real batched matmuls, which this CPU runs ~10x faster than FFTs:
+               real batched matmuls, which this CPU runs ~10x faster than FFTs, over blocks of
+               bounded size (C x B x T <= 2^20 elements, `block_length`), so that every
+               intermediate stays in the last-level cache and no allocation grows with L:
                - the 64-tap shift filter is a banded Toeplitz product per channel (this chunk and
-                 the previous one), Dk folded into its diagonal;
+                 the previous one), Dk folded into its diagonal; its state crosses a block
+                 boundary as the halo, the P inputs before the block;
                - the diagonal SSM inside a chunk is a P x P Toeplitz product with D folded in;
-                 between chunks only the N/2 = 32 complex modes travel (closed form), a short
-                 scan over L / P chunk states;
+                 between chunks, and between blocks, only the N/2 = 32 complex modes travel
+                 (closed form), a short scan over the chunk states;
                - all the small matrices (Toeplitz bands, mode maps) are built once per call from
-                 the first P taps and shared across the batch: no length-L kernel, no spectrum,
-                 no complex intermediate of size L.
-               Exact (no FFT rounding); cost O(L (P + 2N)) per channel.
+                 the first P taps and shared across the batch (`_ShiftMats`, `_DiagMats`, with
+                 closed-form backwards): no length-L kernel, no spectrum;
+               - one autograd Function (`_BlockedH3`) runs the blocks forward and walks them in
+                 reverse in backward, carrying both states' gradients back across the blocks.
+               Exact (no FFT rounding); cost O(L (P + 2N)) per channel, time per token flat in L.
   "triton"     Triton FlashConv (`kernels._flashconv_triton`): the shift SSM as one fused block-FFT
                conv kernel (+ Dk k), then one fused kernel for q * (conv(k' v, Kd) + D k' v).
                CUDA tensors of compute capability >= 8.0 (or CPU under TRITON_INTERPRET=1),
@@ -30,6 +35,7 @@ Paths (`impl=`):
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -137,159 +143,393 @@ def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# ------------------------------------------------------------------ small per-call matrices
-def _lag_toeplitz(taps: torch.Tensor, P: int, blocks: int) -> list[torch.Tensor]:
-    """Causal Toeplitz blocks of a filter for chunks of P: out_chunk += in_chunk_{-m} @ T_m.
+def _no_autocast(fn):
+    """Run fn with autocast off on its tensors' device: the chunked path computes in fp32 (fp64 for
+    fp64 inputs) whatever the caller's autocast, as documented, and its in-place batched matmuls
+    need operands of one dtype. Also wraps the hand-written backwards (autograd does not carry
+    the forward's autocast state into them)."""
 
-    T_m[j, i] = taps[i + m P - j] (zero for negative lags or lags past the taps), m < blocks.
-    Built as flipped windows of one padded row (views plus a flip), not with index gathers.
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(dev, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+# ------------------------------------------------------------------ small per-call matrices
+# Built without autograd and differentiated by hand. Through autograd, the complex128 powers
+# (cumprod backward), the Toeplitz windows (unfold/flip backward) and the concatenations made a
+# fixed cost per call: at C = 256, B 4 x L 64 the whole core took 54 ms of CPU (fwd+bwd, one
+# thread), now 31 ms.
+def _lag_toeplitz(taps: torch.Tensor, P: int, blocks: int) -> torch.Tensor:
+    """Causal banded Toeplitz [T_0 | T_1 | ...] of a filter for chunks of P: (C, P, blocks * P).
+
+    W[j, i] = taps[i - j] (zero for negative lags or lags past the taps), so that
+    out_chunk = sum_m in_chunk_{-m} @ W[:, m P : (m + 1) P]. Flipped windows of one padded row.
     """
     C, N = taps.shape
     g = F.pad(taps, (P - 1, blocks * P - N))  # g[P-1+lag] = taps[lag], lag in [-(P-1), blocks*P)
-    windows = g.unfold(-1, P, 1)  # (C, blocks*P, P): windows[s, t] = g[s + t]
-    # T_m[j, i] = g[P-1 + mP + i - j] = windows[mP + P-1-j, i]
-    return [windows[:, m * P : (m + 1) * P].flip(1) for m in range(blocks)]
+    windows = g.unfold(-1, blocks * P, 1)  # (C, P, blocks*P): windows[s, t] = g[s + t]
+    return windows.flip(1)  # W[j, i] = g[P-1 + i - j] = windows[P-1-j, i]
 
 
-def _shift_taps(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Ks[c, l] = sum_n B[c, n] C[c, n + l] for l < N (same as `shift_kernel(B, C, N)`)."""
-    N = B.shape[-1]
-    windows = F.pad(C, (0, N - 1)).unfold(-1, N, 1)  # (C, l, n) = C[c, l + n]
-    return (windows * B.unsqueeze(1)).sum(-1)
+def _diagonal_sums(G: torch.Tensor, lags: int) -> torch.Tensor:
+    """sum_j G[:, j, j + l] for l < lags, G (C, P, M), entries past column M counting as zero."""
+    C, P, M = G.shape
+    if M < P - 1 + lags:
+        G = F.pad(G, (0, P - 1 + lags - M))
+    G = G.contiguous()
+    M = G.shape[-1]
+    return G.as_strided((C, lags, P), (P * M, 1, M + 1)).sum(-1)
 
 
-def _consecutive_powers(dA: torch.Tensor, n: int) -> torch.Tensor:
-    """dA^0 .. dA^(n-1) in complex128 by a running product: (C, N/2, n).
+class _ShiftMats(torch.autograd.Function):
+    """The shift SSM's banded Toeplitz [S0 | S1] (C, P, 2P) for chunks of P from (B, C, D).
 
-    Several times cheaper than exp(l log dA) for the short ranges used per call, and in float64
-    the accumulated rounding over n <= 65 factors stays ~1e-14.
+    taps[l] = sum_n B[n] C[n + l] + D [l = 0] (l < N <= P) and W[j, i] = taps[i - j], so that a
+    chunk's k' = k_chunk @ S0 + k_previous_chunk @ S1. Backward: the matrix gradient's diagonal
+    sums are the taps' gradient, then two small depthwise correlations give B's and C's.
     """
-    z = dA.to(torch.complex128).unsqueeze(-1).expand(*dA.shape, n - 1)
-    return torch.cumprod(torch.cat((torch.ones_like(z[..., :1]), z), dim=-1), dim=-1)
+
+    @staticmethod
+    def forward(ctx, sB, sC, sD, P):
+        C, N = sB.shape
+        taps = F.conv1d(F.pad(sC, (0, N - 1)).unsqueeze(0), sB.unsqueeze(1), groups=C)[0]  # (C, N)
+        taps[:, 0] += sD
+        ctx.save_for_backward(sB, sC)
+        return _lag_toeplitz(taps, P, 2)
+
+    @staticmethod
+    @_no_autocast
+    def backward(ctx, gW):
+        sB, sC = ctx.saved_tensors
+        C, N = sB.shape
+        g_taps = _diagonal_sums(gW, N)  # (C, N)
+        g_B = F.conv1d(F.pad(sC, (0, N - 1)).unsqueeze(0), g_taps.unsqueeze(1), groups=C)[0]
+        g_C = F.conv1d(F.pad(sB, (N - 1, 0)).unsqueeze(0), g_taps.flip(-1).unsqueeze(1), groups=C)[0]
+        return g_B, g_C, g_taps[:, 0].clone(), None
 
 
-class _DiagChunkMats:
-    """Everything the chunked diagonal SSM needs for chunks of P, built in float64 then cast.
+def _powers(dA: torch.Tensor, n: int) -> torch.Tensor:
+    """dA^0 .. dA^(n-1) in complex128, (C, n, N/2): dA^(8a + b) = (dA^8)^a dA^b from two running
+    products of <= 8 factors (rounding ~1e-15), one outer product instead of an n-step cumprod."""
+    C, n2 = dA.shape
+    z = dA.to(torch.complex128).unsqueeze(1)
+    small = torch.cumprod(torch.cat((torch.ones_like(z), z.expand(C, 7, n2)), dim=1), dim=1)  # dA^0..7
+    big = torch.cumprod(torch.cat((torch.ones_like(z), (small[:, 7:] * z).expand(C, -(-n // 8) - 1, n2)), dim=1), dim=1)
+    return (big.unsqueeze(2) * small.unsqueeze(1)).reshape(C, -1, n2)[:, :n]
 
+
+class _DiagMats(torch.autograd.Function):
+    """Everything the chunked diagonal SSM needs for chunks of P, from (dA, dB, C, D).
+
+    Returns, in the real dtype `rdtype` (powers formed in complex128, products in `cdtype`):
+      toep      (C, P, P): Toeplitz[j, i] = Kd[i - j], D at lag 0 (the chunk's own inputs);
+      to_state  (C, P, N): rows j, columns (n, re/im) of dB dA^(P-1-j) (a chunk's end state);
+      from      (C, N, P), a transposed view: rows (n, re/im) = (2 Re h, -2 Im h), h = C dA^(i+1)
+                (output from the state before a chunk: 2 Re(h x) = x.re 2 h.re - x.im 2 h.im);
+      decay     (C, N/2) complex: dA^P.
     Mode maps keep (n, re/im) interleaved so that complex views of their products need no copy.
+    Backward contracts the gradients with the powers in closed form (PyTorch's complex
+    convention: for w = f(z), grad_z = grad_w conj(f'(z))).
     """
 
-    def __init__(self, ssm: DiscreteDiagonalSSM, D: torch.Tensor, P: int, rdtype: torch.dtype):
-        n2 = ssm.dA.shape[-1]
-        C = ssm.dA.shape[0]
-        pw = _consecutive_powers(ssm.dA, P + 1)  # (C, N/2, P+1) complex128: dA^0..dA^P
-        cb = (ssm.C * ssm.dB).to(torch.complex128)
-        kd = 2 * torch.bmm(cb.unsqueeze(1), pw[..., :P]).squeeze(1).real  # (C, P): first P taps of Kd
-        kd = torch.cat((kd[:, :1] + D.to(torch.float64).unsqueeze(-1), kd[:, 1:]), dim=1)  # D at lag 0
-        self.toep = _lag_toeplitz(kd.to(rdtype), P, 1)[0]  # (C, P, P)
-        # Chunk end-state from inputs: sum_j dA^(P-1-j) dB u[j] -> (C, P, N/2 * 2).
-        g = (ssm.dB.to(torch.complex128).unsqueeze(-1) * pw[..., :P].flip(-1)).transpose(1, 2)
-        self.to_state = torch.view_as_real(g).reshape(C, P, 2 * n2).to(rdtype)
-        # Output from the state before a chunk: 2 Re(C dA^(i+1) x) = x.re 2h.re - x.im 2h.im.
-        h = ssm.C.to(torch.complex128).unsqueeze(-1) * pw[..., 1:]  # (C, N/2, P)
-        self.from_state = torch.stack((2 * h.real, -2 * h.imag), dim=2).reshape(C, 2 * n2, P).to(rdtype)
+    @staticmethod
+    def forward(ctx, dA, dB, Cm, D, P, rdtype):
+        C, n2 = dA.shape
         cdtype = torch.complex128 if rdtype == torch.float64 else torch.complex64
-        self.decay = pw[..., P].to(cdtype)  # (C, N/2): dA^P
-        self.n2, self.cdtype = n2, cdtype
+        pw = _powers(dA, P + 1)  # (C, P+1, N/2)
+        cb = dB.to(torch.complex128) * Cm.to(torch.complex128)
+        coef = torch.view_as_real(2 * cb.conj()).reshape(C, 2 * n2, 1)  # (2 Re cb, -2 Im cb)
+        kd = torch.bmm(torch.view_as_real(pw[:, :P]).reshape(C, P, 2 * n2), coef).squeeze(-1)  # 2 Re(cb dA^l)
+        kd[:, 0] += D.to(torch.float64)
+        toep = _lag_toeplitz(kd.to(rdtype), P, 1)
+        pwc = pw.to(cdtype)
+        cpw = pwc.conj_physical()
+        b, gm = dB.to(cdtype), Cm.to(cdtype)
+        to_state = torch.view_as_real(b.unsqueeze(1) * pwc[:, :P].flip(1)).reshape(C, P, 2 * n2)
+        from_t = torch.view_as_real((2 * gm.conj()).unsqueeze(1) * cpw[:, 1:]).reshape(C, P, 2 * n2)
+        ctx.save_for_backward(pwc, cpw, b, gm)
+        ctx.dtypes = (dA.dtype, dB.dtype, Cm.dtype, D.dtype)
+        return toep, to_state.to(rdtype), from_t.to(rdtype).transpose(1, 2), pwc[:, P].clone()
+
+    @staticmethod
+    @_no_autocast
+    def backward(ctx, g_toep, g_to, g_from, g_decay):
+        pwc, cpw, b, gm = ctx.saved_tensors
+        C, P1, n2 = pwc.shape
+        P = P1 - 1
+        pr = torch.view_as_real(pwc).reshape(C, P1, 2 * n2)  # (Re, Im) of dA^l
+        steps = torch.arange(P, dtype=pr.dtype, device=pr.device)
+        # Toeplitz: Kd[l] = 2 Re(cb dA^l) + D [l = 0] -> sums over l with conj(dA^l) as GEMVs.
+        g_kd = _diagonal_sums(g_toep, P).to(pr.dtype)  # (C, P)
+        s0 = torch.bmm(g_kd.unsqueeze(1), pr[:, :P]).view(C, n2, 2)
+        s1 = torch.bmm((g_kd * steps)[:, 1:].unsqueeze(1), pr[:, : P - 1]).view(C, n2, 2)
+        g_cb = 2 * torch.complex(s0[..., 0], -s0[..., 1])  # 2 sum_l g_kd[l] conj(dA^l)
+        dA_kd = torch.complex(s1[..., 0], -s1[..., 1])  # sum_l l g_kd[l] conj(dA^(l-1))
+        # to_state[j] = dB dA^(P-1-j).
+        G_t = torch.view_as_complex(g_to.to(pr.dtype).contiguous().view(C, P, n2, 2)).flip(1)  # by power P-1-j
+        g_b = (G_t * cpw[:, :P]).sum(1) + g_cb * gm.conj()
+        dA_t = (G_t[:, 1:] * (cpw[:, : P - 1] * steps[1:].unsqueeze(-1))).sum(1)  # sum_l l G_t[l] conj(dA^(l-1))
+        # from rows (2 Re h, -2 Im h) = re/im of 2 conj(h), h_i = C dA^(i+1): grad h = 2 conj(G_f).
+        G_f = torch.view_as_complex(g_from.transpose(1, 2).to(pr.dtype).contiguous().view(C, P, n2, 2))
+        g_gm = 2 * (G_f * pwc[:, 1:]).sum(1).conj() + g_cb * b.conj()
+        dA_h = 2 * (gm * (G_f * (pwc[:, :P] * (steps + 1).unsqueeze(-1))).sum(1)).conj()
+        g_dA = 2 * (gm * b).conj() * dA_kd + b.conj() * dA_t + dA_h + P * g_decay * cpw[:, P - 1]
+        tA, tB, tC, tD = ctx.dtypes
+        return g_dA.to(tA), g_b.to(tB), g_gm.to(tC), g_kd[:, 0].to(tD), None, None
 
 
-class _ChunkScan(torch.autograd.Function):
-    """x_a = w x_{a-1} + e_a over chunks a = 0..A-1, returning every state *before* a chunk.
+# ------------------------------------------------------------------ blocks of bounded size
+# Every intermediate of the chunked path is one (C, B, T) block tensor or smaller: at most
+# _BLOCK_ELEMS elements (4 MiB in fp32). glibc serves each allocation above 32 MiB with a fresh
+# mmap, so (C, B, L)-sized intermediates were page-faulted in and zeroed by the kernel on every
+# call once C x B x L passed 8M elements (2.8 GB of page faults per fwd+bwd at 256 x 4 x 16K);
+# block tensors are reused from the heap and stay in the last-level cache.
+_BLOCK_ELEMS = 1 << 20
+_MIN_BLOCK = 256
 
-    A hand-written backward: autograd through A small per-chunk ops costs O(A^2) here (each
-    `select` backward materializes a full-size zero gradient); the reverse scan is the same
-    recurrence with conj(w) (PyTorch's complex-gradient convention).
-    Shapes: ends (C, B, A, N/2) complex, w (C, N/2) complex, x0 (C, B, N/2) complex.
+
+def block_length(channels: int, batch: int, length: int, P: int = _CHUNK) -> int:
+    """T of the blocks `h3_core(impl="torch")` runs: a multiple of P with C x B x T <= 2^20
+    (but at least `_MIN_BLOCK`), at most L rounded up to P."""
+    t = max(_MIN_BLOCK, (_BLOCK_ELEMS // max(1, channels * batch)) // P * P)
+    return min(t, -(-length // P) * P)
+
+
+def _spans(L: int, T: int, P: int) -> list[tuple[int, int, int]]:
+    """(start, valid length tb, padded length tp = ceil(tb / P) P) of each block."""
+    return [(t0, min(T, L - t0), -(-min(T, L - t0) // P) * P) for t0 in range(0, L, T)]
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """(B, C, L) stored as (B, L, C): the layer's transposed projections."""
+    return x.stride(1) == 1 and x.shape[1] > 1
+
+
+def _like_layout(x: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (B, C, t) tensor stored like x (channels-last or not)."""
+    Bsz, C = x.shape[:2]
+    if _channels_last(x):
+        return torch.empty(Bsz, t, C, dtype=dtype, device=x.device).transpose(1, 2)
+    return torch.empty(Bsz, C, t, dtype=dtype, device=x.device)
+
+
+def _load(dst: torch.Tensor, x: torch.Tensor, t0: int, tb: int, tmp: torch.Tensor) -> None:
+    """dst (C, ab, B, P) chunk-major block <- positions t0 .. t0 + tb of x (B, C, L), zero beyond.
+
+    Per sample through a contiguous (C, tp) staging row: for a channels-last x that is one
+    blocked 2-D transpose (the fast CPU copy), then a copy of whole chunks of P.
+    """
+    C, ab, Bsz, P = dst.shape
+    tp = ab * P
+    stage = tmp[:, :tp]
+    for b in range(Bsz):
+        if tb == tp:
+            stage.copy_(x[b, :, t0 : t0 + tb])
+        else:
+            stage[:, :tb].copy_(x[b, :, t0 : t0 + tb])
+            stage[:, tb:].zero_()
+        dst[:, :, b].copy_(stage.view(C, ab, P))
+
+
+def _store(dst: torch.Tensor, src: torch.Tensor, tb: int, tmp: torch.Tensor) -> None:
+    """dst (B, C, tb) <- the first tb positions of a chunk-major block src (C, ab, B, P)."""
+    C, ab, Bsz, P = src.shape
+    stage = tmp[:, : ab * P]
+    for b in range(Bsz):
+        stage.view(C, ab, P).copy_(src[:, :, b])
+        if _channels_last(dst):
+            dst[b].t().copy_(stage[:, :tb].t())  # a blocked 2-D transpose when tb == tp
+        else:
+            dst[b].copy_(stage[:, :tb])
+
+
+def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T, save):
+    """The chunked H3 core over blocks of T positions, carrying both SSM states between blocks.
+
+    Blocks are chunk-major, (C, ab, B, P): row a B + b of a channel's matrices is chunk a of
+    sample b, so "the previous chunk" of every row is a contiguous range of rows. Per block:
+      shift SSM:    k' = k_chunk @ S0 + k_prev_chunk @ S1, where the chunk before the block's first
+                    is the halo: the P inputs before the block, which hold the shift SSM's state
+                    (its last N-1 inputs);
+      diagonal SSM: s = (k' v) @ Toeplitz, ends = (k' v) @ to_state, the scan x <- dA^P x + end
+                    over the block's chunks (x enters from the previous block), s += before @ from;
+      y = q s, in q's layout.
+    Returns y, the state before the last chunk (C, B, N/2), k'v of the last chunk (C, B, P), and
+    (when `save`) per block what backward needs: the k block with its halo, k', v, s, the states.
+    """
+    Bsz, C, L = q.shape
+    P = w_shift.shape[1]
+    n2 = decay.shape[-1]
+    rdtype, cdtype, dev = w_shift.dtype, decay.dtype, q.device
+    S0, S1 = w_shift[..., :P], w_shift[..., P:]
+    y = _like_layout(q, L, q.dtype)
+    x = x0 if x0 is not None else torch.zeros(C, Bsz, n2, dtype=cdtype, device=dev)
+    wb = decay.unsqueeze(1)
+    tmp = torch.empty(C, min(T, -(-L // P) * P), dtype=rdtype, device=dev)
+    halo = None
+    saved = []
+    for t0, tb, tp in _spans(L, T, P):
+        ab = tp // P
+        kbuf = torch.empty(C, ab + 1, Bsz, P, dtype=rdtype, device=dev)
+        if halo is None:
+            kbuf[:, 0].zero_()
+        else:
+            kbuf[:, 0].copy_(halo)
+        _load(kbuf[:, 1:], k, t0, tb, tmp)
+        rows = (C, ab * Bsz, P)
+        kp = torch.bmm(kbuf[:, 1:].reshape(rows), S0).baddbmm_(kbuf[:, :-1].reshape(rows), S1)
+        vb = torch.empty(C, ab, Bsz, P, dtype=rdtype, device=dev)
+        _load(vb, v, t0, tb, tmp)
+        kv = kp * vb.view(rows)  # zero beyond tb
+        ends = torch.view_as_complex(torch.bmm(kv, to_state).view(C, ab, Bsz, n2, 2))
+        before = torch.empty(C, ab, Bsz, n2, dtype=cdtype, device=dev)
+        before[:, 0] = x
+        for a in range(ab - 1):
+            torch.addcmul(ends[:, a], wb, before[:, a], out=before[:, a + 1])
+        x = torch.addcmul(ends[:, ab - 1], wb, before[:, ab - 1])
+        s = torch.bmm(kv, toep).baddbmm_(torch.view_as_real(before).view(C, ab * Bsz, 2 * n2), from_state)
+        s_q = _like_layout(q, tb, rdtype)  # s in q's layout, for y = q s here and g_q = g_y s later
+        _store(s_q, s.view(C, ab, Bsz, P), tb, tmp)
+        torch.mul(q[..., t0 : t0 + tb], s_q, out=y[..., t0 : t0 + tb])
+        halo = kbuf[:, -1]
+        if save:
+            saved.append((kbuf, kp, vb, s_q, before))
+    kv_last = kv.view(C, ab, Bsz, P)[:, -1].clone()
+    return y, before[:, -1].clone(), kv_last, saved
+
+
+class _BlockedH3(torch.autograd.Function):
+    """y = q * DiagSSM(ShiftSSM(k) * v) over blocks (`_blocked_forward`), with a hand-written
+    backward that walks the blocks in reverse, carrying the diagonal state's gradient and the
+    halo's gradient (into the previous block's last chunk of k) back across block boundaries.
+
+    Inputs: q, k, v (B, C, L) any strides; w_shift = [S0 | S1] (C, P, 2P); toep (C, P, P),
+    to_state (C, P, N), from_state (C, N, P), decay = dA^P (C, N/2) complex; x0 (C, B, N/2)
+    complex or None; T the block length. The small matrices come from `_ShiftMats` /
+    `_DiagMats`, which take their gradients back to the SSM parameters.
+    Outputs: y (q's layout), the state before the last chunk (C, B, N/2), k'v of the last chunk
+    (C, B, P) (the caller closes the final state from these two).
     """
 
     @staticmethod
-    def forward(ctx, ends, w, x0):
-        before = torch.empty_like(ends)
-        x = x0.clone()
-        wb = w.unsqueeze(1)
-        for a in range(ends.shape[2]):
-            before[:, :, a] = x
-            x = torch.addcmul(ends[:, :, a], wb, x)
-        ctx.save_for_backward(before, w)
-        return before, x
+    def forward(ctx, q, k, v, w_shift, toep, to_state, from_state, decay, x0, T):
+        mats = (w_shift, toep, to_state, from_state, decay)
+        y, before_last, kv_last, saved = _blocked_forward(q, k, v, *mats, x0, T, True)
+        ctx.T, ctx.has_x0 = T, x0 is not None
+        ctx.save_for_backward(q, k, v, *mats, *(t for blk in saved for t in blk))
+        return y, before_last, kv_last
 
     @staticmethod
-    def backward(ctx, grad_before, grad_final):
-        before, w = ctx.saved_tensors
-        wc = w.conj().unsqueeze(1)
-        grad_ends = torch.empty_like(before)
-        g = grad_final.clone()
-        for a in range(before.shape[2] - 1, -1, -1):
-            grad_ends[:, :, a] = g  # gradient w.r.t. x_a
-            g = torch.addcmul(grad_before[:, :, a], wc, g)  # ... w.r.t. x_{a-1} = before[a]
-        grad_w = (grad_ends * before.conj()).sum((1, 2))
-        return grad_ends, grad_w, g
+    @_no_autocast
+    def backward(ctx, gy, g_before_last, g_kv_last):
+        q, k, v, w_shift, toep, to_state, from_state, decay, *flat = ctx.saved_tensors
+        blocks = [flat[i : i + 5] for i in range(0, len(flat), 5)]
+        Bsz, C, L = q.shape
+        P = w_shift.shape[1]
+        n2 = decay.shape[-1]
+        rdtype, cdtype, dev = w_shift.dtype, decay.dtype, q.device
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        g_q = _like_layout(q, L, q.dtype) if need_q else None
+        g_k = _like_layout(k, L, k.dtype) if need_k else None
+        g_v = _like_layout(v, L, v.dtype) if need_v else None
+        # Accumulators, contiguous (in-place baddbmm_ on a strided one runs matrix by matrix).
+        g_S0, g_S1 = (torch.zeros(C, P, P, dtype=rdtype, device=dev) for _ in range(2))
+        g_toep, g_ts = torch.zeros_like(toep), torch.zeros_like(to_state)
+        g_fs_t = torch.zeros(C, P, 2 * n2, dtype=rdtype, device=dev)
+        g_w = torch.zeros_like(decay)
+        g_x = torch.zeros(C, Bsz, n2, dtype=cdtype, device=dev)  # d loss / d state entering the next block
+        wc = decay.conj().unsqueeze(1)
+        S0, S1 = w_shift[..., :P], w_shift[..., P:]
+        S0_t, S1_t, toep_t, ts_t, fs_t = (t.transpose(1, 2) for t in (S0, S1, toep, to_state, from_state))
+        tmp = torch.empty(C, min(ctx.T, -(-L // P) * P), dtype=rdtype, device=dev)
+        g_halo = None
+        spans = _spans(L, ctx.T, P)
+        for i in range(len(spans) - 1, -1, -1):
+            (t0, tb, tp), (kbuf, kp, vb, s_q, before) = spans[i], blocks[i]
+            ab = tp // P
+            rows = (C, ab * Bsz, P)
+            last = i == len(spans) - 1
+            gyb = gy[..., t0 : t0 + tb].to(rdtype)  # products in fp32 for half-precision inputs
+            if need_q:
+                torch.mul(gyb, s_q, out=g_q[..., t0 : t0 + tb])
+            g_s_q = _like_layout(q, tb, rdtype)
+            torch.mul(gyb, q[..., t0 : t0 + tb], out=g_s_q)
+            g_s = torch.empty(C, ab, Bsz, P, dtype=rdtype, device=dev)
+            _load(g_s, g_s_q, 0, tb, tmp)  # zero beyond tb
+            g_s = g_s.view(rows)
+            before_r = torch.view_as_real(before).view(C, ab * Bsz, 2 * n2)
+            g_fs_t.baddbmm_(g_s.transpose(1, 2), before_r)
+            g_before = torch.view_as_complex(torch.bmm(g_s, fs_t).view(C, ab, Bsz, n2, 2))
+            if last:
+                g_before[:, -1] += g_before_last
+            # Reverse scan: g_ends[a] = d loss / d state entering chunk a + 1.
+            g_ends = torch.empty_like(before)
+            g_ends[:, ab - 1] = g_x
+            for a in range(ab - 1, 0, -1):
+                torch.addcmul(g_before[:, a], wc, g_ends[:, a], out=g_ends[:, a - 1])
+            g_x = torch.addcmul(g_before[:, 0], wc, g_ends[:, 0])
+            g_w += (g_ends * before.conj()).sum((1, 2))
+            g_ends_r = torch.view_as_real(g_ends).view(C, ab * Bsz, 2 * n2)
+            vbr = vb.view(rows)
+            kv_t = (kp * vbr).transpose(1, 2)
+            g_toep.baddbmm_(kv_t, g_s)
+            g_ts.baddbmm_(kv_t, g_ends_r)
+            g_kv = torch.bmm(g_s, toep_t).baddbmm_(g_ends_r, ts_t)
+            if last:
+                g_kv.view(C, ab, Bsz, P)[:, -1] += g_kv_last
+            if need_v:
+                _store(g_v[..., t0 : t0 + tb], (g_kv * kp).view(C, ab, Bsz, P), tb, tmp)
+            g_kp = g_kv.mul_(vbr)
+            g_S0.baddbmm_(kbuf[:, 1:].reshape(rows).transpose(1, 2), g_kp)
+            g_S1.baddbmm_(kbuf[:, :-1].reshape(rows).transpose(1, 2), g_kp)  # the previous chunks
+            if need_k:
+                gk = torch.bmm(g_kp, S0_t).view(C, ab, Bsz, P)
+                g_kp4 = g_kp.view(C, ab, Bsz, P)
+                if ab > 1:  # chunk a also fed chunk a + 1 through S1
+                    gk[:, :-1] += torch.bmm(g_kp4[:, 1:].reshape(C, (ab - 1) * Bsz, P), S1_t).view(C, ab - 1, Bsz, P)
+                if g_halo is not None:
+                    gk[:, -1] += g_halo  # the next block read this chunk as its halo
+                g_halo = torch.bmm(g_kp4[:, 0], S1_t)
+                _store(g_k[..., t0 : t0 + tb], gk, tb, tmp)
+        x0_grad = g_x if ctx.has_x0 else None
+        g_ws = torch.cat((g_S0, g_S1), dim=2)
+        return g_q, g_k, g_v, g_ws, g_toep, g_ts, g_fs_t.transpose(1, 2), g_w, x0_grad, None
 
 
-def _to_chunks(x: torch.Tensor, Lp: int, rdtype: torch.dtype) -> torch.Tensor:
-    """(B, C, L) any strides -> (C, B, Lp) contiguous in rdtype, zero-padded at the end."""
-    x = x.to(rdtype)
-    Bsz, C, L = x.shape
-    if x.stride() == (L * C, 1, C):
-        # A transposed (B, L, C) projection output: one 2-D transpose of (B L, C), which runs
-        # ~2x faster on CPU than the general 3-D permuted copy.
-        x = x.transpose(1, 2).reshape(Bsz * L, C).t().contiguous().view(C, Bsz, L)
-    else:
-        x = x.transpose(0, 1).contiguous()
-    if Lp != L:
-        x = F.pad(x, (0, Lp - L))
-    return x
-
-
-def _h3_core_chunked(q, k, v, shift_B, shift_C, shift_D, ssm, D, initial_state, return_state, P=_CHUNK):
+@_no_autocast
+def _h3_core_chunked(q, k, v, shift_B, shift_C, shift_D, ssm, D, initial_state, return_state, P=_CHUNK, block=None):
     Bsz, C, L = q.shape
     N = shift_B.shape[-1]
     if N > P:
         raise ValueError(f"shift SSM with {N} taps needs chunks of at least {N}, got {P}")
     rdtype = _real_dtype(q.dtype)
-    A = -(-L // P)
-    Lp = A * P
-    qc, kc, vc = (_to_chunks(t, Lp, rdtype) for t in (q, k, v))  # (C, B, Lp)
+    T = block_length(C, Bsz, L, P) if block is None else int(block)
+    if T <= 0 or T % P:
+        raise ValueError(f"block length must be a positive multiple of {P}, got {T}")
 
-    # Shift SSM: k' = k @ T0 (this chunk) + k_prev @ T1 (previous chunk's tail), Dk at lag 0.
-    taps = _shift_taps(shift_B.to(rdtype), shift_C.to(rdtype))  # (C, N)
-    taps = torch.cat((taps[:, :1] + shift_D.to(rdtype).unsqueeze(-1), taps[:, 1:]), dim=1)
-    T0, T1 = _lag_toeplitz(taps, P, 2)
-    k3 = kc.view(C, Bsz * A, P)
-    kp = torch.bmm(k3, T0).view(C, Bsz, A, P)
-    if A > 1:
-        carry = torch.bmm(k3, T1).view(C, Bsz, A, P)
-        kp[:, :, 1:] += carry[:, :, :-1]  # in place on a bmm output: autograd-safe
-    kv = kp.view(C, Bsz, Lp) * vc  # padded tail: k' may be nonzero there, but v is zero
-
-    # Diagonal SSM: intra-chunk Toeplitz, chunk end-states, scan, response to carried states.
-    m = _DiagChunkMats(ssm, D, P, rdtype)
-    kv3 = kv.view(C, Bsz * A, P)
-    s = torch.bmm(kv3, m.toep).view(C, Bsz, A, P)
-    ends = torch.view_as_complex(torch.bmm(kv3, m.to_state).view(C, Bsz, A, m.n2, 2))  # (C, B, A, N/2)
-    if initial_state is not None:
-        x0 = initial_state.to(m.cdtype).transpose(0, 1).contiguous()
+    # Shift SSM: k' = k @ S0 (this chunk) + k_prev @ S1 (previous chunk's tail), Dk at lag 0.
+    w_shift = _ShiftMats.apply(shift_B.to(rdtype), shift_C.to(rdtype), shift_D.to(rdtype), P)  # (C, P, 2P)
+    toep, to_state, from_state, decay = _DiagMats.apply(ssm.dA, ssm.dB, ssm.C, D, P, rdtype)
+    cdtype = decay.dtype
+    x0 = initial_state.to(cdtype).transpose(0, 1).contiguous() if initial_state is not None else None
+    args = (q, k, v, w_shift, toep, to_state, from_state, decay, x0, T)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:9]):
+        y, before_last, kv_last = _BlockedH3.apply(*args)
     else:
-        x0 = ends.new_zeros(C, Bsz, m.n2)
-    before, x = _ChunkScan.apply(ends, m.decay, x0)  # before[:, :, a]: state before chunk a
-    if A > 1 or initial_state is not None:
-        resp = torch.bmm(torch.view_as_real(before).view(C, Bsz * A, 2 * m.n2), m.from_state)
-        s = s + resp.view(C, Bsz, A, P)
-    y = (qc * s.view(C, Bsz, Lp))[..., :L].transpose(0, 1).to(q.dtype)  # (B, C, L) view
+        y, before_last, kv_last, _ = _blocked_forward(*args, False)
     if not return_state:
         return y
-    # State after position L-1: exact when L fills the chunks; otherwise close the last partial
-    # chunk from the state before it (dividing out padded steps would not be stable).
-    if Lp == L:
-        state = x.transpose(0, 1)
-    else:
-        r = L - (A - 1) * P
-        init = before[:, :, A - 1].transpose(0, 1)
-        tail = kv[..., (A - 1) * P : (A - 1) * P + r].transpose(0, 1)
-        pw = mode_powers(ssm.dA, torch.arange(r + 1, device=q.device))  # (C, N/2, r+1)
-        g = (ssm.dB.to(torch.complex128).unsqueeze(-1) * pw[..., :r].flip(-1)).to(m.cdtype)
-        state = torch.einsum("bcl,cnl->bcn", tail.to(m.cdtype), g) + init * pw[..., r].to(m.cdtype)
-    return y, state
+    # State after position L-1, closed from the state before the last chunk and its r inputs
+    # (the chunk grid may run past L; dividing out padded steps would not be stable).
+    r = L - (-(-L // P) - 1) * P
+    pw = mode_powers(ssm.dA, torch.arange(r + 1, device=q.device))  # (C, N/2, r+1)
+    g = (ssm.dB.to(torch.complex128).unsqueeze(-1) * pw[..., :r].flip(-1)).to(cdtype)
+    state = torch.einsum("cbl,cnl->bcn", kv_last[..., :r].to(cdtype), g)
+    return y, state + before_last.transpose(0, 1) * pw[..., r].to(cdtype)
 
 
 def h3_core(

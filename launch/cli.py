@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from hippo.launch.env import HOST_DECIDED, job_env, train_argv, worker_env
+from hippo.launch.env import HOST_DECIDED, forwarded_env, job_env, train_argv, worker_env
 from hippo.launch.torchrun import show
 
 
@@ -43,7 +43,16 @@ def _cmd_deepspeed(args: argparse.Namespace) -> int:
     world_size = sum(parse_hostfile(args.hostfile).values())
     cmd = deepspeed_command(args.hostfile, _validated_train_args(args, world_size), master_port=args.master_port,
                             no_ssh=args.no_ssh, node_rank=args.node_rank, master_addr=args.master_addr)
-    return _run(cmd, dry_run=args.dry_run)
+    # DeepSpeed's runner adds the exports of the file DS_ENV_FILE names to its ssh command.
+    forwarded = forwarded_env()
+    env_file = Path(args.run_dir or ".") / ".hippo_deepspeed_env"
+    if forwarded:
+        print(f"hippo launch: forwarding {', '.join(sorted(forwarded))} to every node (via {env_file})")
+        if not args.dry_run:
+            env_file.parent.mkdir(parents=True, exist_ok=True)
+            env_file.write_text("".join(f"{k}={v}\n" for k, v in sorted(forwarded.items())))
+    return _run(cmd, dry_run=args.dry_run, env={**worker_env(), "DS_ENV_FILE": str(env_file.resolve())}
+                if forwarded else None)
 
 
 def _cmd_slurm(args: argparse.Namespace) -> int:

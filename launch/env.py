@@ -37,3 +37,15 @@ def train_argv(config: str, run_dir: str | None, sets: list[str]) -> list[str]:
     for s in sets:
         argv += ["--set", s]
     return argv
+
+
+FORWARDED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_", "HIPPO_", "GLOO_", "CUDA_LAUNCH_BLOCKING")
+"""Settings a launcher that starts remote workers by ssh (DeepSpeed's pdsh runner) must carry to
+them. DeepSpeed forwards NCCL_* only when the launching host itself has CUDA, so from a login node
+it would drop the network settings a job depends on (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...)."""
+
+
+def forwarded_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The communication settings of `worker_env` to carry to remote workers (never the host-decided ones)."""
+    return {k: v for k, v in worker_env(base).items()
+            if k.startswith(FORWARDED_PREFIXES) and k not in HOST_DECIDED and "\n" not in v}

@@ -4,11 +4,17 @@ every group; a step skipped everywhere when any rank's gradient is not finite.
 
 The engine knows the model config, the layout and an optimizer factory, nothing of the run
 config: `build_train_engine` composes one from those.
+
+Precision bf16 is DeepSpeed's bf16 mode (bf16 weights, gradients and activations, fp32 master
+weights in the optimizer), except for the parameters tagged as SSM dynamics
+(`pretrain.models.ssm.mark_ssm_dynamics`): they stay fp32 tensors in the module, so the SSM
+kernels run on the fp32 values the optimizer updates (see `ssm_dynamics_kept_in_fp32`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 from typing import Any, Callable, Iterable, Iterator
 
@@ -24,12 +30,18 @@ from hippo.parallel.runtime import import_deepspeed
 from hippo.parallel.tensor_parallel import mark_sequence_parallel_norms, megatron_linears, sequence_parallel_grad_hooks
 from hippo.pretrain.models.config import ModelConfig
 from hippo.pretrain.models.linear import Linears, partition_dim
+from hippo.pretrain.models.ssm import is_ssm_dynamics
 
 OptimizerFactory = Callable[[nn.Module, type[torch.optim.AdamW]], tuple[torch.optim.Optimizer, Any]]
 """(module, optimizer class) -> (optimizer over the module's parameters, its LR scheduler)."""
 
 
-def deepspeed_config(layout: ParallelLayout, *, precision: str, grad_clip: float, load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(layout: ParallelLayout, *, precision: str, grad_clip: float, load_universal: bool = False,
+                     contiguous_gradients: bool = True) -> dict[str, Any]:
+    """`contiguous_gradients`: ZeRO copies every gradient into one bucket buffer during the backward
+    pass (against allocator fragmentation on a GPU). On CPU there is no caching allocator to fragment,
+    and the copy (fresh pages every step) cost ~10% of a 125M model's step:
+    `build_train_engine` turns it off there; the reduced values are the same either way."""
     return {
         "checkpoint": {"load_universal": load_universal},
         "train_batch_size": layout.global_batch_size,
@@ -37,7 +49,7 @@ def deepspeed_config(layout: ParallelLayout, *, precision: str, grad_clip: float
         "gradient_accumulation_steps": layout.grad_accum_steps,
         # DeepSpeed 0.19 clips at 1.0 unless told otherwise: always say it.
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": layout.zero_stage},
+        "zero_optimization": {"stage": layout.zero_stage, "contiguous_gradients": contiguous_gradients},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 10**9,
@@ -81,17 +93,72 @@ def build_train_engine(cfg: ModelConfig, state: ParallelState, optimizer_factory
     if initial_weights is not None:
         load_full_parameters(module, state, initial_weights)
     optimizer, scheduler = optimizer_factory(module, FiniteStepAdamW)
-    engine, optimizer, _, _ = deepspeed.initialize(
-        # DeepSpeed would set_device(LOCAL_RANK): wrong where each task sees one GPU (SLURM).
-        args=argparse.Namespace(device_rank=state.device.index or 0),
-        model=module, optimizer=optimizer, lr_scheduler=scheduler,
-        mpu=None if layout.pipelined else state.mpu,  # a pipeline module brings its own grid (same topology)
-        config=deepspeed_config(layout, precision=precision, grad_clip=grad_clip, load_universal=load_universal),
-    )
+    client_optimizer = optimizer
+    keep_fp32 = ssm_dynamics_kept_in_fp32(module, optimizer) if precision == "bf16" else contextlib.nullcontext()
+    with keep_fp32:
+        engine, optimizer, _, _ = deepspeed.initialize(
+            # DeepSpeed would set_device(LOCAL_RANK): wrong where each task sees one GPU (SLURM).
+            args=argparse.Namespace(device_rank=state.device.index or 0),
+            model=module, optimizer=optimizer, lr_scheduler=scheduler,
+            mpu=None if layout.pipelined else state.mpu,  # a pipeline module brings its own grid (same topology)
+            config=deepspeed_config(layout, precision=precision, grad_clip=grad_clip, load_universal=load_universal,
+                                    contiguous_gradients=state.device.type == "cuda"),
+        )
+    if engine.zero_optimization_stage() >= 1:
+        client_optimizer.check_finite = False  # ZeRO skips a non-finite step itself, before calling it
     with torch.device("meta"):  # every stage's parameter names, without allocating
         whole_model = SequentialLM(cfg, linears, None, seed=seed)
     set_universal_checkpoint_info(module, whole_model)
     return TrainEngine(engine, module, optimizer, linears, state)
+
+
+@contextlib.contextmanager
+def ssm_dynamics_kept_in_fp32(module: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Inside: DeepSpeed's bf16 mode casts every parameter of `module` to bf16 except the SSM
+    dynamics, which stay fp32 (checked on the way out).
+
+    bf16 cannot hold them: `A_imag` ~ pi n reaches ~97, where bf16 values are 0.5 apart, and
+    `log_dt` ~ -4.6 keeps dt to ~3%, so the model would run on rounded dynamics and lose updates
+    of ~lr per step (the authors and mamba_ssm keep these in fp32 too). Left fp32, they get fp32
+    gradients from autograd, an exact fp32 master copy in DeepSpeed's optimizer (which flattens
+    each parameter group in its own dtype) and the master's updates unrounded. One bf16 rounding
+    remains: DeepSpeed's gradient buffers (BF16 optimizer accumulation, ZeRO reduction buckets and
+    partitions) have one dtype for all parameters, so these gradients reach the master rounded to
+    bf16 (relative 2^-9, like every other gradient); 0.19 has no per-parameter way around it.
+
+    DeepSpeed 0.19 has no per-parameter exception to its cast (`data_types.keep_in_fp32_modules`
+    covers buffers only), so its cast method is wrapped while the engine is built; the check after
+    the build fails loudly should a DeepSpeed upgrade move the cast elsewhere. Each optimizer group
+    must be all SSM dynamics or none: a mixed group would be flattened into one fp32 tensor.
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    dynamics = [p for p in module.parameters() if is_ssm_dynamics(p)]
+    ids = {id(p) for p in dynamics}
+    for group in optimizer.param_groups:
+        if len({id(p) in ids for p in group["params"]}) > 1:
+            raise ValueError(
+                f"optimizer parameter group {group.get('name', '?')!r} mixes SSM-dynamics parameters (kept in fp32 "
+                "under bf16) with others; DeepSpeed flattens a group into one tensor of one dtype: give them a "
+                "group of their own (as pretrain.optim.parameter_groups does)"
+            )
+    cast = DeepSpeedEngine._cast_module_mixed_precision
+
+    def cast_all_but_ssm_dynamics(engine, *args, **kwargs):
+        kept = [(p, p.data) for p in engine.module.parameters() if id(p) in ids]
+        cast(engine, *args, **kwargs)
+        for p, data in kept:
+            p.data = data
+
+    DeepSpeedEngine._cast_module_mixed_precision = cast_all_but_ssm_dynamics
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._cast_module_mixed_precision = cast
+    if lowered := sorted({str(p.dtype) for p in dynamics} - {"torch.float32"}):
+        raise RuntimeError(f"SSM-dynamics parameters are {lowered} in the bf16 engine, not fp32: DeepSpeed no longer "
+                           "casts through DeepSpeedEngine._cast_module_mixed_precision; update "
+                           "ssm_dynamics_kept_in_fp32")
 
 
 class TrainEngine:
@@ -116,7 +183,7 @@ class TrainEngine:
         else:
             total = torch.zeros((), device=self.state.device)
             for _ in range(self.state.layout.grad_accum_steps):
-                input_ids, labels = (t.to(self.state.device) for t in next(it))
+                input_ids, labels = (to_device(t, self.state.device) for t in next(it))
                 micro_loss = self.engine(input_ids, labels)
                 self.engine.backward(micro_loss)
                 self.engine.step()
@@ -134,7 +201,7 @@ class TrainEngine:
         self.engine.eval()
         total = torch.zeros((), device=self.state.device)
         for _ in range(self.state.layout.grad_accum_steps):
-            input_ids, labels = (t.to(self.state.device) for t in next(it))
+            input_ids, labels = (to_device(t, self.state.device) for t in next(it))
             total += self.engine(input_ids, labels)
         self.engine.train()
         return self._dp_mean(total / self.state.layout.grad_accum_steps)
@@ -182,16 +249,20 @@ def set_universal_checkpoint_info(module: torch.nn.Module, whole_model: torch.nn
 class FiniteStepAdamW(torch.optim.AdamW):
     """AdamW that skips a step when any rank holds a non-finite gradient.
 
-    DeepSpeed's ZeRO optimizers do this check themselves before calling `step`; without ZeRO it
-    reads `overflow` from its optimizer to count the step as skipped and hold the schedule. All
-    ranks call `step` together, so the flag is agreed on by an all-reduce over the world.
+    DeepSpeed's ZeRO optimizers do this check themselves before calling `step` (the global
+    gradient norm, and bf16's overflow check), so under ZeRO `build_train_engine` turns this one
+    off (`check_finite`): it would only ever see finite gradients, at a cost of one pass over the
+    flat partitions and one all-reduce per parameter group and step. Without ZeRO DeepSpeed reads
+    `overflow` from its optimizer to count the step as skipped and hold the schedule. All ranks
+    call `step` together, so the flag is agreed on by an all-reduce over the world.
     """
 
     overflow = False
+    check_finite = True
 
     @torch.no_grad()
     def step(self, closure=None):
-        self.overflow = self._any_rank_non_finite()
+        self.overflow = self.check_finite and self._any_rank_non_finite()
         if self.overflow:
             return None
         return super().step(closure)
@@ -204,7 +275,11 @@ class FiniteStepAdamW(torch.optim.AdamW):
         grads = [p.grad for p in params if p.grad is not None]
         device = params[0].device if params else torch.device("cpu")
         if grads:
-            bad = torch.stack([torch.isfinite(g).all() for g in grads]).logical_not().any().float()
+            # max and min propagate NaN and reach +-inf: two reductions, no tensor of flags as
+            # large as the gradient (on CPU that allocation alone costs more than both passes).
+            ends = [e for g in grads if g.numel() for e in (g.amax(), g.amin())]
+            bad = torch.isfinite(torch.stack(ends)).logical_not().any().float() if ends else torch.zeros(
+                (), device=device)
         else:
             bad = torch.zeros((), device=device)
         if dist.is_initialized():
@@ -214,4 +289,13 @@ class FiniteStepAdamW(torch.optim.AdamW):
 
 def _to_device(it: Iterator, device: torch.device) -> Iterator:
     for input_ids, labels in it:
-        yield input_ids.to(device), labels.to(device)
+        yield to_device(input_ids, device), to_device(labels, device)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on the training device. On CUDA through pinned memory, asynchronously: the
+    copy overlaps the previous micro-batch's kernels instead of stalling the host (the caching
+    host allocator keeps the pinned block until the copy has run)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

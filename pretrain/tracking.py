@@ -2,7 +2,8 @@
 
 Training must never wait on, or die because of, the tracking server. Params, metrics and tags go
 through MLflow's own asynchronous `log_batch(..., synchronous=False)`; each record is kept until its
-operation is known to have succeeded (checked on every call, waited for at close). If the server
+operation is known to have succeeded (checked on every call, waited for at close). Metrics of
+consecutive steps share one request, at most one per METRICS_INTERVAL_S (see there). If the server
 cannot be reached (or answers but is not MLflow), or fails mid-run, records go to
 `<run_dir>/mlflow_pending.jsonl` and `upload_pending` (`hippo mlflow upload RUN_DIR`) replays them later.
 Hand-written stays only what MLflow lacks: an offline store (the pending file), a fast probe, de-duplication.
@@ -17,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -44,6 +46,11 @@ AUTH_STATUS = (401, 403, 407)
 # MLflow's defaults (7 retries with exponential backoff, 120 s timeout) would let a dead server
 # stall `close()` for minutes; these apply unless the user set them.
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# One MLflow request (sqlite store or server) costs ~6 ms of CPU whatever it holds, in MLflow's
+# worker thread: per step, ~4% of a tiny model's step on 2 cores (benchmarks/bench_train_overhead.py).
+# Metrics records wait up to this long to share a request with the next steps' (a timer sends the
+# last ones; another kind of record, and close, send them at once); a step slower than this goes alone.
+METRICS_INTERVAL_S = 1.0
 # With this set, MLflow's async queue merges queued batches into one request and, if that request
 # fails, still reports the merged-in batches as logged (AsyncLoggingQueue._log_run_data): records lost.
 ASYNC_MERGE_ENV = "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"
@@ -87,7 +94,12 @@ class Tracker:
         self._offline = False
         self._remote = self._uri.startswith(("http://", "https://"))
         # Records handed to MLflow's async queue, kept until their operation is known to have succeeded.
-        self._inflight: list[tuple[RunOperations, dict[str, Any]]] = []
+        self._inflight: list[tuple[RunOperations, list[dict[str, Any]]]] = []
+        # Metrics records not sent yet (METRICS_INTERVAL_S); the timer thread sends them too, hence the lock.
+        self._metrics: list[dict[str, Any]] = []
+        self._metrics_sent_at = -float("inf")
+        self._timer: threading.Timer | None = None
+        self._lock = threading.RLock()
         self._monitor = None
         # Resumed runs recompute steps that were already logged: these guard against duplicates.
         self._last_step: dict[str, int] = {}
@@ -157,9 +169,18 @@ class Tracker:
             return
         step = int(step)  # a numpy or tensor step would not survive json.dumps in the pending file
         data = {k: float(v) for k, v in metrics.items() if step > self._last_step.get(k, -1)}
-        if data:
-            self._last_step.update(dict.fromkeys(data, step))
-            self._submit({"kind": "metrics", "data": data, "step": step, "timestamp": int(time.time() * 1000)})
+        if not data:
+            return
+        self._last_step.update(dict.fromkeys(data, step))
+        with self._lock:
+            self._metrics.append({"kind": "metrics", "data": data, "step": step, "timestamp": int(time.time() * 1000)})
+            wait = self._metrics_sent_at + METRICS_INTERVAL_S - time.monotonic()
+            if wait <= 0:
+                self._send_metrics()
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self._send_metrics_later)
+                self._timer.daemon = True
+                self._timer.start()
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """MLflow sends queued operations in parallel: of two quick values for one key, either may stay."""
@@ -177,6 +198,8 @@ class Tracker:
         if not path.exists():
             raise FileNotFoundError(path)
         record = {"kind": "artifact", "path": str(path), "artifact_path": artifact_path}
+        with self._lock:
+            self._send_metrics()  # records keep their order
         if self._offline:
             self._append_pending([record])
             return
@@ -190,10 +213,13 @@ class Tracker:
         failed go to the pending file), and ends the run."""
         if not self._enabled:
             return
-        self._enabled = False  # later calls (and a second close) are no-ops
+        with self._lock:
+            self._send_metrics()
+            self._enabled = False  # later calls (and a second close) are no-ops; the timer too
         if self._monitor is not None:
             self._monitor.finish()
-        self._settle(wait=True)
+        while self._inflight:  # a rejected request comes back as one request per record
+            self._settle(wait=True)
         end = {"kind": "end", "status": status}
         if self._offline:
             self._append_pending([end])
@@ -204,38 +230,69 @@ class Tracker:
             self._failed([end], e)
 
     def _submit(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._send_metrics()  # records keep their order
+            self._submit_records([record])
+
+    def _submit_records(self, records: list[dict[str, Any]]) -> None:
         self._settle(wait=False)  # notices a failed server on the next call, without waiting
         if self._offline:
-            self._append_pending([record])
+            self._append_pending(records)
         else:
-            self._send(record)
+            self._send(records)
 
-    def _send(self, record: dict[str, Any]) -> None:
-        """One async operation per record, so a rejection names exactly the record to drop."""
+    def _send_metrics(self) -> None:
+        """Sends the metrics records waiting (call with the lock held)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        records, self._metrics = self._metrics, []
+        if records:
+            self._metrics_sent_at = time.monotonic()
+            self._submit_records(records)
+
+    def _send_metrics_later(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._enabled:
+                self._send_metrics()
+
+    def _send(self, records: list[dict[str, Any]]) -> None:
+        """One async operation for `records`; should MLflow reject it, `_settle` sends them again one
+        per operation, so that the rejection names exactly the record to drop."""
         try:
-            operation = self._client.log_batch(self.run_id, **_entities([record]), synchronous=False)
+            operation = self._client.log_batch(self.run_id, **_entities(records), synchronous=False)
         except Exception as e:  # training must not die in MLflow's client either
-            self._failed([record], e)
+            self._failed_batch(records, e)
             return
-        if operation is not None:  # None: the record held nothing to send
-            self._inflight.append((operation, record))
+        if operation is not None:  # None: the records held nothing to send
+            self._inflight.append((operation, records))
 
     def _settle(self, *, wait: bool) -> None:
         """Forgets records MLflow has stored and hands failed ones to `_failed`. Without `wait`,
         operations still running are kept for a later call."""
-        running = []
-        for operation, record in self._inflight:
+        running, inflight, self._inflight = [], self._inflight, []
+        for operation, records in inflight:
             # RunOperations offers only wait(), which blocks and re-raises every error as HTTP 500
             # (hiding rejections); its futures give the store's own exception.
             futures = operation._operation_futures
             if not wait and not all(f.done() for f in futures):
-                running.append((operation, record))
+                running.append((operation, records))
             elif errors := [e for f in futures if (e := f.exception()) is not None]:
-                # A record split over several requests: an outage outweighs a rejection, so it is
+                # Records split over several requests: an outage outweighs a rejection, so they are
                 # kept, and upload_pending skips what did arrive.
                 outage = next((e for e in errors if not _is_rejection(e, remote=self._remote)), errors[0])
-                self._failed([record], outage)
-        self._inflight = running
+                self._failed_batch(records, outage)
+        self._inflight = running + self._inflight
+
+    def _failed_batch(self, records: list[dict[str, Any]], error: Exception) -> None:
+        """A refused request of several records is sent again one per record, so only the refused
+        one is dropped (a store skips the metric points it already has); else as `_failed`."""
+        if len(records) > 1 and _is_rejection(error, remote=self._remote) and not self._offline:
+            for record in records:
+                self._send([record])
+        else:
+            self._failed(records, error)
 
     def _failed(self, records: list[dict[str, Any]], error: Exception) -> None:
         """A request MLflow refused would be refused again: drop it. Anything else is an outage."""

@@ -57,6 +57,7 @@ def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None, allow_c
     run_dir, lock = Path(run_dir), _claim_run_dir(Path(run_dir), state)
     checkpoints = CheckpointManager(run_dir / "checkpoints", rank=state.rank, keep_last=cfg.checkpoint.keep_last)
     ckpt = checkpoints.resolve(resume)
+    cfg = dataclasses.replace(cfg, data=cfg.data.resolved(ckpt.state.data if ckpt else None))  # the run's own order
     init_from = _check_resumable(cfg, ckpt, tokenizer_id, allow_config_change=allow_config_change, init_from=init_from)
     universal = checkpoints.prepare_load(ckpt, layout)
     engine = build_engine(cfg, state, load_universal=universal, init_from=init_from)

@@ -61,9 +61,11 @@ class H3(nn.Module):
         prefill = inference_params is not None
         discrete = dg.discrete()
         # y = q * DiagSSM(ShiftSSM(k) * v); a prefill also gets the diagonal state at the end.
+        # The SSM parameters go in as fp32 whatever the activations' dtype: the dynamics are fp32
+        # tensors even under bf16 training (`parallel.engine`), and the kernels' taps come from them.
         try:
-            out = h3_core(q, k, v, sh.B, sh.C, sh.D, discrete, dg.D, impl=CONV_IMPLS[self.conv_impl],
-                          return_state=prefill)
+            out = h3_core(q, k, v, sh.B.float(), sh.C.float(), sh.D.float(), discrete, dg.D.float(),
+                          impl=CONV_IMPLS[self.conv_impl], return_state=prefill)
         except TritonUnavailableError as e:  # raised before any work: the path choice, not the math
             raise ConfigError(
                 f"model.conv_impl='triton' cannot run here: {e.reason}; "
@@ -71,20 +73,21 @@ class H3(nn.Module):
             ) from e
         if prefill:
             y, diag_state = out
-            # The discretized SSM is kept with the state: weights do not change while generating,
-            # and recomputing it costs ~10 small ops per layer and token.
-            inference_params.states[self.layer_idx] = (sh.state_from_prefix(k), diag_state, discrete)
+            # Decode state: the shift SSM's last inputs in a ring with its taps, the diagonal
+            # state with its discretized SSM (weights do not change while generating).
+            inference_params.states[self.layer_idx] = (
+                sh.ring_from_prefix(k), sh.ring_taps(), dg.decode_state(diag_state, discrete), dg.decoder(discrete)
+            )
         else:
             y = out
         return self.out_proj(y.transpose(1, 2))
 
     def _step(self, u: torch.Tensor, inference_params: InferenceParams) -> torch.Tensor:
-        """u: (B, 1, D): one token through both recurrences."""
-        shift_state, diag_state, discrete = inference_params.states[self.layer_idx]
+        """u: (B, 1, D): one token (at position seqlen_offset) through both recurrences, whose
+        states are updated in place."""
+        window, taps, diag_state, decoder = inference_params.states[self.layer_idx]
         x = u[:, 0]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        k, shift_state = self.shift_ssm.step(shift_state, k)
-        kv = k * v
-        s, diag_state = self.diag_ssm.step(diag_state, kv, discrete)
-        inference_params.states[self.layer_idx] = (shift_state, diag_state, discrete)
+        k = self.shift_ssm.ring_step(window, taps, k, inference_params.seqlen_offset)
+        s = self.diag_ssm.decode_step(diag_state, decoder, k * v)
         return self.out_proj(q * s).unsqueeze(1)

@@ -26,13 +26,14 @@ class S4D(nn.Module):
     def forward(self, u: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
         """u: (B, L, D) -> (B, L, D)."""
         if inference_params is not None and inference_params.seqlen_offset > 0:
-            y, inference_params.states[self.layer_idx] = self.ssm.step(
-                inference_params.states[self.layer_idx], u[:, 0]
-            )
-            y = y.unsqueeze(1)
+            state, decoder = inference_params.states[self.layer_idx]  # updated in place
+            y = self.ssm.decode_step(state, decoder, u[:, 0]).unsqueeze(1)
         else:
             x = u.transpose(1, 2)
-            y = self.ssm(x).transpose(1, 2)
+            discrete = self.ssm.discrete()
+            y = self.ssm(x, discrete).transpose(1, 2)
             if inference_params is not None:
-                inference_params.states[self.layer_idx] = self.ssm.state_from_prefix(x)
+                # The discretized SSM is kept with the state, as H3 keeps its own.
+                state = self.ssm.decode_state(self.ssm.state_from_prefix(x, discrete), discrete)
+                inference_params.states[self.layer_idx] = (state, self.ssm.decoder(discrete))
         return F.glu(self.out_proj(F.gelu(y)), dim=-1)

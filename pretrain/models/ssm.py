@@ -24,6 +24,15 @@ from hippo.kernels import (
     shift_state_from_prefix,
     shift_step,
 )
+from hippo.kernels.ssm import (
+    DiagonalDecoder,
+    diagonal_decode_state,
+    diagonal_decode_step,
+    diagonal_decoder,
+    shift_ring_from_prefix,
+    shift_ring_step,
+    shift_ring_taps,
+)
 from hippo.pretrain.models.linear import mark_tensor_parallel
 
 SSM_DYNAMICS_ATTR = "_ssm_dynamics"
@@ -87,6 +96,20 @@ class ShiftSSM(_PerChannelParams):
         y, new_state = shift_step(state, x.float(), self.B.float(), self.C.float(), self.D.float())
         return y.to(x.dtype), new_state
 
+    # Generation keeps the last N inputs in a ring (`kernels.ssm.shift_ring_step`): same outputs
+    # as `step`, without shifting a (batch, channels, N) state every token.
+    def ring_taps(self) -> torch.Tensor:
+        """(channels, 2N) ring-ordered taps with D folded in; fixed while generating."""
+        return shift_ring_taps(self.B.float(), self.C.float(), self.D.float())
+
+    def ring_from_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, channels, L) -> the (channels, N, batch) ring window after it."""
+        return shift_ring_from_prefix(x.float(), self.B.shape[-1])
+
+    def ring_step(self, window: torch.Tensor, taps: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
+        """Token x_t (batch, channels) at position t; updates `window` in place."""
+        return shift_ring_step(window, taps, x.float(), t).to(x.dtype)
+
 
 class DiagonalSSM(_PerChannelParams):
     """S4D-Lin diagonal SSM with d_state/2 complex modes per channel, bilinear discretization."""
@@ -124,12 +147,13 @@ class DiagonalSSM(_PerChannelParams):
             self.log_dt.float(), self.log_A_real.float(), self.A_imag.float(), self.B.float(), self.C.float()
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, discrete: DiscreteDiagonalSSM | None = None) -> torch.Tensor:
         """x: (batch, channels, L) -> (batch, channels, L)."""
-        return fftconv(x, diagonal_kernel(self.discrete(), x.shape[-1]), self.D)
+        discrete = self.discrete() if discrete is None else discrete
+        return fftconv(x, diagonal_kernel(discrete, x.shape[-1]), self.D)
 
-    def state_from_prefix(self, x: torch.Tensor) -> torch.Tensor:
-        return diagonal_state_from_prefix(x.float(), self.discrete())
+    def state_from_prefix(self, x: torch.Tensor, discrete: DiscreteDiagonalSSM | None = None) -> torch.Tensor:
+        return diagonal_state_from_prefix(x.float(), self.discrete() if discrete is None else discrete)
 
     def step(
         self, state: torch.Tensor, x: torch.Tensor, discrete: DiscreteDiagonalSSM | None = None
@@ -138,3 +162,16 @@ class DiagonalSSM(_PerChannelParams):
         discrete = self.discrete() if discrete is None else discrete
         y, new_state = diagonal_step(state, x.float(), discrete, self.D.float())
         return y.to(x.dtype), new_state
+
+    # Generation (`kernels.ssm.diagonal_decode_step`): the discretized SSM laid out once after
+    # the prefill and kept with the state, which is updated in place.
+    def decoder(self, discrete: DiscreteDiagonalSSM | None = None) -> DiagonalDecoder:
+        return diagonal_decoder(self.discrete() if discrete is None else discrete, self.D.float())
+
+    def decode_state(self, state: torch.Tensor, discrete: DiscreteDiagonalSSM | None = None) -> torch.Tensor:
+        """`step`'s (batch, channels, N/2) state -> the (channels, batch, N/2) decode state."""
+        return diagonal_decode_state(state, self.discrete() if discrete is None else discrete)
+
+    def decode_step(self, s: torch.Tensor, decoder: DiagonalDecoder, x: torch.Tensor) -> torch.Tensor:
+        """Token x (batch, channels); updates the decode state `s` in place."""
+        return diagonal_decode_step(s, decoder, x.float()).to(x.dtype)

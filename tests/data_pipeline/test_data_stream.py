@@ -27,22 +27,22 @@ def _stream(paths, D=1, r=0, *, W=0, mb=MB, gb=B, **kw):
     return build_stream(cfg, dp_rank=r, dp_size=D, micro_batch_size=mb, global_batch_size=gb)
 
 
-def _global_batches(paths, D, n_batches, *, W=0, state=None, **kw) -> list[np.ndarray]:
-    """Global batches k = 0.. as (B, T+1) arrays in global sample order, rebuilt from D ranks."""
+def _global_batches(paths, D, n_batches, *, W=0, state=None, gb=B, **kw) -> list[np.ndarray]:
+    """Global batches k = 0.. as (gb, T+1) arrays in global sample order, rebuilt from D ranks."""
     per_rank = []
     for r in range(D):
-        s = _stream(paths, D, r, W=W, **kw)
+        s = _stream(paths, D, r, W=W, gb=gb, **kw)
         if state is not None:
             s.load_state_dict(state)
         it = iter(s)
         rows = []
-        for _ in range(n_batches * B // D // MB):
+        for _ in range(n_batches * gb // D // MB):
             rows.extend(next(it).numpy())
         per_rank.append(rows)
     out = []
     for k in range(n_batches):
-        # Rank r's i-th sample of batch k is global sample k*B + r + i*D.
-        out.append(np.stack([per_rank[g % D][k * (B // D) + g // D] for g in range(B)]))
+        # Rank r's i-th sample of batch k is global sample k*gb + r + i*D.
+        out.append(np.stack([per_rank[g % D][k * (gb // D) + g // D] for g in range(gb)]))
     return out
 
 
@@ -88,6 +88,60 @@ def test_epoch_union_over_ranks_is_every_sample_once_and_batches_match_dp1(small
     everything = _all_samples(folder)
     assert not union - everything  # nothing twice, nothing foreign
     assert sum((everything - union).values()) == s.dropped_per_epoch < B  # only the partial batch is dropped
+
+
+def test_the_default_order_serves_cluster_dp_sizes_that_are_not_powers_of_two(small_corpus):
+    """DP 3, 12 and 24 (data.virtual_streams left at its default) read the batches DP 1 reads, and
+    a DP-3 checkpoint continues identically at DP 24 and DP 1."""
+    folder, _ = small_corpus
+    gb, k, m = 48, 3, 3
+    ref = _global_batches([folder], 1, k + m, gb=gb)
+    for D in (3, 12, 24):
+        got = _global_batches([folder], D, k + m, gb=gb)
+        assert all(np.array_equal(a, b) for a, b in zip(ref, got)), D
+    s0 = _stream([folder], 3, 0, gb=gb)
+    it = iter(s0)
+    for _ in range(k * gb // 3 // MB):
+        next(it)
+    for D in (24, 1):
+        cont = _global_batches([folder], D, m, state=s0.state_dict(), gb=gb)
+        assert all(np.array_equal(a, b) for a, b in zip(cont, ref[k:])), D
+
+
+def test_readers_over_the_open_shard_cap_reopen_where_they_stopped(small_corpus, monkeypatch):
+    """With more streams than MAX_OPEN_SHARDS (as at DP 1 with the default 3072 streams), readers close
+    their shards between blocks and reopen them at the byte they stopped at: the same batches as
+    with no cap, never more than the cap open at once."""
+    import hippo.data_pipeline.stream as stream_mod
+
+    folder, _ = small_corpus
+    kw = dict(virtual_streams=64, window=4)  # streams of ~47 samples: a dozen blocks each
+    n = _stream([folder], **kw).order.batches_per_epoch
+    monkeypatch.setattr(stream_mod, "MAX_OPEN_SHARDS", 10**6)
+    uncapped = _global_batches([folder], 1, n, **kw)
+    opened, open_now, most = [], [0], [0]
+    real_open = stream_mod.open_url
+
+    def counting_open(url, **kw):
+        f = real_open(url, **kw)
+        opened.append(kw.get("offset", 0))
+        open_now[0] += 1
+        most[0] = max(most[0], open_now[0])
+        close = f.close
+
+        def closing():
+            if not f.closed:
+                open_now[0] -= 1
+            close()
+        f.close = closing
+        return f
+
+    monkeypatch.setattr(stream_mod, "open_url", counting_open)
+    monkeypatch.setattr(stream_mod, "MAX_OPEN_SHARDS", 3)
+    capped = _global_batches([folder], 1, n, **kw)
+    assert all(np.array_equal(a, b) for a, b in zip(uncapped, capped))
+    assert most[0] <= 3 + 1  # the cap, plus the reader being served while the oldest closes
+    assert sum(o > 0 for o in opened) > n  # it did reopen mid-shard, many times
 
 
 @pytest.mark.slow
@@ -251,8 +305,14 @@ def damaged_copy(small_corpus, tmp_path):
     return dst
 
 
+def _damage_stream(paths, *args, **kw):
+    """The damage tests follow one stream's shards and replacements within shuffle blocks: with 8
+    streams each spans several shards of these small corpora (with the default 3072, a sample or two)."""
+    return _stream(paths, *args, **{"virtual_streams": 8, **kw})
+
+
 def _epoch_rows(folder, **kw):
-    s = _stream([folder], **kw)
+    s = _damage_stream([folder], **kw)
     it = iter(s)
     return [r for _ in range(s.samples_per_epoch // MB) for r in next(it).numpy()], s
 
@@ -327,7 +387,7 @@ def _shard_names(folder) -> list[str]:
 
 def _shard_read(folder, nth: int = 0) -> tuple[str, int]:
     """The nth shard virtual stream 0 reads (0: that of global sample 0), and the shard index of its first sample."""
-    s, names = _stream([folder]), _shard_names(folder)
+    s, names = _damage_stream([folder]), _shard_names(folder)
     seen: list[str] = []
     for g in range(0, s.samples_per_epoch, s.order.V):  # stream 0's samples, in order
         _, shard, idx = s.order.locate(g)
@@ -341,7 +401,7 @@ def _shard_read(folder, nth: int = 0) -> tuple[str, int]:
 
 def _bad_positions(folder, shard_name: str) -> list[bool]:
     """Per global sample of epoch 0: does it come from `shard_name` (independent of the stream's counting)."""
-    s, names = _stream([folder]), _shard_names(folder)
+    s, names = _damage_stream([folder]), _shard_names(folder)
     return [names[s.order.locate(g)[1]] == shard_name for g in range(s.samples_per_epoch)]
 
 
@@ -349,7 +409,7 @@ def _bad_positions(folder, shard_name: str) -> list[bool]:
 def test_unreadable_dataset_stops_within_the_first_global_batches(damaged_copy, D, gb, mb, batches_before):
     for shard in damaged_copy.glob("train-*.tar"):
         _garble(shard)
-    s = _stream([damaged_copy], D, 0, mb=mb, gb=gb)
+    s = _damage_stream([damaged_copy], D, 0, mb=mb, gb=gb)
     handed = 0
     per_rank = gb // D
     with pytest.raises(CorruptDataError) as err:
@@ -373,7 +433,7 @@ def test_damaged_shard_raises_exactly_when_over_budget_else_counts(damaged_copy,
     expected = next((k for k in range(len(bad) // B)
                      if sum(bad[:(k + 1) * B]) > max(1, int(fraction * (k + 1) * B))), None)
     assert (expected is None) == (fraction == 0.1) and not bad[0]  # the cases cover both outcomes
-    s = _stream([damaged_copy], max_corrupt_fraction=fraction)
+    s = _damage_stream([damaged_copy], max_corrupt_fraction=fraction)
     it = iter(s)
     try:
         for _ in range(s.samples_per_epoch // MB):
@@ -399,7 +459,7 @@ def test_resume_keeps_the_corrupt_count_exact(damaged_copy, W):
     _garble(damaged_copy / name)
     bad = _bad_positions(damaged_copy, name)
     k, m = 3, 5  # 2 samples per stream and batch, shuffle window 16: the resume point is inside a block
-    ref = _stream([damaged_copy], W=W, samples_per_transfer=5, max_corrupt_fraction=1.0)
+    ref = _damage_stream([damaged_copy], W=W, samples_per_transfer=5, max_corrupt_fraction=1.0)
     it = iter(ref)
     for _ in range(k * B // MB):
         next(it)
@@ -408,7 +468,7 @@ def test_resume_keeps_the_corrupt_count_exact(damaged_copy, W):
     for _ in range(m * B // MB):
         next(it)
     del it  # its workers stop before the next stream's start
-    resumed = _stream([damaged_copy], W=W, samples_per_transfer=5, max_corrupt_fraction=1.0)
+    resumed = _damage_stream([damaged_copy], W=W, samples_per_transfer=5, max_corrupt_fraction=1.0)
     resumed.load_state_dict(state)
     it2 = iter(resumed)
     for _ in range(m * B // MB):
@@ -424,7 +484,7 @@ def test_manifest_that_disagrees_with_its_shards_is_refused(damaged_copy, key, v
     m[key] = value
     path.write_text(json.dumps(m))
     with pytest.raises(ManifestError) as err:
-        _stream([damaged_copy])
+        _damage_stream([damaged_copy])
     msg = str(err.value)
     ours = f"seq_len={m['seq_len']} ({m['dtype']})"
     shards = "seq_len=32 (uint16)"  # what small_corpus was prepared with
@@ -433,4 +493,23 @@ def test_manifest_that_disagrees_with_its_shards_is_refused(damaged_copy, key, v
     # Not the "no such split" error a caller may treat as optional (no validation data):
     assert not isinstance(err.value, MissingSplitError)
     with pytest.raises(MissingSplitError):
-        _stream([damaged_copy], split="validation")
+        _damage_stream([damaged_copy], split="validation")
+
+
+def test_dataloader_workers_start_from_a_fork_server_not_a_fork_of_the_trainer(small_corpus, monkeypatch):
+    """By the time the stream is iterated the trainer runs CUDA/NCCL/MLflow threads: a forked
+    worker would inherit their half-held locks. Workers start from the fork server instead (and
+    read the same rows: the worker-layout tests)."""
+    import torch.utils.data
+
+    seen = {}
+    real = torch.utils.data.DataLoader
+
+    class Recording(real):
+        def __init__(self, *args, **kw):
+            seen["context"] = kw.get("multiprocessing_context")
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Recording)
+    next(iter(_stream([small_corpus[0]], W=1)))
+    assert seen["context"] is not None and seen["context"].get_start_method() == "forkserver"

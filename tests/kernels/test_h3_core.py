@@ -16,7 +16,6 @@ from hippo.kernels import (
     h3_core_ref,
     shift_kernel,
 )
-from hippo.kernels.h3_core import _ChunkScan
 
 
 def _params(C, dtype=torch.float32, seed=0, N=64):
@@ -120,14 +119,6 @@ def test_gradients_match_reference_autograd_float64(layout):
 
     for gf, gr in zip(grads("torch"), grads("reference")):
         torch.testing.assert_close(gf, gr, rtol=1e-8, atol=1e-10)
-
-
-def test_chunk_scan_gradcheck():
-    g = torch.Generator().manual_seed(6)
-    ends = torch.randn(2, 3, 5, 4, dtype=torch.complex128, generator=g).requires_grad_()
-    w = (0.9 * torch.randn(2, 4, dtype=torch.complex128, generator=g)).requires_grad_()
-    x0 = torch.randn(2, 3, 4, dtype=torch.complex128, generator=g).requires_grad_()
-    assert torch.autograd.gradcheck(_ChunkScan.apply, (ends, w, x0))
 
 
 def test_dispatch_is_explicit(caplog):

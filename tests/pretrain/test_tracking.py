@@ -131,6 +131,30 @@ def test_rejected_record_is_dropped_alone(tmp_path, caplog, monkeypatch, merging
     assert not (tmp_path / PENDING_FILE).exists()  # a refusal is not an outage
 
 
+def test_metrics_of_quick_steps_share_a_request_and_all_arrive_before_close(tmp_path, monkeypatch):
+    """MLflow's cost is per request: steps faster than METRICS_INTERVAL_S are sent together, the last
+    ones by a timer (a dashboard need not wait for the end of the run)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(tmp_path, enabled=True, tracking_uri=uri, system_metrics=False)
+    sizes, log_batch = [], MlflowClient.log_batch
+
+    def counted(self, run_id, *args, **kwargs):
+        sizes.append(len(kwargs.get("metrics", [])))
+        return log_batch(self, run_id, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counted)
+    for step in range(1, 21):
+        tracker.log_metrics({"loss": float(step), "lr": 0.1}, step=step)
+    client, deadline = MlflowClient(tracking_uri=uri), time.monotonic() + 10
+    while len(client.get_metric_history(tracker.run_id, "loss")) < 20:
+        assert time.monotonic() < deadline, "the waiting steps were not sent"
+        time.sleep(0.1)
+    tracker.close()
+    # The first step at once, the other 19 (well within the interval) together: 2 requests, not 20.
+    assert sum(sizes) == 40 and sizes[0] == 2 and len(sizes) <= 3, sizes
+    assert history(client, tracker.run_id, "loss") == [(s, float(s)) for s in range(1, 21)]
+
+
 def test_system_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
