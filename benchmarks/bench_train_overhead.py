@@ -41,11 +41,12 @@ from pathlib import Path
 
 _125M = ["train.seq_len=128", "train.micro_batch_size=2", "train.global_batch_size=2", "train.precision=fp32"]
 MODELS = {
-    # name: (shipped config, overrides, steps per round per side)
-    "tiny_hybrid": ("tiny_hybrid", ["train.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=8"], 10),
-    "hybrid_125m": ("hybrid_125m", _125M, 3),
+    # name: (shipped config, overrides, steps per round per side, rounds). Short rounds, many of them: on
+    # a shared machine the neighbours' load changes within seconds, and both sides must see the same.
+    "tiny_hybrid": ("tiny_hybrid", ["train.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=8"], 2, 20),
+    "hybrid_125m": ("hybrid_125m", _125M, 1, 12),
     # The same without ZeRO (one rank partitions nothing): what ZeRO-1's own steps cost there.
-    "hybrid_125m_zero0": ("hybrid_125m", [*_125M, "parallel.zero_stage=0"], 3),
+    "hybrid_125m_zero0": ("hybrid_125m", [*_125M, "parallel.zero_stage=0"], 1, 12),
 }
 COMMON = ["train.eval_interval=0", "checkpoint.interval=0", "train.log_interval=10", "train.exit_interval=0"]
 
@@ -67,7 +68,7 @@ def prepare_data(root: Path, seq_len: int) -> Path:
 def load_cfg(model: str, data: Path, steps: int, extra: list[str]):
     from hippo.pretrain.config import load_config
 
-    config, overrides, _ = MODELS[model]
+    config, overrides, *_ = MODELS[model]
     return load_config(config, [f"data.paths=[{data}]", f"train.steps={steps}", *COMMON, *overrides, *extra])
 
 
@@ -237,7 +238,7 @@ def overhead_worker(args) -> dict:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     n = args.steps or MODELS[args.model][2]
-    labels, before = schedule(args.warmup, args.rounds, n)
+    labels, before = schedule(args.warmup, args.rounds or MODELS[args.model][3], n)
     cfg = load_cfg(args.model, Path(args.data), len(labels), args.set)
     # The bare loop's batches: the same data, read once before any timing.
     from hippo.data_pipeline.stream import build_stream
@@ -281,6 +282,7 @@ def overhead_worker(args) -> dict:
         return orig_train_step(engine, batches_, grad_accum_steps)
 
     trainer.train_step = train_step
+    load_before = os.getloadavg()[0]
     result = trainer.train(cfg, Path(args.run_dir))
     hippo = [(labels[k], timeline["entry"][k + 1][0] - timeline["start"][k][0],
               timeline["entry"][k + 1][1] - timeline["start"][k][1]) for k in range(len(labels) - 1)]
@@ -288,7 +290,7 @@ def overhead_worker(args) -> dict:
            "tokens_per_step": cfg.train.global_batch_size * cfg.train.seq_len,
            "init_max_abs_diff": timeline["init_max_abs_diff"], "hippo": hippo, "bare": timeline["bare"],
            "sections": {str(k): v for k, v in sections.by_step.items()}, "labels": labels,
-           "final_loss": result.losses[result.step]}
+           "final_loss": result.losses[result.step], "load": [load_before, os.getloadavg()[0]]}
     if profiler is not None:
         s = io.StringIO()
         pstats.Stats(profiler, stream=s).sort_stats("cumulative").print_stats(45)
@@ -299,39 +301,41 @@ def overhead_worker(args) -> dict:
 
 
 def summarize_overhead(r: dict) -> dict:
-    rounds = sorted({row[0] for row in r["hippo"] if row[0].startswith("r")})
-    per_round, per_round_cpu = [], []
-    for label in rounds:
-        for i, out in ((1, per_round), (2, per_round_cpu)):
-            # Medians: on a shared machine a step can stall for seconds (another process takes a core
-            # and the other OpenMP thread waits); the mean would measure the neighbours.
-            h = statistics.median(row[i] for row in r["hippo"] if row[0] == label)
-            b = statistics.median(row[i] for row in r["bare"] if row[0] == label)
-            out.append((h, b, h / b))
-    measured = [str(k) for k, lab in enumerate(r["labels"][:-1]) if lab.startswith("r")]
+    """Medians over every measured step of each side (rounds interleave the two sides, so both sample the
+    same neighbours): on a shared machine a step can stall for seconds (another process takes a core and
+    the other OpenMP thread waits), which a mean would count."""
+    measured = [k for k, lab in enumerate(r["labels"][:-1]) if lab.startswith("r")]
+    hippo = [r["hippo"][k] for k in measured]
+    bare = [row for row in r["bare"] if row[0].startswith("r")]
+    sec = [r["sections"].get(str(k), {}) for k in measured]
 
-    def per_step(name: str) -> float:
-        values = [r["sections"].get(k, {}).get(name, 0.0) for k in measured]
-        # MLflow's thread works when its requests arrive, not once per step: its mean.
-        return statistics.mean(values) if name.startswith("mlflow_store") else statistics.median(values)
+    def med(values) -> float:
+        return 1e3 * statistics.median(values)
 
-    bare_parts = [row[3] for row in r["bare"] if row[0].startswith("r")]
-    parts = {f"bare_{name}_ms": 1e3 * statistics.median(p[name] for p in bare_parts)
-             for name in ("forward", "backward", "optimizer_step")}
-    return {
-        **parts,
-        **{f"hippo_{name}_ms": 1e3 * per_step(name) for name in ("forward", "backward", "reduce_grads", "optimizer_step")},
-        "bare_ms": 1e3 * statistics.median(b for _, b, _ in per_round),
-        "hippo_ms": 1e3 * statistics.median(h for h, _, _ in per_round),
-        "ratio": statistics.median(x for _, _, x in per_round),
-        "ratios": [x for _, _, x in per_round],
-        "cpu_ratio": statistics.median(x for _, _, x in per_round_cpu),
-        "bare_cpu_ms": 1e3 * statistics.median(b for _, b, _ in per_round_cpu),
-        "hippo_cpu_ms": 1e3 * statistics.median(h for h, _, _ in per_round_cpu),
-        **{f"{name}_ms": 1e3 * per_step(name) for name in
-           ("data_wait", "mlflow", "mlflow_store", "mlflow_store_cpu", "metrics", "metrics_file", "stop_check",
-            "finite_check")},
+    def ratio(rows_h, rows_b, i=1) -> float:
+        return statistics.median(row[i] for row in rows_h) / statistics.median(row[i] for row in rows_b)
+
+    rounds = sorted({row[0] for row in hippo}, key=lambda lab: int(lab[1:]))
+    first, second = set(rounds[:len(rounds) // 2]), set(rounds[len(rounds) // 2:])
+    engine = ("forward", "backward", "reduce_grads", "optimizer_step")
+    out = {
+        "bare_ms": med(row[1] for row in bare), "hippo_ms": med(row[1] for row in hippo),
+        "ratio": ratio(hippo, bare),
+        "halves": [ratio([h for h in hippo if h[0] in half], [b for b in bare if b[0] in half]) for half in (first, second)],
+        "cpu_ratio": ratio(hippo, bare, 2),
+        "bare_cpu_ms": med(row[2] for row in bare), "hippo_cpu_ms": med(row[2] for row in hippo),
+        "steps_per_side": len(hippo),
+        "bare_rest_ms": med(row[1] - sum(row[3].values()) for row in bare),
+        "hippo_rest_ms": med(h[1] - sum(s.get(k, 0.0) for k in engine) for h, s in zip(hippo, sec)),
     }
+    for name in ("forward", "backward", "optimizer_step"):
+        out[f"bare_{name}_ms"] = med(row[3][name] for row in bare)
+    for name in (*engine, "data_wait", "mlflow", "metrics", "metrics_file", "stop_check", "finite_check"):
+        out[f"{name}_ms" if name not in engine else f"hippo_{name}_ms"] = med(s.get(name, 0.0) for s in sec)
+    # MLflow's thread works when its requests arrive (one per METRICS_INTERVAL_S), not once per step.
+    for name in ("mlflow_store", "mlflow_store_cpu"):
+        out[f"{name}_ms"] = 1e3 * statistics.mean(s.get(name, 0.0) for s in sec)
+    return out
 
 
 # ------------------------------------------------------------------------------ DP worker
@@ -342,7 +346,7 @@ def dp_worker(args) -> dict:
     from hippo.pretrain import trainer
 
     logging.basicConfig(level=logging.WARNING)
-    n = args.steps or MODELS[args.model][2] * 3
+    n = args.steps or 9
     total = args.warmup + n + 1
     cfg = load_cfg(args.model, Path(args.data), total, args.set)
     sections = Sections()
@@ -389,7 +393,7 @@ def run_worker(argv: list[str], out: Path, env: dict | None = None) -> list[dict
 def part_overhead(args, root: Path) -> list[dict]:
     rows = []
     for model in args.models:
-        _, overrides, _ = MODELS[model]
+        _, overrides, *_ = MODELS[model]
         seq_len = int(next(o for o in overrides if o.startswith("train.seq_len=")).split("=")[1])
         data = prepare_data(root, seq_len)
         out = root / f"overhead_{model}.json"
@@ -411,7 +415,7 @@ def part_overhead(args, root: Path) -> list[dict]:
 def part_dp(args, root: Path) -> list[dict]:
     rows = []
     for model in args.dp_models:
-        _, overrides, _ = MODELS[model]
+        _, overrides, *_ = MODELS[model]
         seq_len = int(next(o for o in overrides if o.startswith("train.seq_len=")).split("=")[1])
         data = prepare_data(root, seq_len)
         mb = int(next(o for o in overrides if o.startswith("train.global_batch_size=")).split("=")[1]) // 2
@@ -422,7 +426,7 @@ def part_dp(args, root: Path) -> list[dict]:
                 out = root / f"dp_{model}_{ranks}_{trial}.json"
                 worker = [__file__, "--worker", "dp", "--model", model, "--data", str(data), "--run-dir",
                           str(root / f"dprun_{model}_{ranks}_{trial}"), "--out", str(out), "--warmup", str(args.warmup)]
-                worker += ["--steps", str(args.steps * 3)] if args.steps else []
+                worker += ["--steps", str(args.steps)] if args.steps else []
                 for s in sets:
                     worker += ["--set", s]
                 if ranks == 1:
@@ -437,33 +441,35 @@ def part_dp(args, root: Path) -> list[dict]:
 
 def print_overhead(rows: list[dict]) -> None:
     print("\n### Step time: hippo train vs a bare PyTorch loop (one process, fp32)\n")
-    print("| model | tokens/step | threads | bare step ms | hippo step ms | ratio (median of rounds) | ratio per round | "
-          "target <= 1.10 | CPU-time ratio | data wait ms/step | MLflow ms/step (training thread) | MLflow store "
-          "ms/step (MLflow's thread: wall / CPU) | metrics + metrics.jsonl ms/step | stop check ms/step | "
-          "finiteness check ms/step |")
-    print("|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("Medians over the measured steps of each side, ms. Ratio: hippo / bare (in brackets: the same from "
+          "the first and the second half of the rounds). MLflow's thread: the store's writes (wall / CPU), "
+          "averaged per step.\n")
+    print("| model | tokens/step | threads | steps per side | bare step | hippo step | ratio | target <= 1.10 | "
+          "CPU-time ratio | data wait | MLflow (training thread) | MLflow's thread | metrics + metrics.jsonl | "
+          "stop check | finiteness check |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         verdict = "met" if r["ratio"] <= 1.10 else "missed"
-        print(f"| {r['model']} | {r['tokens_per_step']} | {r['threads']} | {r['bare_ms']:.1f} | {r['hippo_ms']:.1f} | "
-              f"{r['ratio']:.3f} | {', '.join(f'{x:.3f}' for x in r['ratios'])} | {verdict} | {r['cpu_ratio']:.3f} | "
-              f"{r['data_wait_ms']:.2f} | {r['mlflow_ms']:.2f} | {r['mlflow_store_ms']:.1f} / {r['mlflow_store_cpu_ms']:.1f} | "
-              f"{r['metrics_ms'] + r['metrics_file_ms']:.2f} | {r['stop_check_ms']:.2f} | {r['finite_check_ms']:.2f} |")
-    print("\nWhere the step goes, ms (medians of the measured steps). Hippo: DeepSpeed's pipeline instructions "
-          "(its optimizer step includes the clip), the loop's rest is data, metrics, tracking, stop check and Python.\n")
-    print("| model | side | forward | backward | reduce grads | clip + optimizer | loop rest | step |")
+        print(f"| {r['model']} | {r['tokens_per_step']} | {r['threads']} | {r['steps_per_side']} | {r['bare_ms']:.1f} | "
+              f"{r['hippo_ms']:.1f} | {r['ratio']:.3f} ({', '.join(f'{x:.3f}' for x in r['halves'])}) | {verdict} | "
+              f"{r['cpu_ratio']:.3f} | {r['data_wait_ms']:.2f} | {r['mlflow_ms']:.2f} | "
+              f"{r['mlflow_store_ms']:.1f} / {r['mlflow_store_cpu_ms']:.1f} | {r['metrics_ms'] + r['metrics_file_ms']:.2f} | "
+              f"{r['stop_check_ms']:.2f} | {r['finite_check_ms']:.2f} |")
+    print("\nWhere the step goes, ms (medians). Hippo: DeepSpeed's pipeline instructions (its optimizer step "
+          "includes the clip); the rest is data, metrics, tracking, stop check and Python.\n")
+    print("| model | side | forward | backward | reduce grads | clip + optimizer | rest | step |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        bare_rest = r["bare_ms"] - r["bare_forward_ms"] - r["bare_backward_ms"] - r["bare_optimizer_step_ms"]
-        engine = sum(r[f"hippo_{k}_ms"] for k in ("forward", "backward", "reduce_grads", "optimizer_step"))
         print(f"| {r['model']} | bare | {r['bare_forward_ms']:.1f} | {r['bare_backward_ms']:.1f} | - | "
-              f"{r['bare_optimizer_step_ms']:.1f} | {bare_rest:.1f} | {r['bare_ms']:.1f} |")
+              f"{r['bare_optimizer_step_ms']:.1f} | {r['bare_rest_ms']:.1f} | {r['bare_ms']:.1f} |")
         print(f"| {r['model']} | hippo | {r['hippo_forward_ms']:.1f} | {r['hippo_backward_ms']:.1f} | "
-              f"{r['hippo_reduce_grads_ms']:.1f} | {r['hippo_optimizer_step_ms']:.1f} | {r['hippo_ms'] - engine:.1f} | "
+              f"{r['hippo_reduce_grads_ms']:.1f} | {r['hippo_optimizer_step_ms']:.1f} | {r['hippo_rest_ms']:.1f} | "
               f"{r['hippo_ms']:.1f} |")
     for r in rows:
         print(f"\n{r['model']}: initial weights max |bare - engine| = {r['init_max_abs_diff']:.1e}; "
               f"{r['steps_per_round']} steps per round per side; CPU time per step bare {r['bare_cpu_ms']:.0f} ms, "
-              f"hippo {r['hippo_cpu_ms']:.0f} ms")
+              f"hippo {r['hippo_cpu_ms']:.0f} ms; 1-minute load average {r['load'][0]:.2f} at the start, "
+              f"{r['load'][1]:.2f} at the end")
 
 
 def print_dp(rows: list[dict]) -> None:
@@ -498,9 +504,10 @@ def main() -> None:
     ap.add_argument("--part", choices=["overhead", "dp", "all"], default="all")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="overhead part")
     ap.add_argument("--dp-models", nargs="+", default=["tiny_hybrid", "hybrid_125m"], choices=list(MODELS))
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=0, help="rounds per model (0: the model's default)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=0, help="steps per round (0: the model's default)")
+    ap.add_argument("--steps", type=int, default=0, help="steps per round; with --part dp: measured steps "
+                    "(0: the model's default; 9 for dp)")
     ap.add_argument("--dp-trials", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--set", action="append", default=[], help="extra config override for every run")

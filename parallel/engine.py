@@ -106,6 +106,12 @@ def build_train_engine(cfg: ModelConfig, state: ParallelState, optimizer_factory
         )
     if engine.zero_optimization_stage() >= 1:
         client_optimizer.check_finite = False  # ZeRO skips a non-finite step itself, before calling it
+    elif layout.pipelined and layout.data == 1:
+        # One data-parallel rank: DeepSpeed's gradient all-reduce would flatten every gradient into
+        # buckets, "reduce" them over that one rank and copy them back (~8% of a 125M model's step on
+        # CPU) for the same values. Tied weights are summed over stages by their own instruction, and
+        # ZeRO (>= 1) needs its reduce for its partitions, so only this case skips it.
+        engine.pipeline_enable_backward_allreduce = False
     with torch.device("meta"):  # every stage's parameter names, without allocating
         whole_model = SequentialLM(cfg, linears, None, seed=seed)
     set_universal_checkpoint_info(module, whole_model)

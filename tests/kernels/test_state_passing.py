@@ -105,7 +105,7 @@ def test_gradients_match_full_length_autograd(checkpoint):
 
 
 _MEMORY_PROBE = """
-import resource, sys, torch
+import sys, torch
 from hippo.kernels import discretize_diagonal, state_passing_conv, state_passing_conv_ref
 from tests.kernels.test_state_passing import _ssm
 torch.set_num_threads(1)
@@ -113,14 +113,15 @@ L, T = int(sys.argv[1]), int(sys.argv[2])
 raw, D = _ssm(64, seed=3)
 params = [p.clone().requires_grad_() for p in raw]
 u = torch.randn(2, 64, L, requires_grad=True)
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-base = rss()
+def rss(field):
+    # VmHWM, not ru_maxrss: exec carries the parent's (pytest's) peak into ru_maxrss.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+base = rss("VmRSS")
 ssm = discretize_diagonal(*params)
 fn = state_passing_conv_ref if T == 0 else (lambda *a: state_passing_conv(*a, chunk_size=T))
 fn(u, ssm, D).sum().backward()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+print(rss("VmHWM") - base)
 """
 
 
@@ -151,4 +152,5 @@ def test_intermediate_memory_bounded_by_chunk_not_length():
     full = _peak_rss_delta(64 * T, 0)
     # From 8K to 64K the chunked peak grows by at most ~8 u-sized tensors per extra position.
     assert big - small <= 8 * io * (64 - 8) * T, (small, big)
-    assert full > 2 * big, (full, big)
+    # The full-length reference holds at least one more length-2L spectrum (2 u-sized tensors).
+    assert full - big >= 2 * io * 64 * T, (full, big)

@@ -167,7 +167,9 @@ def test_deepspeed_launcher_with_a_localhost_hostfile(train_data, single_node, t
     hostfile.write_text("localhost slots=2\n")
     run = tmp_path / "run"
     out = _finish(_launch(["deepspeed", "--hostfile", str(hostfile), "--master-port", str(free_port())], run, train_data))
-    assert "deepspeed.launcher.runner" in out.splitlines()[0]
+    notice, command = out.splitlines()[:2]
+    assert notice.startswith("hippo launch: forwarding") and ".hippo_deepspeed_env" in notice
+    assert "deepspeed.launcher.runner" in command
     assert losses(run) == pytest.approx(single_node, rel=1e-6)
 
 
