@@ -13,6 +13,7 @@ time / (batch x L) at each L with its ratio to 4K, and H3 against the attention 
 `--attn-lengths` (1K and 16K), the two layers timed in alternation in the same process:
 
     .venv/bin/python benchmarks/bench_h3_layer.py --curve --threads 2
+    .venv/bin/python benchmarks/bench_h3_layer.py --curve --threads 1 --clock cpu   # shared machine
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def cost_curve(args) -> str:
     two layers alternate repetition by repetition, so both see the same machine load.
     """
     d, B = args.d_model, args.batch
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     h3, attn = build("h3_fast", d), build("attn", d)
     load_before = os.getloadavg()
     rows = []
@@ -134,9 +136,9 @@ def cost_curve(args) -> str:
             for kind, layer in layers.items():
                 layer.zero_grad(set_to_none=True)
                 u.grad = None
-                t0 = time.perf_counter()
+                t0 = clock()
                 fwd_bwd(layer, u)
-                times[kind].append(time.perf_counter() - t0)
+                times[kind].append(clock() - t0)
         r = {"L": L, "reps": reps, **{k: statistics.median(v) for k, v in times.items()},
              **{k + "_min": min(v) for k, v in times.items()}}
         rows.append(r)
@@ -149,7 +151,8 @@ def cost_curve(args) -> str:
         f"#### H3 layer fwd+bwd cost per token, batch {B}, d_model {d}, fp32, {args.threads} threads",
         "",
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; median of `reps`",
+        f"1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; median of `reps`; "
+        + ("wall-clock time" if args.clock == "wall" else "process CPU time (all threads)"),
         "",
         "| L | reps | H3 fwd+bwd (ms) | per token (us) | vs 4K | attention (ms) | attention / H3 |",
         "|---:|---:|---:|---:|---:|---:|---:|",
@@ -178,6 +181,9 @@ def main() -> None:
     ap.add_argument("--curve", action="store_true", help="per-token cost curve of H3 (default lengths 1K..64K)")
     ap.add_argument("--attn-lengths", type=int, nargs="+", default=[1024, 16384],
                     help="with --curve: the lengths where attention is timed alongside")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="with --curve: wall-clock, or process CPU time, which other jobs on a shared "
+                         "machine do not inflate (meaningful with --threads 1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     d, B = args.d_model, args.batch

@@ -12,12 +12,20 @@ from hippo.kernels.ssm import (
     shift_state_from_prefix,
     shift_step,
 )
-from hippo.kernels.state_passing import diagonal_kernel_blocked, state_passing_conv, state_passing_conv_ref
+from hippo.kernels.state_passing import (
+    diagonal_kernel_blocked,
+    diagonal_output_from_state,
+    incoming_states,
+    state_passing_conv,
+    state_passing_conv_ref,
+)
 
 __all__ = [
     "H3_CORE_IMPLS",
     "TritonUnavailableError",
     "diagonal_kernel_blocked",
+    "diagonal_output_from_state",
+    "incoming_states",
     "h3_core",
     "h3_core_ref",
     "state_passing_conv",

@@ -317,34 +317,40 @@ def _like_layout(x: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(Bsz, C, t, dtype=dtype, device=x.device)
 
 
-def _load(dst: torch.Tensor, x: torch.Tensor, t0: int, tb: int, tmp: torch.Tensor) -> None:
+def _stage(buf: torch.Tensor, Bsz: int, C: int, tp: int) -> torch.Tensor:
+    """A contiguous (B, C, tp) view at the start of the flat staging buffer."""
+    return buf[: Bsz * C * tp].view(Bsz, C, tp)
+
+
+def _load(dst: torch.Tensor, x: torch.Tensor, t0: int, tb: int, buf: torch.Tensor) -> None:
     """dst (C, ab, B, P) chunk-major block <- positions t0 .. t0 + tb of x (B, C, L), zero beyond.
 
-    Per sample through a contiguous (C, tp) staging row: for a channels-last x that is one
-    blocked 2-D transpose (the fast CPU copy), then a copy of whole chunks of P.
+    Per sample into a contiguous (C, tp) staging row: for a channels-last x one blocked 2-D
+    transpose (`Tensor.copy_`'s fast path, ~2x faster than one 3-D permuted copy but on one
+    core), then whole chunks of P into place for all samples at once.
     """
     C, ab, Bsz, P = dst.shape
     tp = ab * P
-    stage = tmp[:, :tp]
+    st = _stage(buf, Bsz, C, tp)
     for b in range(Bsz):
         if tb == tp:
-            stage.copy_(x[b, :, t0 : t0 + tb])
+            st[b].copy_(x[b, :, t0 : t0 + tb])
         else:
-            stage[:, :tb].copy_(x[b, :, t0 : t0 + tb])
-            stage[:, tb:].zero_()
-        dst[:, :, b].copy_(stage.view(C, ab, P))
+            st[b, :, :tb].copy_(x[b, :, t0 : t0 + tb])
+            st[b, :, tb:].zero_()
+    dst.copy_(st.view(Bsz, C, ab, P).permute(1, 2, 0, 3))
 
 
-def _store(dst: torch.Tensor, src: torch.Tensor, tb: int, tmp: torch.Tensor) -> None:
+def _store(dst: torch.Tensor, src: torch.Tensor, tb: int, buf: torch.Tensor) -> None:
     """dst (B, C, tb) <- the first tb positions of a chunk-major block src (C, ab, B, P)."""
     C, ab, Bsz, P = src.shape
-    stage = tmp[:, : ab * P]
-    for b in range(Bsz):
-        stage.view(C, ab, P).copy_(src[:, :, b])
-        if _channels_last(dst):
-            dst[b].t().copy_(stage[:, :tb].t())  # a blocked 2-D transpose when tb == tp
-        else:
-            dst[b].copy_(stage[:, :tb])
+    st = _stage(buf, Bsz, C, ab * P)
+    st.view(Bsz, C, ab, P).copy_(src.permute(2, 0, 1, 3))
+    if _channels_last(dst):
+        for b in range(Bsz):
+            dst[b].t().copy_(st[b, :, :tb].t())  # the blocked 2-D transpose
+    else:
+        dst.copy_(st[..., :tb])
 
 
 def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T, save):
@@ -369,7 +375,7 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
     y = _like_layout(q, L, q.dtype)
     x = x0 if x0 is not None else torch.zeros(C, Bsz, n2, dtype=cdtype, device=dev)
     wb = decay.unsqueeze(1)
-    tmp = torch.empty(C, min(T, -(-L // P) * P), dtype=rdtype, device=dev)
+    buf = torch.empty(Bsz * C * min(T, -(-L // P) * P), dtype=rdtype, device=dev)  # staging for transposes
     halo = None
     saved = []
     for t0, tb, tp in _spans(L, T, P):
@@ -379,11 +385,11 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
             kbuf[:, 0].zero_()
         else:
             kbuf[:, 0].copy_(halo)
-        _load(kbuf[:, 1:], k, t0, tb, tmp)
+        _load(kbuf[:, 1:], k, t0, tb, buf)
         rows = (C, ab * Bsz, P)
         kp = torch.bmm(kbuf[:, 1:].reshape(rows), S0).baddbmm_(kbuf[:, :-1].reshape(rows), S1)
         vb = torch.empty(C, ab, Bsz, P, dtype=rdtype, device=dev)
-        _load(vb, v, t0, tb, tmp)
+        _load(vb, v, t0, tb, buf)
         kv = kp * vb.view(rows)  # zero beyond tb
         ends = torch.view_as_complex(torch.bmm(kv, to_state).view(C, ab, Bsz, n2, 2))
         before = torch.empty(C, ab, Bsz, n2, dtype=cdtype, device=dev)
@@ -393,7 +399,7 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
         x = torch.addcmul(ends[:, ab - 1], wb, before[:, ab - 1])
         s = torch.bmm(kv, toep).baddbmm_(torch.view_as_real(before).view(C, ab * Bsz, 2 * n2), from_state)
         s_q = _like_layout(q, tb, rdtype)  # s in q's layout, for y = q s here and g_q = g_y s later
-        _store(s_q, s.view(C, ab, Bsz, P), tb, tmp)
+        _store(s_q, s.view(C, ab, Bsz, P), tb, buf)
         torch.mul(q[..., t0 : t0 + tb], s_q, out=y[..., t0 : t0 + tb])
         halo = kbuf[:, -1]
         if save:
@@ -445,7 +451,7 @@ class _BlockedH3(torch.autograd.Function):
         wc = decay.conj().unsqueeze(1)
         S0, S1 = w_shift[..., :P], w_shift[..., P:]
         S0_t, S1_t, toep_t, ts_t, fs_t = (t.transpose(1, 2) for t in (S0, S1, toep, to_state, from_state))
-        tmp = torch.empty(C, min(ctx.T, -(-L // P) * P), dtype=rdtype, device=dev)
+        buf = torch.empty(Bsz * C * min(ctx.T, -(-L // P) * P), dtype=rdtype, device=dev)
         g_halo = None
         spans = _spans(L, ctx.T, P)
         for i in range(len(spans) - 1, -1, -1):
@@ -459,7 +465,7 @@ class _BlockedH3(torch.autograd.Function):
             g_s_q = _like_layout(q, tb, rdtype)
             torch.mul(gyb, q[..., t0 : t0 + tb], out=g_s_q)
             g_s = torch.empty(C, ab, Bsz, P, dtype=rdtype, device=dev)
-            _load(g_s, g_s_q, 0, tb, tmp)  # zero beyond tb
+            _load(g_s, g_s_q, 0, tb, buf)  # zero beyond tb
             g_s = g_s.view(rows)
             before_r = torch.view_as_real(before).view(C, ab * Bsz, 2 * n2)
             g_fs_t.baddbmm_(g_s.transpose(1, 2), before_r)
@@ -482,7 +488,7 @@ class _BlockedH3(torch.autograd.Function):
             if last:
                 g_kv.view(C, ab, Bsz, P)[:, -1] += g_kv_last
             if need_v:
-                _store(g_v[..., t0 : t0 + tb], (g_kv * kp).view(C, ab, Bsz, P), tb, tmp)
+                _store(g_v[..., t0 : t0 + tb], (g_kv * kp).view(C, ab, Bsz, P), tb, buf)
             g_kp = g_kv.mul_(vbr)
             g_S0.baddbmm_(kbuf[:, 1:].reshape(rows).transpose(1, 2), g_kp)
             g_S1.baddbmm_(kbuf[:, :-1].reshape(rows).transpose(1, 2), g_kp)  # the previous chunks
@@ -494,7 +500,7 @@ class _BlockedH3(torch.autograd.Function):
                 if g_halo is not None:
                     gk[:, -1] += g_halo  # the next block read this chunk as its halo
                 g_halo = torch.bmm(g_kp4[:, 0], S1_t)
-                _store(g_k[..., t0 : t0 + tb], gk, tb, tmp)
+                _store(g_k[..., t0 : t0 + tb], gk, tb, buf)
         x0_grad = g_x if ctx.has_x0 else None
         g_ws = torch.cat((g_S0, g_S1), dim=2)
         return g_q, g_k, g_v, g_ws, g_toep, g_ts, g_fs_t.transpose(1, 2), g_w, x0_grad, None

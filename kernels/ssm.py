@@ -42,8 +42,6 @@ __all__ = [
     "shift_ring_step",
 ]
 
-# Vandermonde chunk for prefix states: bounds the (C, N/2, chunk) complex intermediate.
-_PREFIX_CHUNK = 1024
 # Block P of the factored kernel dA^(aP + b) = dA^(aP) dA^b: intermediates are (C, N/2, L/P) and
 # (C, N/2, P), smallest near P = sqrt(L); 64 keeps both small up to L = 16K.
 _KERNEL_BLOCK = 64
@@ -171,11 +169,6 @@ def discretize_diagonal(
     return DiscreteDiagonalSSM(dA=dA, dB=dB, C=torch.view_as_complex(C.contiguous()))
 
 
-def _powers(dA: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
-    """dA[..., n] ** exponents[l] -> (..., N/2, len(exponents)) via exp(l log dA)."""
-    return torch.exp(torch.log(dA).unsqueeze(-1) * exponents.to(dA.real.dtype))
-
-
 def _block_factors(dA: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """dA^(aP) (C, N/2, A) and dA^b (C, N/2, P), A P >= length, in dA's complex dtype.
 
@@ -185,14 +178,15 @@ def _block_factors(dA: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.T
     """
     P = max(1, min(_KERNEL_BLOCK, length))
     A = -(-length // P)
-    z = dA.to(torch.complex128)
-    log_r, theta = torch.log(z.abs()).unsqueeze(-1), z.angle().unsqueeze(-1)
     steps = torch.arange(max(A, P), device=dA.device, dtype=torch.float64)
+    return _exact_powers(dA, steps[:A] * P), _exact_powers(dA, steps[:P]), P
 
-    def powers(e: torch.Tensor) -> torch.Tensor:
-        return torch.polar(torch.exp(log_r * e), theta * e).to(dA.dtype)
 
-    return powers(steps[:A] * P), powers(steps[:P]), P
+def _exact_powers(dA: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """dA^e (..., N/2, len(e)) in dA's dtype, formed in float64 as |dA|^e (cos e theta + i sin e theta)."""
+    z = dA.to(torch.complex128)
+    e = exponents.to(torch.float64)
+    return torch.polar(torch.exp(torch.log(z.abs()).unsqueeze(-1) * e), z.angle().unsqueeze(-1) * e).to(dA.dtype)
 
 
 def _blocked_sums(w: torch.Tensor, big: torch.Tensor, small: torch.Tensor, P: int) -> torch.Tensor:
@@ -322,6 +316,10 @@ def diagonal_state_from_prefix(
 ) -> torch.Tensor:
     """Closed-form state after a prefix: dA^L x0 + sum_l dA^(L-1-l) dB x_l.
 
+    Blocked with the kernel's own float64-formed powers (`_block_factors`), so a state and the
+    kernel's response agree to rounding: a chunk's state under context parallelism (S4D) then
+    reproduces the full-length kernel's outputs (complex64 exp(l log dA) was 2e-5 off at CP 8).
+
     Args:
         x: (batch, channels, L) real.
         initial_state: optional (batch, channels, N/2) complex x0.
@@ -329,21 +327,8 @@ def diagonal_state_from_prefix(
         (batch, channels, N/2) complex.
     """
     L = x.shape[-1]
-    chunk = min(L, _PREFIX_CHUNK)
-    rdtype = ssm.dA.real.dtype
-    # Reversed so that position m in the flipped sequence carries the power dA^m.
-    rev = x.flip(-1).to(rdtype)
-    powers = _powers(ssm.dA, torch.arange(chunk, device=x.device))  # (C, N/2, chunk)
-    acc = torch.zeros(*x.shape[:-1], ssm.dA.shape[-1], dtype=ssm.dA.dtype, device=x.device)
-    for start in range(0, L, chunk):
-        part = rev[..., start : start + chunk]
-        v = powers[..., : part.shape[-1]]
-        # Real input times complex powers: two real contractions avoid a complex copy of x.
-        s = torch.complex(
-            torch.einsum("bcl,cnl->bcn", part, v.real), torch.einsum("bcl,cnl->bcn", part, v.imag)
-        )
-        acc = acc + (s * ssm.dA**start if start else s)
-    state = acc * ssm.dB
+    rev = x.flip(-1).to(ssm.dA.real.dtype)  # position m of the flipped sequence carries dA^m
+    state = _blocked_sums(rev, *_block_factors(ssm.dA, L)) * ssm.dB
     if initial_state is not None:
-        state = state + initial_state * ssm.dA**L
+        state = state + initial_state * _exact_powers(ssm.dA, torch.tensor([L], device=x.device))[..., 0]
     return state

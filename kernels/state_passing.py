@@ -27,7 +27,10 @@ import torch.utils.checkpoint as torch_checkpoint
 from hippo.kernels.fftconv import fftconv
 from hippo.kernels.ssm import DiscreteDiagonalSSM, diagonal_kernel
 
-__all__ = ["state_passing_conv", "state_passing_conv_ref", "diagonal_kernel_blocked"]
+__all__ = [
+    "state_passing_conv", "state_passing_conv_ref", "diagonal_kernel_blocked", "diagonal_output_from_state",
+    "incoming_states",
+]
 
 # Inner block of the factored Vandermonde: dA^(a*P + b) = (dA^P)^a * dA^b.
 _VANDER_BLOCK = 64
@@ -209,3 +212,48 @@ def state_passing_conv_ref(
     if not return_state:
         return y
     return y, diagonal_state_from_prefix(u, ssm, initial_state)
+
+
+# ------------------------------------------------------------------ across ranks (context parallel)
+# A sequence split into contiguous chunks, one per rank: each chunk runs from a zero state, and
+# only the (B, C, N/2) states cross between chunks (`pretrain.models.sequence_split`).
+
+
+def diagonal_output_from_state(state: torch.Tensor, ssm: DiscreteDiagonalSSM, length: int) -> torch.Tensor:
+    """What a state x before position 0 adds to the outputs: 2 Re(sum_n C_n dA_n^(l+1) x_n), l < length.
+
+    Blocked like `diagonal_kernel_blocked` (dA^(aP + b + 1) = dA^(aP) dA^(b+1)): one real batched
+    product, no (C, N/2, L) Vandermonde. state: (B, C, N/2) complex. Returns (B, C, length) in
+    the real dtype of dA.
+    """
+    P = min(_VANDER_BLOCK, length)
+    A = -(-length // P)
+    dev = ssm.dA.device
+    rdtype = ssm.dA.real.dtype
+    big = mode_powers(ssm.dA, torch.arange(A, device=dev) * P).to(ssm.dA.dtype)  # (C, N/2, A)
+    small = mode_powers(ssm.dA, torch.arange(1, P + 1, device=dev)).to(ssm.dA.dtype)  # (C, N/2, P)
+    h = (state.to(ssm.dA.dtype) * ssm.C).unsqueeze(-1) * big  # (B, C, N/2, A)
+    # 2 Re(h small) = 2 (h.re small.re - h.im small.im): real products over the stacked modes.
+    left = torch.cat((h.real, -h.imag), dim=2).transpose(2, 3)  # (B, C, A, N)
+    right = torch.cat((small.real, small.imag), dim=1)  # (C, N, P)
+    out = 2 * torch.matmul(left, right.to(rdtype))  # (B, C, A, P)
+    return out.reshape(*out.shape[:2], A * P)[..., :length]
+
+
+def incoming_states(final_states: torch.Tensor, dA: torch.Tensor, chunk_length: int) -> torch.Tensor:
+    """Exclusive scan over chunks: the true state before each chunk, from every chunk's state
+    after it when started from zero (the SSM is linear in its incoming state):
+
+        x_in[0] = 0,  x_in[r] = dA^T x_in[r-1] + final[r-1]   (T = chunk_length)
+
+    final_states: (R, B, C, N/2) complex, one per chunk in sequence order. Returns the same shape.
+    """
+    decay = mode_powers(dA, torch.tensor([chunk_length], device=dA.device))[..., 0].to(final_states.dtype)  # (C, N/2)
+    # Zero, but derived from the inputs: the first chunk's state stays on the autograd path of
+    # `final_states` (under context parallelism every rank must run the gather's backward).
+    carried = final_states[:0].sum(0)
+    states = []
+    for final in final_states:
+        states.append(carried)
+        carried = carried * decay + final
+    return torch.stack(states)

@@ -53,6 +53,7 @@ class CausalSelfAttention(nn.Module):
         self.rotary_dim = rotary_dim or self.head_dim  # partial rotary: the leading dims only
         self.dropout = dropout
         self.tp_rng = linears.tp_rng
+        self.sequence = linears.sequence
         # Separate Q, K, V maps: each column-parallel split lands on whole heads.
         self.q_proj = linears.column(d_model, d_model, bias=True)
         self.k_proj = linears.column(d_model, d_model, bias=True)
@@ -67,16 +68,25 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
         q, k, v = (self._heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
         B, _, L, _ = q.shape  # under sequence parallelism x holds L / TP positions, q all L
+        split = self.sequence.split and inference_params is None
         offset = inference_params.seqlen_offset if inference_params is not None else 0
+        if split:
+            offset = self.sequence.offset(L)
         if self.rotary:
             cos, sin = rotary_cos_sin(torch.arange(offset, offset + L, device=x.device), self.rotary_dim)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if inference_params is not None:
             k, v = self._update_cache(inference_params, k, v, offset)
+        mask = None
+        if split:
+            # A chunk of a sequence split over ranks: the keys and values of every chunk up to
+            # this one, and the causal mask of this chunk's rows (query i sees keys <= offset + i).
+            k, v = self.sequence.preceding(k, dim=2), self.sequence.preceding(v, dim=2)
+            mask = torch.arange(k.shape[2], device=x.device) <= torch.arange(offset, offset + L, device=x.device)[:, None]
         # A single new token attends to the whole cache, so only the prefill needs the causal mask.
         with self.tp_rng():  # attention dropout acts on this rank's heads: its own mask
             y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=L > 1, dropout_p=self.dropout if self.training else 0.0
+                q, k, v, attn_mask=mask, is_causal=L > 1 and mask is None, dropout_p=self.dropout if self.training else 0.0
             )
         return self.out_proj(y.transpose(1, 2).reshape(B, L, -1))
 

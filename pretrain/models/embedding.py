@@ -18,12 +18,14 @@ class TokenEmbedding(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self._lm_logits = linears.lm_logits
         self._dropout_rng = linears.sequence_rng
+        self._sequence = linears.sequence
 
     def forward(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """(B, L) token ids -> (B, L, D) hidden states; `offset` is the first token's position."""
         h = self.word(input_ids)
         if self.position is not None:
             L = input_ids.shape[1]
+            offset += self._sequence.offset(L)  # a chunk of a sequence split over ranks
             if offset + L > self.max_positions:
                 raise ValueError(f"sequence of {offset + L} exceeds model.max_position_embeddings={self.max_positions}")
             h = h + self.position(torch.arange(offset, offset + L, device=input_ids.device))

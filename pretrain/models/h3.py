@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from hippo.kernels import TritonUnavailableError, h3_core
+from hippo.kernels import TritonUnavailableError, diagonal_output_from_state, h3_core
 from hippo.pretrain.models.config import ConfigError
 from hippo.pretrain.models.inference import InferenceParams
 from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
@@ -51,6 +51,7 @@ class H3(nn.Module):
         self.shift_ssm = ShiftSSM(channels, d_state)
         self.diag_ssm = DiagonalSSM(channels, d_state)
         self.out_proj = linears.row(d_model, d_model, bias=True)
+        self.sequence = linears.sequence
 
     def forward(self, u: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
         """u: (B, L, D) -> (B, L, D). With inference_params, prefill (offset 0) or step (offset > 0)."""
@@ -60,6 +61,8 @@ class H3(nn.Module):
         sh, dg = self.shift_ssm, self.diag_ssm
         prefill = inference_params is not None
         discrete = dg.discrete()
+        if self.sequence.split and not prefill:
+            return self.out_proj(self._chunk_of_sequence(q, k, v, discrete).transpose(1, 2))
         # y = q * DiagSSM(ShiftSSM(k) * v); a prefill also gets the diagonal state at the end.
         # The SSM parameters go in as fp32 whatever the activations' dtype: the dynamics are fp32
         # tensors even under bf16 training (`parallel.engine`), and the kernels' taps come from them.
@@ -81,6 +84,22 @@ class H3(nn.Module):
         else:
             y = out
         return self.out_proj(y.transpose(1, 2))
+
+    def _chunk_of_sequence(self, q, k, v, discrete) -> torch.Tensor:
+        """This rank's chunk of a sequence split over ranks (`SequenceSplit`): the shift SSM
+        reads the previous chunk's last N - 1 inputs (the halo, put before the chunk with zero q
+        and v, so it adds nothing to the diagonal state); the diagonal SSM runs from a zero
+        state and the true incoming state's response is added in closed form."""
+        sh, dg, seq = self.shift_ssm, self.diag_ssm, self.sequence
+        W = sh.B.shape[-1] - 1
+        halo = seq.history(k, W)
+        zeros = q.new_zeros(*q.shape[:-1], W)
+        q_ext, k_ext, v_ext = (torch.cat((a, b), dim=-1) for a, b in ((zeros, q), (halo, k), (zeros, v)))
+        y, final_state = h3_core(q_ext, k_ext, v_ext, sh.B.float(), sh.C.float(), sh.D.float(), discrete,
+                                 dg.D.float(), impl=CONV_IMPLS[self.conv_impl], return_state=True)
+        T = q.shape[-1]
+        incoming = seq.incoming_state(final_state, discrete, T)
+        return y[..., W:] + q * diagonal_output_from_state(incoming, discrete, T).to(y.dtype)
 
     def _step(self, u: torch.Tensor, inference_params: InferenceParams) -> torch.Tensor:
         """u: (B, 1, D): one token (at position seqlen_offset) through both recurrences, whose

@@ -1,11 +1,11 @@
-"""How layers get their linear maps: the seam between the models and tensor parallelism.
+"""How layers get their linear maps: the seam between the models and model parallelism.
 
 Models never import Megatron. They ask a `Linears` object for column-parallel maps (output
 features split over tensor-parallel ranks), row-parallel maps (input features split), the token
 embedding (vocabulary split), the tied LM head and its cross entropy, the share of per-channel
-state (SSM parameters, attention heads) their rank owns, and the RNG context for dropout inside a
-tensor-parallel region. `parallel/` builds a `Linears` from Megatron layers; the default is plain
-PyTorch on one rank.
+state (SSM parameters, attention heads) their rank owns, the RNG context for dropout inside a
+tensor-parallel region, and which chunk of each sequence the rank holds (context parallelism).
+`parallel/` builds a `Linears` from Megatron layers; the default is plain PyTorch on one rank.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Callable, ContextManager, Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from hippo.pretrain.models.sequence_split import SINGLE_SEQUENCE, SequenceSplit
 
 class LinearFactory(Protocol):
     def __call__(self, in_features: int, out_features: int, *, bias: bool = True) -> nn.Module: ...
@@ -67,6 +69,8 @@ class Linears:
     (each rank holds other positions), else the default generator (replicated activations)."""
     tp_rank: int = 0
     tp_size: int = 1
+    sequence: SequenceSplit = SINGLE_SEQUENCE
+    """This rank's chunk of every sequence under context parallelism (whole sequences by default)."""
 
     def local(self, n: int, what: str = "features") -> int:
         """This rank's share of n items split evenly over the TP group."""

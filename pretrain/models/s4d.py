@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hippo.kernels import diagonal_output_from_state
 from hippo.pretrain.models.inference import InferenceParams
 from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
 from hippo.pretrain.models.ssm import DiagonalSSM
@@ -22,6 +23,7 @@ class S4D(nn.Module):
         self.layer_idx = layer_idx
         self.ssm = DiagonalSSM(d_model, d_state)
         self.out_proj = nn.Linear(d_model, 2 * d_model)
+        self.sequence = linears.sequence
 
     def forward(self, u: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
         """u: (B, L, D) -> (B, L, D)."""
@@ -31,7 +33,12 @@ class S4D(nn.Module):
         else:
             x = u.transpose(1, 2)
             discrete = self.ssm.discrete()
-            y = self.ssm(x, discrete).transpose(1, 2)
+            y = self.ssm(x, discrete)
+            if self.sequence.split and inference_params is None:
+                # A chunk of a sequence split over ranks: add the true incoming state's response.
+                incoming = self.sequence.incoming_state(self.ssm.state_from_prefix(x, discrete), discrete, x.shape[-1])
+                y = y + diagonal_output_from_state(incoming, discrete, x.shape[-1]).to(y.dtype)
+            y = y.transpose(1, 2)
             if inference_params is not None:
                 # The discretized SSM is kept with the state, as H3 keeps its own.
                 state = self.ssm.decode_state(self.ssm.state_from_prefix(x, discrete), discrete)

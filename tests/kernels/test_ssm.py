@@ -93,11 +93,8 @@ def test_diagonal_conv_equals_recurrence(L):
     torch.testing.assert_close(diagonal_state_from_prefix(x, ssm), state)
 
 
-def test_diagonal_prefix_state_chunked_and_with_initial_state(monkeypatch):
-    import hippo.kernels.ssm as ssm_mod
-
-    monkeypatch.setattr(ssm_mod, "_PREFIX_CHUNK", 16)  # force several chunks
-    ssm = discretize_diagonal(*_diag_params())
+def test_diagonal_prefix_state_blocked_and_with_initial_state():
+    ssm = discretize_diagonal(*_diag_params())  # 70 positions: two blocks of 64
     x = torch.randn(2, C_, 70, dtype=torch.float64)
     x0 = torch.randn(2, C_, N // 2, dtype=torch.complex128)
     state = x0
@@ -195,3 +192,4 @@ def test_diagonal_kernel_saves_no_vandermonde():
     assert saved <= 4 * channels * modes * 8 < vandermonde_bytes / 100, saved
     k.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+

@@ -1,0 +1,69 @@
+"""Context parallelism as the models see it: this rank holds one contiguous chunk of every sequence.
+
+A sequence of L tokens is split over the `size` ranks of a context-parallel group into chunks
+of L / size; rank r holds positions [r L/size, (r+1) L/size). The layers exchange only what
+their math needs (`parallel.context_parallel` supplies the one collective, a differentiable
+all-gather over the group):
+
+- the shift SSM, the last `width` inputs before the chunk (its halo);
+- the diagonal SSM, its (B, C, N/2) state: each chunk runs from a zero state, the states after
+  every chunk are gathered, and an exclusive scan (`kernels.incoming_states`) gives each rank
+  its true incoming state, whose effect on the chunk's outputs is added in closed form
+  (`kernels.diagonal_output_from_state`). Neither grows with L;
+- attention, the keys and values of the chunks before it (exact causal attention).
+
+Gradients flow back through the all-gather's backward (a reduce-scatter) to the ranks the
+values came from. The default, `SINGLE_SEQUENCE`, holds whole sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from hippo.kernels import DiscreteDiagonalSSM, incoming_states
+
+AllGather = Callable[[torch.Tensor], torch.Tensor]
+"""x (any shape, the same on every rank) -> (size, *x.shape): every rank's x in rank order,
+differentiable (each rank's gradient returns to the rank its slot came from)."""
+
+
+@dataclass(frozen=True)
+class SequenceSplit:
+    rank: int = 0
+    size: int = 1
+    all_gather: AllGather | None = None
+
+    @property
+    def split(self) -> bool:
+        return self.size > 1
+
+    def offset(self, chunk_length: int) -> int:
+        """Position of this rank's first token in the whole sequence."""
+        return self.rank * chunk_length
+
+    def history(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        """The `width` positions of x (B, C, T) just before this rank's chunk, zeros before the
+        sequence starts: (B, C, width). Chunks shorter than `width` take it from several ranks."""
+        tail = x[..., -min(width, x.shape[-1]):].contiguous()
+        tails = self.all_gather(tail)[: self.rank]  # (r, B, C, w): the previous chunks' tails
+        # (B, C, r w) in sequence order; on rank 0 an empty slice, still on the autograd path:
+        # every rank must run the gather's backward (a collective), used or not.
+        before = tails.permute(1, 2, 0, 3).reshape(*x.shape[:-1], -1)[..., -width:]
+        return torch.nn.functional.pad(before, (width - before.shape[-1], 0))
+
+    def incoming_state(self, final_state: torch.Tensor, ssm: DiscreteDiagonalSSM, chunk_length: int) -> torch.Tensor:
+        """The diagonal SSM's state before this rank's chunk, from every chunk's state after it
+        when run from zero (final_state: (B, C, N/2) complex, this rank's)."""
+        finals = torch.view_as_complex(self.all_gather(torch.view_as_real(final_state.contiguous())))
+        return incoming_states(finals[: self.rank + 1], ssm.dA, chunk_length)[self.rank]
+
+    def preceding(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """x of every rank up to and including this one, concatenated along `dim` in sequence
+        order (attention's keys and values)."""
+        return torch.cat(self.all_gather(x.contiguous())[: self.rank + 1].unbind(0), dim=dim)
+
+
+SINGLE_SEQUENCE = SequenceSplit()
