@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import re
 from typing import Any, Callable, Iterable, Iterator
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from hippo.parallel.context_parallel import chunk_of, sequence_split
 from hippo.parallel.gather import load_full_parameters
 from hippo.parallel.groups import ParallelState
 from hippo.parallel.layout import ParallelLayout
@@ -44,7 +46,8 @@ def deepspeed_config(layout: ParallelLayout, *, precision: str, grad_clip: float
     `build_train_engine` turns it off there; the reduced values are the same either way."""
     return {
         "checkpoint": {"load_universal": load_universal},
-        "train_batch_size": layout.global_batch_size,
+        # Per replica of the parameters: under context parallelism each CP rank counts its chunks.
+        "train_batch_size": layout.global_batch_size * layout.context,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum_steps,
         # DeepSpeed 0.19 clips at 1.0 unless told otherwise: always say it.
@@ -88,7 +91,10 @@ def build_train_engine(cfg: ModelConfig, state: ParallelState, optimizer_factory
     seeded initialization; loaded before DeepSpeed copies the weights into its optimizer."""
     deepspeed = import_deepspeed()
     layout = state.layout
-    linears = megatron_linears(state.tp_rank, layout.tensor, layout.pipeline, sequence_parallel=layout.sequence_parallel)
+    linears = dataclasses.replace(
+        megatron_linears(state.tp_rank, layout.tensor, layout.pipeline, sequence_parallel=layout.sequence_parallel),
+        sequence=sequence_split(state.cp_group, state.cp_rank, layout.context),
+    )
     module = build_module(cfg, state, linears, seed=seed)
     if initial_weights is not None:
         load_full_parameters(module, state, initial_weights)
@@ -106,7 +112,7 @@ def build_train_engine(cfg: ModelConfig, state: ParallelState, optimizer_factory
         )
     if engine.zero_optimization_stage() >= 1:
         client_optimizer.check_finite = False  # ZeRO skips a non-finite step itself, before calling it
-    elif layout.pipelined and layout.data == 1:
+    elif layout.pipelined and layout.replicas == 1:
         # One data-parallel rank: DeepSpeed's gradient all-reduce would flatten every gradient into
         # buckets, "reduce" them over that one rank and copy them back (~8% of a 125M model's step on
         # CPU) for the same values. Tied weights are summed over stages by their own instruction, and
@@ -185,11 +191,12 @@ class TrainEngine:
         skipped_before = self.engine.skipped_steps
         it: Iterator = iter(micro_batches)
         if self.pipelined:
-            loss = self.engine.train_batch(data_iter=_to_device(it, self.state.device)).item()
+            loss = self.engine.train_batch(data_iter=self._this_rank(it)).item()
         else:
             total = torch.zeros((), device=self.state.device)
+            batches = self._this_rank(it)
             for _ in range(self.state.layout.grad_accum_steps):
-                input_ids, labels = (to_device(t, self.state.device) for t in next(it))
+                input_ids, labels = next(batches)
                 micro_loss = self.engine(input_ids, labels)
                 self.engine.backward(micro_loss)
                 self.engine.step()
@@ -203,18 +210,26 @@ class TrainEngine:
         """Mean loss over one global batch, no update (the same on every rank)."""
         it: Iterator = iter(micro_batches)
         if self.pipelined:
-            return self.engine.eval_batch(data_iter=_to_device(it, self.state.device)).item()
+            return self.engine.eval_batch(data_iter=self._this_rank(it)).item()
         self.engine.eval()
         total = torch.zeros((), device=self.state.device)
+        batches = self._this_rank(it)
         for _ in range(self.state.layout.grad_accum_steps):
-            input_ids, labels = (to_device(t, self.state.device) for t in next(it))
+            input_ids, labels = next(batches)
             total += self.engine(input_ids, labels)
         self.engine.train()
         return self._dp_mean(total / self.state.layout.grad_accum_steps)
 
     def _dp_mean(self, value: torch.Tensor) -> float:
-        dist.all_reduce(value, group=self.state.dp_group)
-        return (value / self.state.layout.data).item()
+        dist.all_reduce(value, group=self.state.replica_group)
+        return (value / self.state.layout.replicas).item()
+
+    def _this_rank(self, micro_batches: Iterator) -> Iterator:
+        """(input_ids, labels) on the device, cut to this rank's chunk of each sequence."""
+        cp, size = self.state.cp_rank, self.state.layout.context
+        for input_ids, labels in micro_batches:
+            yield (to_device(chunk_of(input_ids, cp, size), self.state.device),
+                   to_device(chunk_of(labels, cp, size), self.state.device))
 
     @property
     def grad_norm(self) -> float | None:
@@ -291,11 +306,6 @@ class FiniteStepAdamW(torch.optim.AdamW):
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bool(bad.item())
-
-
-def _to_device(it: Iterator, device: torch.device) -> Iterator:
-    for input_ids, labels in it:
-        yield to_device(input_ids, device), to_device(labels, device)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

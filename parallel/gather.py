@@ -34,7 +34,7 @@ def gather_to_rank0(module: nn.Module, state: ParallelState) -> dict[str, torch.
     process does on the whole model (benchmark evaluation). Rank 0 then holds the model on CPU:
     exports do not use this (they write stage by stage)."""
     mine = stage_full_parameters(module, state)
-    keep = state.tp_rank == 0 and state.dp_rank == 0  # one copy per stage
+    keep = state.tp_rank == 0 and state.dp_rank == 0 and state.cp_rank == 0  # one copy per stage
     gathered = [None] * dist.get_world_size() if state.rank == 0 else None
     dist.gather_object(mine if keep else None, gathered, dst=0)
     if state.rank != 0:

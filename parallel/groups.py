@@ -1,9 +1,12 @@
-"""Process groups: Megatron-core's tensor/pipeline/data groups and the matching DeepSpeed topology.
+"""Process groups: Megatron-core's tensor/pipeline/context/data groups and the matching DeepSpeed topology.
 
-Megatron orders ranks TP fastest, then DP, then PP (`rank = tp + TP * (dp + DP * pp)`); DeepSpeed's
-`PipeModelDataParallelTopology` has axes (pipe, data, model) with the last fastest: the same
-layout. `init_parallel` builds both and checks, rank by rank, that they agree, so a pipeline
-stage's tensor-parallel shards and data-parallel replicas are the ones Megatron's layers talk to.
+Megatron orders ranks TP fastest, then CP, then DP, then PP (`rank = tp + TP * (cp + CP * (dp + DP *
+pp))`); DeepSpeed's `PipeModelDataParallelTopology` has axes (pipe, data, model) with the last
+fastest. DeepSpeed is not told of context parallelism: its data axis is CP x DP (index cp + CP * dp),
+the ranks that hold the same parameters, so it averages gradients and partitions ZeRO over both,
+which is what context parallelism needs. `init_parallel` builds both and checks, rank by rank, that
+they agree, so a pipeline stage's tensor-parallel shards and replicas are the ones Megatron's
+layers talk to.
 """
 
 from __future__ import annotations
@@ -33,17 +36,18 @@ class MegatronMPU:
 
         self.ps = parallel_state
 
+    # DeepSpeed's "data parallel" is every replica of the parameters: data x context.
     def get_data_parallel_group(self):
-        return self.ps.get_data_parallel_group()
+        return self.ps.get_data_parallel_group(with_context_parallel=True)
 
     def get_data_parallel_rank(self) -> int:
-        return self.ps.get_data_parallel_rank()
+        return self.ps.get_data_parallel_rank(with_context_parallel=True)
 
     def get_data_parallel_world_size(self) -> int:
-        return self.ps.get_data_parallel_world_size()
+        return self.ps.get_data_parallel_world_size(with_context_parallel=True)
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(self.ps.get_data_parallel_group())
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
 
     def get_model_parallel_group(self):
         return self.ps.get_model_parallel_group()
@@ -85,10 +89,14 @@ class ParallelState:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    """Rank among the data-parallel groups that read different data (the CP ranks of one group
+    read the same sequences)."""
     device: torch.device
     topology: Any
     """DeepSpeed's `PipeModelDataParallelTopology` for the layout."""
     mpu: MegatronMPU
+    cp_rank: int = 0
+    """Which chunk of each sequence this rank holds."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -103,8 +111,14 @@ class ParallelState:
         return self.mpu.get_tensor_model_parallel_group()
 
     @property
-    def dp_group(self):
+    def replica_group(self):
+        """Every rank holding this rank's parameters (data x context): losses and gradients are
+        averaged over it."""
         return self.mpu.get_data_parallel_group()
+
+    @property
+    def cp_group(self):
+        return self.mpu.ps.get_context_parallel_group()
 
 
 def init_parallel(layout: ParallelLayout, seed: int) -> ParallelState:
@@ -122,16 +136,19 @@ def init_parallel(layout: ParallelLayout, seed: int) -> ParallelState:
     if dist.get_world_size() != layout.world_size:
         raise RuntimeError(f"layout is for {layout.world_size} ranks, but the job has {dist.get_world_size()}")
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline
+        tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
+        context_parallel_size=layout.context,
     )
-    topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)
+    topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.replicas)
     rank = dist.get_rank()
     coord = topology.get_coord(rank)
     ours = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
-    if (coord.model, coord.pipe, coord.data) != ours:
-        raise RuntimeError(f"rank {rank}: DeepSpeed topology {coord} disagrees with Megatron (tp, pp, dp) = {ours}")
+    cp_rank = ps.get_context_parallel_rank()
+    if (coord.model, coord.pipe, coord.data) != (ours[0], ours[1], cp_rank + layout.context * ours[2]):
+        raise RuntimeError(f"rank {rank}: DeepSpeed topology {coord} disagrees with Megatron (tp, pp, dp, cp) = "
+                           f"{(*ours, cp_rank)}")
     mpu = MegatronMPU()
-    state = ParallelState(layout, rank, *ours, device=rank_device, topology=topology, mpu=mpu)
+    state = ParallelState(layout, rank, *ours, device=rank_device, topology=topology, mpu=mpu, cp_rank=cp_rank)
     seed_tensor_parallel_rng(mpu, seed)
     return state
 

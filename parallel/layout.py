@@ -25,6 +25,8 @@ class ParallelLayout:
     data: int
     micro_batch_size: int
     grad_accum_steps: int
+    context: int = 1
+    """Ranks each sequence is split over (contiguous chunks of seq_len / context)."""
     zero_stage: int = 1
     sequence_parallel: bool = False
     activation_checkpointing: bool = False
@@ -35,6 +37,12 @@ class ParallelLayout:
     @property
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.grad_accum_steps * self.data
+
+    @property
+    def replicas(self) -> int:
+        """Ranks that hold the same parameters (DeepSpeed's data axis): gradients are averaged,
+        and ZeRO partitions, over data x context."""
+        return self.data * self.context
 
     @property
     def pipelined(self) -> bool:

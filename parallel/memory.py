@@ -47,6 +47,6 @@ def rank_memory(cfg: ModelConfig, layout: ParallelLayout, *, precision: str = "f
     n = max(stage_parameter_counts(cfg, layout))
     weight, grad, optim = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
     zero = layout.zero_stage
-    optim_bytes = n * optim // (layout.data if zero >= 1 else 1)
-    grad_bytes = n * grad // (layout.data if zero >= 2 else 1)
+    optim_bytes = n * optim // (layout.replicas if zero >= 1 else 1)
+    grad_bytes = n * grad // (layout.replicas if zero >= 2 else 1)
     return RankMemory(n, n * weight, grad_bytes, optim_bytes)

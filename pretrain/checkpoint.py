@@ -227,7 +227,9 @@ class Checkpoint:
 
     def same_layout(self, layout) -> bool:
         saved = self.state.layout
-        return (saved["tensor"], saved["pipeline"], saved["data"]) == (layout.tensor, layout.pipeline, layout.data)
+        # ZeRO's partitions are per replica (data x context): another CP size loads universally.
+        return (saved["tensor"], saved["pipeline"], saved["data"], saved.get("context", 1)) == (
+            layout.tensor, layout.pipeline, layout.data, layout.context)
 
 
 @dataclass

@@ -123,13 +123,19 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    """How the model is split: tensor (Megatron layers), pipeline (DeepSpeed), data (ZeRO).
+    """How the model is split: tensor (Megatron layers), pipeline (DeepSpeed), context (each
+    sequence in chunks over ranks), data (ZeRO).
 
-    The data-parallel size is what is left of the world size: world / (tensor x pipeline).
+    The data-parallel size is what is left of the world size: world / (tensor x pipeline x context).
     """
 
     tensor: int = 1
     pipeline: int = 1
+    context: int = 1
+    """Split every training sequence into this many contiguous chunks, one per rank of a
+    context-parallel group: SSM layers exchange only their states (independent of seq_len),
+    attention layers gather keys and values. Gradients are averaged and ZeRO partitions over
+    data x context."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 0 (none), 1 (optimizer state), 2 (+ gradients; pipeline = 1 only)."""
     pipeline_partition: PipelinePartition = "parameters"
@@ -142,7 +148,7 @@ class ParallelConfig:
     """Split norms, residuals and dropout along the sequence over the TP group (tensor > 1)."""
 
     def __post_init__(self) -> None:
-        for name in ("tensor", "pipeline"):
+        for name in ("tensor", "pipeline", "context"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -330,12 +336,15 @@ class HippoConfig:
         """Check the sections against each other and the world size; refuse any layout that
         cannot run, before a process does work. Each message names the option to change."""
         m, p, t = self.model, self.parallel, self.train
-        tp, pp = p.tensor, p.pipeline
-        if world_size % (tp * pp):
+        tp, pp, cp = p.tensor, p.pipeline, p.context
+        if world_size % (tp * pp * cp):
             raise ConfigError(
-                f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = {tp} x {pp}"
+                f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x parallel.context "
+                f"= {tp} x {pp} x {cp}"
             )
-        dp = world_size // (tp * pp)
+        dp = world_size // (tp * pp * cp)
+        if cp > 1:
+            self._check_context(cp)
         if m.d_model % tp:
             raise ConfigError(f"model.d_model={m.d_model} is not divisible by parallel.tensor={tp}")
         if m.uses_attention and m.n_head % tp:
@@ -374,10 +383,26 @@ class HippoConfig:
                 f"data-parallel size = {t.micro_batch_size} x {dp}"
             )
         return ParallelLayout(
-            world_size, tp, pp, dp, t.micro_batch_size, t.global_batch_size // per_step, zero_stage=p.zero_stage,
+            world_size, tp, pp, dp, t.micro_batch_size, t.global_batch_size // per_step, context=cp, zero_stage=p.zero_stage,
             sequence_parallel=p.sequence_parallel, activation_checkpointing=p.activation_checkpointing,
             pipeline_partition=p.pipeline_partition, stage_layers=tuple(p.stage_layers),
         )
+
+
+    def _check_context(self, cp: int) -> None:
+        m, p, t = self.model, self.parallel, self.train
+        if t.seq_len % cp:
+            raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by parallel.context={cp}: "
+                              "every rank holds an equal chunk of each sequence")
+        if p.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel with parallel.context > 1 is not supported yet; "
+                              "use one of them")
+        if m.dropout > 0:
+            raise ConfigError(f"model.dropout={m.dropout} with parallel.context={cp} is not supported yet "
+                              "(its masks would differ from one process's); set model.dropout=0")
+        if m.position_embedding == "learned" and t.seq_len > m.max_position_embeddings:
+            raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
+                              f"{m.max_position_embeddings}")
 
 
 RESUME_FREE = ("parallel.", "model.conv_impl", "train.exit_interval", "train.time_limit", "train.log_interval",

@@ -179,7 +179,7 @@ def _finish(cfg: HippoConfig, run_dir: Path, step: int, engine: TrainEngine, sta
             m = validation_metrics(val_loss)
             log.info("validation after step %d: loss %.4f, perplexity %.2f", step, m["val_loss"], m["val_ppl"])
     params = stage_full_parameters(engine.module, state)  # TP shards gathered within the stage, on CPU
-    writer = state.tp_rank == 0 and state.dp_rank == 0
+    writer = state.tp_rank == 0 and state.dp_rank == 0 and state.cp_rank == 0
     export, layout = run_dir / "export", state.layout
     if layout.pipeline == 1:
         if state.rank == 0:

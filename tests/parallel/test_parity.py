@@ -30,7 +30,17 @@ LAYOUTS = {
     "tp2_dp2_zero2": (2, 1, 2, ["parallel.zero_stage=2"]),
     "pp2_dp2_zero1": (1, 2, 2, []),
     "tp2_sequence_parallel": (2, 1, 1, ["parallel.sequence_parallel=true"]),
+    # Context parallelism: seq_len 16 in chunks of 8 and 4, shorter than the shift SSM's history.
+    "cp2": (1, 1, 1, ["parallel.context=2"]),
+    "cp4": (1, 1, 1, ["parallel.context=4"]),
+    "tp2_cp2": (2, 1, 1, ["parallel.context=2"]),
+    "pp2_cp2": (1, 2, 1, ["parallel.context=2"]),
+    "dp2_cp2_zero2": (1, 1, 2, ["parallel.context=2", "parallel.zero_stage=2"]),
 }
+
+
+def context_size(extra: list[str]) -> int:
+    return next((int(o.split("=")[1]) for o in extra if o.startswith("parallel.context=")), 1)
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +74,12 @@ def test_reference_moves_the_weights_and_clips(reference):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, reference, tmp_path):
     tp, pp, dp, extra = LAYOUTS[name]
+    cp = context_size(extra)
     options = [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", *extra]
     args = ["--out", str(tmp_path)] + [a for opt in options for a in ("--set", opt)]
-    torchrun(tp * pp * dp, [str(ROOT / "tests/parallel/parity_worker.py"), *args])
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(tp * pp * dp)]
+    world = tp * pp * dp * cp
+    torchrun(world, [str(ROOT / "tests/parallel/parity_worker.py"), *args])
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
     # Losses of every step, on every rank, equal the single-process run within 1e-5 relative.
     ref = torch.tensor(reference["losses"])
@@ -106,9 +118,9 @@ def test_layout_matches_single_process(name, reference, tmp_path):
     for rep in reports:
         assert sum(rep["local_param_numel"].values()) == expected_counts[rep["pp"]], rep["rank"]
 
-    # ZeRO partitions the Adam moments over the data-parallel group: 1/DP of 8 bytes per
-    # parameter of the stage on each rank (plus alignment padding).
+    # ZeRO partitions the Adam moments over the replicas (data x context): 1/(DP x CP) of 8 bytes
+    # per parameter of the stage on each rank (plus alignment padding).
     for rep in reports:
         stage_params = sum(rep["local_param_numel"].values())
-        expected = 8 * stage_params / dp
+        expected = 8 * stage_params / (dp * cp)
         assert abs(rep["optimizer_state_bytes"] - expected) <= 0.01 * expected + 8 * 64, (rep, expected)

@@ -100,7 +100,8 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(data, r
     assert latest_step(run) == STEPS
 
 
-PARALLEL = {"dp2_zero1": (2, []), "tp2_pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"])}
+PARALLEL = {"dp2_zero1": (2, []), "tp2_pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+            "cp2": (2, ["parallel.context=2"])}
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +150,19 @@ def test_resume_on_one_process_from_a_parallel_checkpoint(parallel_runs, data, t
     # The first loss after the switch uses the loaded parameters: equal within 1e-5 relative.
     assert got[17] == pytest.approx(expected[17], rel=1e-5)
     # Later steps drift only by the float order of the new layout's reductions.
+    for step in range(18, STEPS + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), step
+
+
+def test_a_cp2_checkpoint_continues_at_cp4(parallel_runs, data, tmp_path):
+    """Checkpoints do not depend on the context-parallel size: a CP 2 run's step 16 continues on
+    4 ranks (chunks of 8 tokens) through a universal checkpoint, like the CP 2 run itself."""
+    full, _ = parallel_runs["cp2"]
+    run = tmp_path / "cp4"
+    hippo_train(run, data, "parallel.context=4", "--resume", str(full / "checkpoints" / "global_step16"), nproc=4)
+    expected, got = losses(full), losses(run)
+    assert sorted(got) == list(range(17, STEPS + 1))
+    assert got[17] == pytest.approx(expected[17], rel=1e-5)
     for step in range(18, STEPS + 1):
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
 
