@@ -397,9 +397,10 @@ class HippoConfig:
         if p.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel with parallel.context > 1 is not supported yet; "
                               "use one of them")
-        if m.dropout > 0:
-            raise ConfigError(f"model.dropout={m.dropout} with parallel.context={cp} is not supported yet "
-                              "(its masks would differ from one process's); set model.dropout=0")
+        if m.dropout > 0 and m.uses_attention:
+            raise ConfigError(f"model.dropout={m.dropout} with parallel.context={cp} is not supported yet for models "
+                              "with attention layers (attention dropout's masks would differ from one process's); "
+                              "set model.dropout=0")
         if m.position_embedding == "learned" and t.seq_len > m.max_position_embeddings:
             raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
                               f"{m.max_position_embeddings}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from hippo.pretrain.models.inference import InferenceParams
 from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
@@ -80,9 +81,11 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if split:
             # A chunk of a sequence split over ranks: the keys and values of every chunk up to
-            # this one, and the causal mask of this chunk's rows (query i sees keys <= offset + i).
+            # this one; query i sees keys <= offset + i, the causal mask aligned to the lower
+            # right. CUDA's flash / memory-efficient kernels apply it without materializing it;
+            # on CPU SDPA builds the (L/CP x keys) mask (see BENCHMARKS.md, context parallelism).
             k, v = self.sequence.preceding(k, dim=2), self.sequence.preceding(v, dim=2)
-            mask = torch.arange(k.shape[2], device=x.device) <= torch.arange(offset, offset + L, device=x.device)[:, None]
+            mask = causal_lower_right(L, k.shape[2])
         # A single new token attends to the whole cache, so only the prefill needs the causal mask.
         with self.tp_rng():  # attention dropout acts on this rank's heads: its own mask
             y = F.scaled_dot_product_attention(

@@ -44,11 +44,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model, linears=linears)
         self.dropout = nn.Dropout(cfg.dropout)
         self.dropout_rng = linears.sequence_rng
+        self.sequence = linears.sequence  # dropout masks of the whole sequence, this rank's chunk
 
     def forward(self, x: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
         mixed = self.mixer(self.norm1(x), inference_params)
         with self.dropout_rng():
-            x = x + self.dropout(mixed)
+            x = x + self.sequence.dropout(mixed, self.dropout.p, self.training)
         mlp = self.mlp(self.norm2(x))
         with self.dropout_rng():
-            return x + self.dropout(mlp)
+            return x + self.sequence.dropout(mlp, self.dropout.p, self.training)

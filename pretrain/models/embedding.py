@@ -30,7 +30,7 @@ class TokenEmbedding(nn.Module):
                 raise ValueError(f"sequence of {offset + L} exceeds model.max_position_embeddings={self.max_positions}")
             h = h + self.position(torch.arange(offset, offset + L, device=input_ids.device))
         with self._dropout_rng():
-            return self.drop(h)
+            return self._sequence.dropout(h, self.drop.p, self.training)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, L, D) -> (B, L, vocab on this rank): the tied LM head."""

@@ -60,6 +60,16 @@ class SequenceSplit:
         finals = torch.view_as_complex(self.all_gather(torch.view_as_real(final_state.contiguous())))
         return incoming_states(finals[: self.rank + 1], ssm.dA, chunk_length)[self.rank]
 
+    def dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+        """Dropout on (B, T, D) hidden states with the masks one process draws for these positions:
+        the whole sequence's mask is drawn (same generator, same draws as `F.dropout` on
+        (B, size T, D)) and this rank's rows kept."""
+        if not (self.split and training and p > 0):
+            return torch.nn.functional.dropout(x, p, training)
+        B, T, D = x.shape
+        noise = x.new_empty(B, T * self.size, D).bernoulli_(1 - p)[:, self.rank * T : (self.rank + 1) * T]
+        return x * noise.div_(1 - p)
+
     def preceding(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """x of every rank up to and including this one, concatenated along `dim` in sequence
         order (attention's keys and values)."""

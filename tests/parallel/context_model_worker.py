@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hippo.parallel.context_parallel import chunk_of, sequence_split
+from hippo.parallel.context_parallel import chunk_of, counted_collective_bytes, sequence_split
 from hippo.pretrain.models import HippoLM
 from hippo.pretrain.models.config import ModelConfig
 from hippo.pretrain.models.linear import Linears
@@ -27,25 +27,10 @@ MODELS = {
     "hybrid": dict(mixer="h3", attn_layer_idx=[1]),
     "hybrid_rotary": dict(mixer="h3", attn_layer_idx=[1], position_embedding="rotary"),
     "learned_positions": dict(mixer="h3", attn_layer_idx=[1], position_embedding="learned", max_position_embeddings=2048),
+    # Dropout on embeddings and residual branches: the masks one process draws for these positions.
+    "h3_dropout": dict(mixer="h3", dropout=0.1),
+    "s4d_dropout": dict(mixer="s4d", dropout=0.1),
 }
-
-SENT = {"bytes": 0}
-
-
-def count_bytes() -> None:
-    """Bytes each rank contributes to the all-gathers and reduce-scatters (wrapping torch's)."""
-    gather, scatter = dist.all_gather_into_tensor, dist.reduce_scatter_tensor
-
-    def counted_gather(out, x, *a, **k):
-        SENT["bytes"] += x.numel() * x.element_size()
-        return gather(out, x, *a, **k)
-
-    def counted_scatter(out, x, *a, **k):
-        SENT["bytes"] += out.numel() * out.element_size()
-        return scatter(out, x, *a, **k)
-
-    dist.all_gather_into_tensor, dist.reduce_scatter_tensor = counted_gather, counted_scatter
-
 
 def model_config(name: str, d_state: int) -> ModelConfig:
     return ModelConfig(vocab_size=61, d_model=16, n_layer=3, n_head=2, d_state=d_state, **MODELS[name])
@@ -58,14 +43,16 @@ def run(name: str, L: int, group, cp_rank: int, cp: int, d_state: int, dtype: to
     x, y = tokens[:, :-1], tokens[:, 1:]
     cfg = model_config(name, d_state)
     ref = HippoLM(cfg, seed=7)
+    torch.manual_seed(123)  # the dropout generator: the same draws in both models
     ref_loss = ref.loss(x, y)
     ref_loss.backward()
     split = sequence_split(group, cp_rank, cp)
     model = HippoLM(cfg, Linears(sequence=split), seed=7)
-    SENT["bytes"] = 0
-    loss = model.loss(chunk_of(x, cp_rank, cp), chunk_of(y, cp_rank, cp))
-    (loss / cp).backward()
-    moved = SENT["bytes"]
+    torch.manual_seed(123)
+    with counted_collective_bytes() as sent:
+        loss = model.loss(chunk_of(x, cp_rank, cp), chunk_of(y, cp_rank, cp))
+        (loss / cp).backward()
+    moved = sent["bytes"]
     losses = torch.stack([loss.detach()]).repeat(cp)
     dist.all_gather_into_tensor(losses, loss.detach().reshape(1), group=group)
     grads = {}
@@ -86,7 +73,6 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    count_bytes()
     results = []
     for cp in args.sizes:
         groups = [dist.new_group(list(range(s, s + cp))) for s in range(0, world, cp)]

@@ -2,7 +2,8 @@
 
 One torchrun job of 8 ranks (`context_model_worker.py`) runs every case: H3-only, S4D and hybrid
 models (with no, rotary and learned positions), chunks down to 8 tokens (shorter than the shift
-SSM's 63-input history), d_state 64 and 16. The reference is the plain single-process model on
+SSM's 63-input history), d_state 64 and 16, and dropout (H3 and S4D: the same masks for the same
+positions as one process). The reference is the plain single-process model on
 whole sequences, run in the same process.
 """
 
@@ -37,7 +38,7 @@ def test_losses_and_gradients_match_one_process(results):
         bad = {n: g for n, g in r["grads"].items() if g["diff"] > 1e-5 * max(g["scale"], 1e-2 * top)}
         assert not bad, (case, bad)
     assert {r["cp"] for r in results} == {2, 4, 8}
-    assert {r["model"] for r in results} >= {"h3", "s4d", "hybrid"}
+    assert {r["model"] for r in results} >= {"h3", "s4d", "hybrid", "h3_dropout", "s4d_dropout"}
     assert any(r["L"] // r["cp"] < 63 for r in results if r["model"] == "hybrid")
 
 

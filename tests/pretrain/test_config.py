@@ -151,3 +151,26 @@ def test_tiny_configs_train_on_the_quickstarts_data(path):
     assert cfg.train.seq_len == QUICKSTART_SEQ_LEN
     assert cfg.model.vocab_size == load_tokenizer("byte").vocab_size
     assert cfg.layout(1).global_batch_size == cfg.train.global_batch_size
+
+
+@pytest.mark.parametrize("overrides,world,message", [
+    (["train.seq_len=30", "parallel.context=4"], 4, r"train\.seq_len=30 is not divisible by parallel\.context=4"),
+    (["parallel.context=4"], 6, r"world size 6 is not divisible by .*parallel\.context = 1 x 1 x 4"),
+    (["parallel.context=2", "model.dropout=0.1"], 2, r"model\.dropout=0\.1 with parallel\.context=2"),
+    (["parallel.context=2", "parallel.tensor=2", "parallel.sequence_parallel=true"], 4,
+     r"parallel\.sequence_parallel with parallel\.context"),
+    (["parallel.context=0"], 1, r"parallel\.context must be >= 1"),
+])
+def test_context_parallel_layouts_that_cannot_run_are_refused(overrides, world, message):
+    from tests.parallel.common import config
+
+    with pytest.raises(ConfigError, match=message):
+        config(overrides).layout(world)
+
+
+def test_a_context_parallel_layout_counts_every_rank():
+    from tests.parallel.common import config
+
+    layout = config(["parallel.context=2", "parallel.tensor=2", "train.global_batch_size=4"]).layout(8)
+    assert (layout.tensor, layout.pipeline, layout.context, layout.data, layout.replicas) == (2, 1, 2, 2, 4)
+    assert layout.global_batch_size == 4  # sequences: the context ranks of a replica share them
