@@ -7,7 +7,9 @@
 
 Q, K, V are column-parallel and W_o row-parallel, and both SSMs work per channel, so a
 tensor-parallel rank runs the whole layer on its d_model / TP channels with no communication
-until W_o.
+until W_o. Under context parallelism a rank runs its chunk of the sequence: the shift SSM's
+history comes from the chunks before it and the diagonal SSM's incoming state from a scan over
+them (`_chunk_of_sequence`; it needs states, so it runs the chunked path, never Triton).
 """
 
 from __future__ import annotations
@@ -64,16 +66,7 @@ class H3(nn.Module):
         if self.sequence.split and not prefill:
             return self.out_proj(self._chunk_of_sequence(q, k, v, discrete).transpose(1, 2))
         # y = q * DiagSSM(ShiftSSM(k) * v); a prefill also gets the diagonal state at the end.
-        # The SSM parameters go in as fp32 whatever the activations' dtype: the dynamics are fp32
-        # tensors even under bf16 training (`parallel.engine`), and the kernels' taps come from them.
-        try:
-            out = h3_core(q, k, v, sh.B.float(), sh.C.float(), sh.D.float(), discrete, dg.D.float(),
-                          impl=CONV_IMPLS[self.conv_impl], return_state=prefill)
-        except TritonUnavailableError as e:  # raised before any work: the path choice, not the math
-            raise ConfigError(
-                f"model.conv_impl='triton' cannot run here: {e.reason}; "
-                "set model.conv_impl to 'auto' (Triton where it can run, else chunked) or 'chunked'"
-            ) from e
+        out = self._core(q, k, v, discrete, return_state=prefill)
         if prefill:
             y, diag_state = out
             # Decode state: the shift SSM's last inputs in a ring with its taps, the diagonal
@@ -85,18 +78,30 @@ class H3(nn.Module):
             y = out
         return self.out_proj(y.transpose(1, 2))
 
+    def _core(self, q, k, v, discrete, *, return_state: bool):
+        # The SSM parameters go in as fp32 whatever the activations' dtype: the dynamics are fp32
+        # tensors even under bf16 training (`parallel.engine`), and the kernels' taps come from them.
+        sh, dg = self.shift_ssm, self.diag_ssm
+        try:
+            return h3_core(q, k, v, sh.B.float(), sh.C.float(), sh.D.float(), discrete, dg.D.float(),
+                           impl=CONV_IMPLS[self.conv_impl], return_state=return_state)
+        except TritonUnavailableError as e:  # raised before any work: the path choice, not the math
+            raise ConfigError(
+                f"model.conv_impl='triton' cannot run here: {e.reason}; "
+                "set model.conv_impl to 'auto' (Triton where it can run, else chunked) or 'chunked'"
+            ) from e
+
     def _chunk_of_sequence(self, q, k, v, discrete) -> torch.Tensor:
         """This rank's chunk of a sequence split over ranks (`SequenceSplit`): the shift SSM
         reads the previous chunk's last N - 1 inputs (the halo, put before the chunk with zero q
         and v, so it adds nothing to the diagonal state); the diagonal SSM runs from a zero
         state and the true incoming state's response is added in closed form."""
-        sh, dg, seq = self.shift_ssm, self.diag_ssm, self.sequence
-        W = sh.B.shape[-1] - 1
+        seq = self.sequence
+        W = self.shift_ssm.B.shape[-1] - 1
         halo = seq.history(k, W)
         zeros = q.new_zeros(*q.shape[:-1], W)
         q_ext, k_ext, v_ext = (torch.cat((a, b), dim=-1) for a, b in ((zeros, q), (halo, k), (zeros, v)))
-        y, final_state = h3_core(q_ext, k_ext, v_ext, sh.B.float(), sh.C.float(), sh.D.float(), discrete,
-                                 dg.D.float(), impl=CONV_IMPLS[self.conv_impl], return_state=True)
+        y, final_state = self._core(q_ext, k_ext, v_ext, discrete, return_state=True)
         T = q.shape[-1]
         incoming = seq.incoming_state(final_state, discrete, T)
         return y[..., W:] + q * diagonal_output_from_state(incoming, discrete, T).to(y.dtype)

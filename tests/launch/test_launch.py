@@ -83,7 +83,7 @@ def test_a_layout_the_world_cannot_run_is_refused_before_launching(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hippo.pretrain.cli", "launch", "torchrun", "--nproc-per-node", "3",
                            "tiny_hybrid", "--set", "parallel.tensor=2"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "world size 3 is not divisible by parallel.tensor x parallel.pipeline = 2 x 1" in proc.stderr
+    assert "world size 3 is not divisible by parallel.tensor x parallel.pipeline x parallel.context = 2 x 1 x 1" in proc.stderr
     assert "hippo launch:" not in proc.stdout  # nothing was started
 
 
