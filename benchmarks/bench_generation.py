@@ -7,8 +7,8 @@ The prefill computes the last position's logits only (`last_only=True`: all posi
 
 Each model is prefilled once, with the longest prompt (timed): a 125M prefill of 64 x 1536 tokens
 takes minutes on 2 cores. The states after the shorter prompts come out of that same prefill
-(`prefill_with_prefixes`; tests/models/test_decode.py checks they equal prefills of the shorter
-prompts). Then, per prompt length (longest first), the decode rounds run interleaved across the
+(`prefill_with_prefixes`; no test covers it: checked by hand against prefills of the shorter
+prompts, see BENCHMARKS.md). Then, per prompt length (longest first), the decode rounds run interleaved across the
 models, each from the same post-prompt state; decode tokens/s (prefill excluded) is the median
 over the rounds; the table also lists every round and the ratio of the best rounds.
 
