@@ -390,12 +390,16 @@ def run_worker(argv: list[str], out: Path, env: dict | None = None) -> list[dict
     return [json.loads(p.read_text()) for p in sorted(out.parent.glob(out.name + ".*"))]
 
 
+def model_setting(model: str, key: str) -> int:
+    """An integer setting of a benchmarked model, from its overrides in `MODELS`."""
+    _, overrides, *_ = MODELS[model]
+    return int(next(o for o in overrides if o.startswith(key + "=")).split("=")[1])
+
+
 def part_overhead(args, root: Path) -> list[dict]:
     rows = []
     for model in args.models:
-        _, overrides, *_ = MODELS[model]
-        seq_len = int(next(o for o in overrides if o.startswith("train.seq_len=")).split("=")[1])
-        data = prepare_data(root, seq_len)
+        data = prepare_data(root, model_setting(model, "train.seq_len"))
         out = root / f"overhead_{model}.json"
         argv = [sys.executable, __file__, "--worker", "overhead", "--model", model, "--data", str(data),
                 "--run-dir", str(root / f"run_{model}"), "--out", str(out), "--rounds", str(args.rounds),
@@ -415,10 +419,8 @@ def part_overhead(args, root: Path) -> list[dict]:
 def part_dp(args, root: Path) -> list[dict]:
     rows = []
     for model in args.dp_models:
-        _, overrides, *_ = MODELS[model]
-        seq_len = int(next(o for o in overrides if o.startswith("train.seq_len=")).split("=")[1])
-        data = prepare_data(root, seq_len)
-        mb = int(next(o for o in overrides if o.startswith("train.global_batch_size=")).split("=")[1]) // 2
+        data = prepare_data(root, model_setting(model, "train.seq_len"))
+        mb = model_setting(model, "train.global_batch_size") // 2
         sets = [f"train.micro_batch_size={mb}", *args.set]
         results = {}
         for trial in range(args.dp_trials):

@@ -30,20 +30,13 @@ from hippo.kernels.h3_core import (
     _spans,
     block_length,
 )
+from tests.kernels.test_h3_core import _params as core_params
 
 
 def _params(C, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    sB = torch.randn(C, 64, generator=g, dtype=dtype) / 8
-    sC = torch.randn(C, 64, generator=g, dtype=dtype) / 8
-    sD = torch.randn(C, generator=g, dtype=dtype)
-    log_dt = torch.empty(C, dtype=dtype).uniform_(-6.9, -2.3, generator=g)
-    log_A_real = torch.full((C, 32), -0.69, dtype=dtype) + 0.1 * torch.randn(C, 32, generator=g, dtype=dtype)
-    A_imag = torch.pi * torch.arange(32, dtype=dtype).expand(C, 32).clone()
-    B = torch.randn(C, 32, 2, generator=g, dtype=dtype)
-    Cc = torch.randn(C, 32, 2, generator=g, dtype=dtype) / 2**0.5
-    D = torch.randn(C, generator=g, dtype=dtype)
-    return [sB, sC, sD, log_dt, log_A_real, A_imag, B, Cc, D]
+    """test_h3_core's parameters as one flat list (shift B, C, D, the diagonal SSM's five, D)."""
+    sB, sC, sD, diag, D = core_params(C, dtype, seed)
+    return [sB, sC, sD, *diag, D]
 
 
 def _inputs(Bsz, C, L, dtype, seed, layout):
