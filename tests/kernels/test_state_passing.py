@@ -152,5 +152,7 @@ def test_intermediate_memory_bounded_by_chunk_not_length():
     full = _peak_rss_delta(64 * T, 0)
     # From 8K to 64K the chunked peak grows by at most ~8 u-sized tensors per extra position.
     assert big - small <= 8 * io * (64 - 8) * T, (small, big)
-    # The full-length reference holds at least one more length-2L spectrum (2 u-sized tensors).
-    assert full - big >= 2 * io * 64 * T, (full, big)
+    # The probe tells the paths apart: the full-length reference peaks above the chunked path.
+    # (Since the kernel lost its Vandermonde the margin is small and allocator-dependent: 63-191 MB
+    # measured, under 2 u-sized tensors once, so no tighter bound holds reliably.)
+    assert full > big, (full, big)
