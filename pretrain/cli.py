@@ -128,7 +128,7 @@ def _read_prompts(path: Path) -> list[str]:
 # `hippo eval` options of one mode only (dest: flag); given to the other, they would go unused.
 EVAL_DATA_OPTIONS = {"split": "--split", "batches": "--batches"}
 EVAL_TASK_OPTIONS = {"num_fewshot": "--num-fewshot", "limit": "--limit", "batch_size": "--batch-size",
-                     "include_path": "--include-path", "device": "--device", "output": "--output"}
+                     "include_path": "--include-path", "output": "--output"}
 EVAL_RESULTS = "eval_results.json"
 
 
@@ -141,7 +141,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks is not None:
         return _eval_tasks(args)
     split = args.split or "validation"
-    loss, tokens = evaluate_export(Path(args.model), args.data, split=split, max_batches=args.batches)
+    from hippo.pretrain.devices import resolve_device
+
+    loss, tokens = evaluate_export(Path(args.model), args.data, split=split, max_batches=args.batches,
+                                   device=resolve_device(args.device, None))
     print(f"{split}: {tokens:,} tokens, loss {loss:.4f}, perplexity {__import__('math').exp(loss):.2f}")
     return 0
 
@@ -151,8 +154,8 @@ def _check_eval_mode(args: argparse.Namespace) -> None:
     given = [flag for dest, flag in foreign.items() if getattr(args, dest) is not None]
     if given:
         raise ConfigError(f"{', '.join(given)}: not an option of `hippo eval {mode}` (--split and --batches go "
-                          "with --data; --num-fewshot, --limit, --batch-size, --include-path, --device and --output "
-                          "with --tasks)")
+                          "with --data; --num-fewshot, --limit, --batch-size, --include-path and --output "
+                          "with --tasks; --device with both)")
 
 
 def _eval_tasks(args: argparse.Namespace) -> int:
@@ -336,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="--tasks: requests per forward pass (default 8; results do not "
                    "depend on it)")
     p.add_argument("--include-path", help="--tasks: a folder of task YAMLs of your own (e.g. offline copies)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="--tasks: default cuda when there is one")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default cuda when there is one")
     p.add_argument("--output", help=f"--tasks: results JSON (default <model>/{EVAL_RESULTS})")
     p.set_defaults(func=_cmd_eval)
 

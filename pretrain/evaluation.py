@@ -19,15 +19,16 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def evaluate_export(folder: Path, data_paths: list[str], *, split: str = "validation", batch_size: int = 8,
-                    max_batches: int | None = None) -> tuple[float, int]:
+                    max_batches: int | None = None, device: torch.device | str = "cpu") -> tuple[float, int]:
     """Mean next-token loss over the split (one pass, manifest order) and the tokens it covered."""
-    model, meta = load_export(folder)
+    model, meta = load_export(folder, device=torch.device(device))
     check_data_fits(Path(folder), meta, model.cfg.vocab_size, data_paths)
     stream = build_stream(DataConfig(paths=list(data_paths), split=split), dp_rank=0, dp_size=1,
                           micro_batch_size=batch_size, global_batch_size=batch_size, one_pass=True,
                           max_batches=max_batches)
     total, tokens = 0.0, 0
     for batch in stream:
+        batch = batch.to(device)
         n = batch[:, 1:].numel()
         total += model.loss(batch[:, :-1], batch[:, 1:]).item() * n
         tokens += n

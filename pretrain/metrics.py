@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hippo.pretrain.config import HippoConfig
 from hippo.pretrain.flops import train_flops_per_token
 
@@ -44,6 +46,8 @@ def step_metrics(*, loss: float, lr: float, seconds: float, grad_norm: float | N
         metrics["grad_norm"] = grad_norm
     if throughput.peak_flops_total > 0:
         metrics["mfu"] = throughput.flops_per_token * tokens_per_s / throughput.peak_flops_total
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # the run's peak so far, this rank
+        metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return metrics
 
 

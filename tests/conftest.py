@@ -16,6 +16,15 @@ from hippo.data_pipeline.prepare import prepare
 from tests.helpers import free_port, text_document
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    """Tests that start processes (dist) or compile (compile) are slow too, so `-m "not slow"`
+    stays the in-process fast tier."""
+    for item in items:
+        if item.get_closest_marker("dist") or item.get_closest_marker("compile"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` (sqlite backend, proxied artifacts) in its own process group."""

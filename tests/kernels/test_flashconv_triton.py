@@ -60,97 +60,112 @@ def h3_bound(tag: str, roundings: int, n: int, L: int) -> float:
 
 # ------------------------------------------------------------------ child process (the cases)
 def _rel(a, b) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def _rel_norm(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _dtypes():
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def conv_case(B, C, L, Lk, tag, with_vq, transposed=False, grads=False, seed=0, device="cpu"):
+    """`flashconv` on `device` against `fftconv_ref` in float64 on the CPU: () -> {quantity: max-norm
+    rel. error}. The GPU tier (tests/gpu) runs these same cases on CUDA."""
+
+    def run():
+        import torch
+
+        from hippo.kernels._flashconv_triton import flashconv
+        from hippo.kernels.fftconv import fftconv_ref
+
+        g = torch.Generator().manual_seed(seed)
+        dt = _dtypes()[tag]
+        rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+        u, v, q, dy = rnd(B, C, L), rnd(B, C, L), rnd(B, C, L), rnd(B, C, L)
+        k, D = rnd(C, Lk) / min(Lk, L) ** 0.5, rnd(C)
+        if not with_vq:
+            v = q = None
+        # Inputs as the kernel sees them (rounded to dt), leaves in float64 for the reference.
+        leaves = {n: t.to(dt).double() for n, t in dict(u=u, k=k, D=D, v=v, q=q).items() if t is not None}
+        ins = {n: t.to(device=device, dtype=dt).requires_grad_(grads) for n, t in leaves.items()}
+        if transposed:  # (B, L, C) projections seen as (B, C, L): strided rows
+            ins = {n: (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(grads)
+                       if t.dim() == 3 else t) for n, t in ins.items()}
+        y = flashconv(ins["u"], ins["k"], ins["D"], v=ins.get("v"), q=ins.get("q"))
+        ref_in = {n: t.clone().requires_grad_(grads) for n, t in leaves.items()}
+        w = ref_in["u"] * ref_in["v"] if with_vq else ref_in["u"]
+        y_ref = fftconv_ref(w, ref_in["k"], ref_in["D"])
+        if with_vq:
+            y_ref = ref_in["q"] * y_ref
+        out = {"y": _rel(y.detach(), y_ref.detach())}
+        assert y.dtype == dt and y.shape == (B, C, L)
+        if grads:
+            names = list(ins)
+            got = torch.autograd.grad(y, [ins[n] for n in names], dy.to(device=device, dtype=dt))
+            want = torch.autograd.grad(y_ref, [ref_in[n] for n in names], dy.to(dt).double())
+            out.update({f"d{n}": _rel(a, b) for n, a, b in zip(names, got, want)})
+        return out
+
+    return run
+
+
+def h3_case(B, C, L, tag, seed=0, fp32_dots=None, device="cpu"):
+    """h3_core(impl="triton") on `device`, q k v dy in `tag`, SSM parameters in fp32 (as in the
+    model), against h3_core_ref in float64 on the CPU on the same values: y and every SSM-parameter
+    gradient, normwise, with the `h3_bound` of each. fp32_dots: run the fp32 GEMMs at this precision."""
+
+    def run():
+        import torch
+
+        import hippo.kernels._flashconv_triton as fc
+        from hippo.kernels import DiscreteDiagonalSSM, discretize_diagonal, h3_core, h3_core_ref
+        from hippo.kernels._flashconv_support import block_fft_config
+
+        g = torch.Generator().manual_seed(seed)
+        rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
+        N, dt = 64, _dtypes()[tag]
+        q, k, v, dy = (rnd(B, C, L).to(dt) for _ in range(4))
+        sB, sC, sD = rnd(C, N) / 8, rnd(C, N) / N**0.5, rnd(C)
+        log_dt = torch.empty(C).uniform_(-6.9, -2.3, generator=g)
+        log_A, A_im = torch.full((C, 32), -0.69), torch.pi * torch.arange(32.0).expand(C, 32).clone()
+        B_, C_, D = rnd(C, 32, 2), rnd(C, 32, 2) / 2**0.5, rnd(C)
+        outs = {}
+        old = fc.FP32_DOT_PRECISION
+        fc.FP32_DOT_PRECISION = fp32_dots or old
+        try:
+            for impl, pdt, xdt, dev in (("triton", torch.float32, dt, device),
+                                        ("reference", torch.float64, torch.float64, "cpu")):
+                x = [t.to(device=dev, dtype=xdt) for t in (q, k, v)]
+                p = [t.to(device=dev, dtype=pdt).requires_grad_() for t in (sB, sC, sD, D, log_dt, C_)]
+                ssm = discretize_diagonal(p[4], *(t.to(device=dev, dtype=pdt) for t in (log_A, A_im, B_)), p[5])
+                if impl == "reference":
+                    ssm = DiscreteDiagonalSSM(*(t.to(torch.complex128) for t in ssm))
+                    y = h3_core_ref(*x, *p[:3], ssm, p[3])
+                else:
+                    y = h3_core(*x, *p[:3], ssm, p[3], impl="triton")
+                    assert y.dtype == dt
+                outs[impl] = (y.detach(), torch.autograd.grad(y, p, dy.to(device=dev, dtype=y.dtype)))
+        finally:
+            fc.FP32_DOT_PRECISION = old
+        names = ("dshift_B", "dshift_C", "dshift_D", "dD", "dlog_dt", "dC")
+        errs = {"y": _rel_norm(outs["triton"][0], outs["reference"][0])}
+        errs.update({n: _rel_norm(a, b) for n, a, b in zip(names, outs["triton"][1], outs["reference"][1])})
+        n2 = block_fft_config(L)[2]
+        bounds = {q_: h3_bound(tag, ROUNDINGS["y" if q_ == "y" else "grad"], n2, L) for q_ in errs}
+        return errs, bounds
+
+    return run
 
 
 def _cases():
-    """(name, dtype tag, fn) for every case; fn() returns {quantity: rel. error}."""
-    import torch
-
-    from hippo.kernels import DiscreteDiagonalSSM, discretize_diagonal, h3_core, h3_core_ref
-    from hippo.kernels._flashconv_triton import flashconv
-    from hippo.kernels.fftconv import fftconv_ref
-
-    dts = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-    def conv_case(B, C, L, Lk, tag, with_vq, transposed=False, grads=False, seed=0):
-        def run():
-            g = torch.Generator().manual_seed(seed)
-            dt = dts[tag]
-            rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-            u, v, q, dy = rnd(B, C, L), rnd(B, C, L), rnd(B, C, L), rnd(B, C, L)
-            k, D = rnd(C, Lk) / min(Lk, L) ** 0.5, rnd(C)
-            if not with_vq:
-                v = q = None
-            # Inputs as the kernel sees them (rounded to dt), leaves in float64 for the reference.
-            leaves = {n: t.to(dt).double() for n, t in dict(u=u, k=k, D=D, v=v, q=q).items() if t is not None}
-            ins = {n: t.to(dt).requires_grad_(grads) for n, t in leaves.items()}
-            if transposed:  # (B, L, C) projections seen as (B, C, L): strided rows
-                ins = {n: (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(grads)
-                           if t.dim() == 3 else t) for n, t in ins.items()}
-            y = flashconv(ins["u"], ins["k"], ins["D"], v=ins.get("v"), q=ins.get("q"))
-            ref_in = {n: t.clone().requires_grad_(grads) for n, t in leaves.items()}
-            w = ref_in["u"] * ref_in["v"] if with_vq else ref_in["u"]
-            y_ref = fftconv_ref(w, ref_in["k"], ref_in["D"])
-            if with_vq:
-                y_ref = ref_in["q"] * y_ref
-            out = {"y": _rel(y.detach(), y_ref.detach())}
-            assert y.dtype == dt and y.shape == (B, C, L)
-            if grads:
-                names = list(ins)
-                got = torch.autograd.grad(y, [ins[n] for n in names], dy.to(dt))
-                want = torch.autograd.grad(y_ref, [ref_in[n] for n in names], dy.to(dt).double())
-                out.update({f"d{n}": _rel(a, b) for n, a, b in zip(names, got, want)})
-            return out
-
-        return run
-
-    def h3_case(B, C, L, tag, seed=0, fp32_dots=None):
-        """h3_core(impl="triton"), q k v dy in `tag`, SSM parameters in fp32 (as in the model),
-        against h3_core_ref in float64 on the same values: y and every SSM-parameter gradient,
-        normwise, with the `h3_bound` of each. fp32_dots: run the fp32 GEMMs at this precision."""
-
-        def run():
-            import hippo.kernels._flashconv_triton as fc
-            from hippo.kernels._flashconv_support import block_fft_config
-
-            g = torch.Generator().manual_seed(seed)
-            rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
-            N, dt = 64, dts[tag]
-            q, k, v, dy = (rnd(B, C, L).to(dt) for _ in range(4))
-            sB, sC, sD = rnd(C, N) / 8, rnd(C, N) / N**0.5, rnd(C)
-            log_dt = torch.empty(C).uniform_(-6.9, -2.3, generator=g)
-            log_A, A_im = torch.full((C, 32), -0.69), torch.pi * torch.arange(32.0).expand(C, 32).clone()
-            B_, C_, D = rnd(C, 32, 2), rnd(C, 32, 2) / 2**0.5, rnd(C)
-            outs = {}
-            old = fc.FP32_DOT_PRECISION
-            fc.FP32_DOT_PRECISION = fp32_dots or old
-            try:
-                for impl, pdt, xdt in (("triton", torch.float32, dt), ("reference", torch.float64, torch.float64)):
-                    x = [t.to(xdt) for t in (q, k, v)]
-                    p = [t.to(pdt).requires_grad_() for t in (sB, sC, sD, D, log_dt, C_)]
-                    ssm = discretize_diagonal(p[4], log_A.to(pdt), A_im.to(pdt), B_.to(pdt), p[5])
-                    if impl == "reference":
-                        ssm = DiscreteDiagonalSSM(*(t.to(torch.complex128) for t in ssm))
-                        y = h3_core_ref(*x, *p[:3], ssm, p[3])
-                    else:
-                        y = h3_core(*x, *p[:3], ssm, p[3], impl="triton")
-                        assert y.dtype == dt
-                    outs[impl] = (y.detach(), torch.autograd.grad(y, p, dy.to(y.dtype)))
-            finally:
-                fc.FP32_DOT_PRECISION = old
-            names = ("dshift_B", "dshift_C", "dshift_D", "dD", "dlog_dt", "dC")
-            errs = {"y": _rel_norm(outs["triton"][0], outs["reference"][0])}
-            errs.update({n: _rel_norm(a, b) for n, a, b in zip(names, outs["triton"][1], outs["reference"][1])})
-            n2 = block_fft_config(L)[2]
-            bounds = {q_: h3_bound(tag, ROUNDINGS["y" if q_ == "y" else "grad"], n2, L) for q_ in errs}
-            return errs, bounds
-
-        return run
+    """(name, dtype tag, fn) for every interpreted case; fn() returns {quantity: rel. error}."""
 
     def tf32_dots(fn):
         """The control: fp32 GEMMs as plain TF32 (triton's default, what the kernel ran before)."""

@@ -234,7 +234,7 @@ def test_benchmark_prefix_states_equal_prefills_of_the_shorter_prompts():
 
 
 def test_decoding_under_bf16_autocast_keeps_fp32_states():
-    """As gpu_check generates (bf16 autocast): the ring taps (a conv1d) and the SSM reductions
+    """As generation runs on a GPU (bf16 autocast): the ring taps (a conv1d) and the SSM reductions
     (bmm) stay fp32, and the steps follow the fp32 step within bf16 rounding."""
     torch.manual_seed(0)
     model = HippoLM(ModelConfig(**MODELS["hybrid"])).eval()
