@@ -44,11 +44,12 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from hippo.parallel.context_parallel import chunk_of, counted_collective_bytes, sequence_split
+    from hippo.parallel.context_parallel import chunk_of, sequence_split
     from hippo.parallel.memory import activation_bytes
     from hippo.pretrain.config import load_config
     from hippo.pretrain.models import HippoLM
     from hippo.pretrain.models.linear import Linears
+    from tests.parallel.collective_bytes import counted_collective_bytes
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -22,7 +22,7 @@ import torch
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-from hippo.kernels._flashconv_compile import (
+from tests.kernels.flashconv_compile import (
     FLASHCONV_FFT_SIZES,
     SMEM_LIMIT_BYTES,
     compile_flashconv,

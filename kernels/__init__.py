@@ -4,42 +4,29 @@ from hippo.kernels.fftconv import fft_size, fftconv, fftconv_ref
 from hippo.kernels.h3_core import H3_CORE_IMPLS, TritonUnavailableError, h3_core, h3_core_ref, select_impl
 from hippo.kernels.ssm import (
     DiscreteDiagonalSSM,
+    dA_powers,
     diagonal_kernel,
     diagonal_state_from_prefix,
-    diagonal_step,
     discretize_diagonal,
     shift_kernel,
-    shift_state_from_prefix,
-    shift_step,
 )
-from hippo.kernels.state_passing import (
-    diagonal_kernel_blocked,
-    diagonal_output_from_state,
-    incoming_states,
-    state_passing_conv,
-    state_passing_conv_ref,
-)
+from hippo.kernels.state_passing import diagonal_output_from_state, incoming_states
 
 __all__ = [
     "H3_CORE_IMPLS",
     "TritonUnavailableError",
-    "diagonal_kernel_blocked",
     "diagonal_output_from_state",
     "incoming_states",
     "h3_core",
     "h3_core_ref",
-    "state_passing_conv",
-    "state_passing_conv_ref",
     "DiscreteDiagonalSSM",
+    "dA_powers",
     "diagonal_kernel",
     "diagonal_state_from_prefix",
-    "diagonal_step",
     "discretize_diagonal",
     "fft_size",
     "fftconv",
     "fftconv_ref",
     "select_impl",
     "shift_kernel",
-    "shift_state_from_prefix",
-    "shift_step",
 ]

@@ -45,8 +45,7 @@ import torch.nn.functional as F
 
 from hippo.kernels._flashconv_support import flashconv_unsupported
 from hippo.kernels.fftconv import fftconv
-from hippo.kernels.ssm import DiscreteDiagonalSSM, diagonal_kernel, diagonal_state_from_prefix, shift_kernel
-from hippo.kernels.state_passing import mode_powers
+from hippo.kernels.ssm import DiscreteDiagonalSSM, dA_powers, diagonal_kernel, diagonal_state_from_prefix, shift_kernel
 
 __all__ = ["h3_core", "h3_core_ref", "H3_CORE_IMPLS", "TritonUnavailableError", "select_impl", "triton_unsupported"]
 
@@ -212,16 +211,6 @@ class _ShiftMats(torch.autograd.Function):
         return g_B, g_C, g_taps[:, 0].clone(), None
 
 
-def _powers(dA: torch.Tensor, n: int) -> torch.Tensor:
-    """dA^0 .. dA^(n-1) in complex128, (C, n, N/2): dA^(8a + b) = (dA^8)^a dA^b from two running
-    products of <= 8 factors (rounding ~1e-15), one outer product instead of an n-step cumprod."""
-    C, n2 = dA.shape
-    z = dA.to(torch.complex128).unsqueeze(1)
-    small = torch.cumprod(torch.cat((torch.ones_like(z), z.expand(C, 7, n2)), dim=1), dim=1)  # dA^0..7
-    big = torch.cumprod(torch.cat((torch.ones_like(z), (small[:, 7:] * z).expand(C, -(-n // 8) - 1, n2)), dim=1), dim=1)
-    return (big.unsqueeze(2) * small.unsqueeze(1)).reshape(C, -1, n2)[:, :n]
-
-
 class _DiagMats(torch.autograd.Function):
     """Everything the chunked diagonal SSM needs for chunks of P, from (dA, dB, C, D).
 
@@ -240,7 +229,7 @@ class _DiagMats(torch.autograd.Function):
     def forward(ctx, dA, dB, Cm, D, P, rdtype):
         C, n2 = dA.shape
         cdtype = torch.complex128 if rdtype == torch.float64 else torch.complex64
-        pw = _powers(dA, P + 1)  # (C, P+1, N/2)
+        pw = dA_powers(dA, range(P + 1)).transpose(1, 2)  # (C, P+1, N/2)
         cb = dB.to(torch.complex128) * Cm.to(torch.complex128)
         coef = torch.view_as_real(2 * cb.conj()).reshape(C, 2 * n2, 1)  # (2 Re cb, -2 Im cb)
         kd = torch.bmm(torch.view_as_real(pw[:, :P]).reshape(C, P, 2 * n2), coef).squeeze(-1)  # 2 Re(cb dA^l)
@@ -532,10 +521,9 @@ def _h3_core_chunked(q, k, v, shift_B, shift_C, shift_D, ssm, D, initial_state, 
     # State after position L-1, closed from the state before the last chunk and its r inputs
     # (the chunk grid may run past L; dividing out padded steps would not be stable).
     r = L - (-(-L // P) - 1) * P
-    pw = mode_powers(ssm.dA, torch.arange(r + 1, device=q.device))  # (C, N/2, r+1)
-    g = (ssm.dB.to(torch.complex128).unsqueeze(-1) * pw[..., :r].flip(-1)).to(cdtype)
+    g = (ssm.dB.to(torch.complex128).unsqueeze(-1) * dA_powers(ssm.dA, range(r)).flip(-1)).to(cdtype)  # (C, N/2, r)
     state = torch.einsum("cbl,cnl->bcn", kv_last[..., :r].to(cdtype), g)
-    return y, state + before_last.transpose(0, 1) * pw[..., r].to(cdtype)
+    return y, state + before_last.transpose(0, 1) * dA_powers(ssm.dA, range(r, r + 1))[..., 0].to(cdtype)
 
 
 def h3_core(
@@ -595,7 +583,7 @@ def h3_core_ref(
     kv = kp * v
     s = fftconv(kv, diagonal_kernel(ssm, L), D)
     if initial_state is not None:
-        pw = torch.exp(torch.log(ssm.dA).unsqueeze(-1) * torch.arange(1, L + 1, device=q.device).to(ssm.dA.real.dtype))
+        pw = dA_powers(ssm.dA, range(1, L + 1)).to(ssm.dA.dtype)  # (C, N/2, L): the plain Vandermonde
         s = s + 2 * torch.einsum("bcn,cnl->bcl", initial_state.to(ssm.dA.dtype) * ssm.C, pw).real.to(s.dtype)
     y = q * s
     if not return_state:

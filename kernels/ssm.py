@@ -1,4 +1,4 @@
-"""The two SSMs of an H3 layer as kernels, recurrent steps and closed-form prefix states.
+"""The two SSMs of an H3 layer as kernels, decode steps and closed-form prefix states.
 
 Shift SSM (per channel c, N taps): a learned causal FIR filter
     Ks[c, l] = sum_n Bs[c, n] * Cs[c, n + l]     (l < N, zero beyond).
@@ -6,8 +6,8 @@ Diagonal SSM (S4D-Lin, N/2 complex modes, bilinear discretization):
     dA = (1 + dt A / 2) / (1 - dt A / 2),   dB = B dt / (1 - dt A / 2)
     Kd[c, l] = 2 Re( sum_n C[c, n] dB[c, n] dA[c, n]^l ).
 Every function is plain torch and differentiable (but the decode steps, which update their
-state in place for generation); the tests compare each against token-by-token recurrences and
-float64 direct sums.
+state in place for generation); the tests compare each against token-by-token recurrences
+(`tests/kernels/ssm_ref.py`) and float64 direct sums. Powers dA^l come from `dA_powers` only.
 
 `diagonal_kernel` never forms the (C, N/2, L) complex Vandermonde dA^l (1.3 GB for 2,560
 channels at L = 2,048): it factors dA^(aP + b) = dA^(aP) dA^b into blocks of P, so forward is one
@@ -22,21 +22,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from hippo.kernels.fftconv import fftconv
-
 __all__ = [
     "DiscreteDiagonalSSM",
     "discretize_diagonal",
+    "dA_powers",
     "diagonal_kernel",
-    "diagonal_step",
     "diagonal_state_from_prefix",
     "DiagonalDecoder",
     "diagonal_decoder",
     "diagonal_decode_state",
     "diagonal_decode_step",
     "shift_kernel",
-    "shift_step",
-    "shift_state_from_prefix",
     "shift_ring_taps",
     "shift_ring_from_prefix",
     "shift_ring_step",
@@ -45,6 +41,10 @@ __all__ = [
 # Block P of the factored kernel dA^(aP + b) = dA^(aP) dA^b: intermediates are (C, N/2, L/P) and
 # (C, N/2, P), smallest near P = sqrt(L); 64 keeps both small up to L = 16K.
 _KERNEL_BLOCK = 64
+# `dA_powers`: up to this many exponents each in polar form (a kernel block's P = 64 included);
+# longer consecutive runs from running products in blocks of _POWER_RUN.
+_DIRECT_POWERS = 64
+_POWER_RUN = 8
 
 
 # ----------------------------------------------------------------------------- shift SSM
@@ -62,40 +62,6 @@ def shift_kernel(B: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
     if length <= N:
         return taps[:, :length]
     return F.pad(taps, (0, length - N))
-
-
-def shift_step(
-    state: torch.Tensor, x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token through the shift SSM.
-
-    Args:
-        state: (batch, channels, N), state[..., n] = sum_{m<=n} B[n-m] x_{t-1-m}.
-        x: (batch, channels), the token x_t.
-    Returns:
-        y (batch, channels) = sum_n C * state' + D * x, and state' = shift_right(state) + B x.
-    """
-    new_state = F.pad(state[..., :-1], (1, 0)) + B * x.unsqueeze(-1)
-    y = (C * new_state).sum(-1) + D * x
-    return y, new_state
-
-
-def shift_state_from_prefix(x: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Shift-SSM state after consuming a whole prefix, from its last N inputs.
-
-    state[n] = sum_{m<=n} B[n-m] x[L-1-m]: a causal convolution of the reversed tail with B.
-
-    Args:
-        x: (batch, channels, L) prefix, any L >= 1.
-        B: (channels, N).
-    Returns:
-        (batch, channels, N) in float32 (or float64 for float64 inputs).
-    """
-    N = B.shape[-1]
-    tail = x[..., -N:].flip(-1)
-    if tail.shape[-1] < N:
-        tail = F.pad(tail, (0, N - tail.shape[-1]))
-    return fftconv(tail.to(B.dtype), B)
 
 
 # Recurrent decoding keeps the shift SSM's input window in a ring instead of shifting a
@@ -129,8 +95,8 @@ def shift_ring_from_prefix(x: torch.Tensor, N: int) -> torch.Tensor:
 
 def shift_ring_step(window: torch.Tensor, taps: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
     """Token x_t (batch, channels) through the shift SSM: writes it into `window` (in place,
-    slot t mod N) and returns y_t (batch, channels) = sum_j K[j] x_{t-j} + D x_t, as
-    `shift_step` computes it from its shifted state."""
+    slot t mod N) and returns y_t (batch, channels) = sum_j K[j] x_{t-j} + D x_t, as the
+    shifted-state recurrence computes it (`tests/kernels/ssm_ref.shift_step_ref`)."""
     N = window.shape[1]
     p = t % N
     with torch.autocast(x.device.type, enabled=False):  # bmm: autocast would take it to bf16
@@ -169,24 +135,52 @@ def discretize_diagonal(
     return DiscreteDiagonalSSM(dA=dA, dB=dB, C=torch.view_as_complex(C.contiguous()))
 
 
-def _block_factors(dA: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """dA^(aP) (C, N/2, A) and dA^b (C, N/2, P), A P >= length, in dA's complex dtype.
+def dA_powers(dA: torch.Tensor, exponents: range) -> torch.Tensor:
+    """dA^e for every e in `exponents` (integers >= 0): complex128, shape (*dA.shape, len(exponents)).
 
-    Formed in float64 as |dA|^e (cos e theta + i sin e theta): ~1e-15 relative error at any
-    length (complex64 exp(l log dA) loses ~l * 6e-8 rad of phase), about 2x faster on CPU
-    than a complex128 exp, and only (C, N/2, A + P) numbers.
+    The one place powers of the discretized state matrix are formed (kernel, prefix state,
+    state-to-output term, chunk matrices, cross-chunk decay, references), so every path agrees
+    with every other to float64 rounding. Precision is why it is shared: complex64
+    exp(e log dA) loses ~e * 6e-8 rad of phase, a 1e-4 relative error in the kernel at e = 8K.
+
+    - Up to `_DIRECT_POWERS` exponents, or a strided range: each power in float64 polar form,
+      |dA|^e (cos e theta + i sin e theta), ~1e-15 relative at any e.
+    - A longer run of consecutive exponents: dA^(start + 8a + b) = dA^start (dA^8)^a dA^b from
+      two running products of <= 8 and n / 8 factors (dA^start in polar form). A polar power
+      costs ~10x a complex multiply and the chunked path forms 65 powers per mode on every call;
+      the error grows by one rounding per 8 exponents (~1e-13 at n = 8K, references only).
+    A range (not a tensor) keeps that choice on the host.
     """
+    z = dA.to(torch.complex128)
+    n = len(exponents)
+    if exponents.step != 1 or n <= _DIRECT_POWERS:
+        return _polar_powers(z, exponents)
+    # Exponents on the second-to-last axis while building (the running products run over
+    # contiguous rows); the result is a transposed view, so a (C, n, N/2) consumer copies nothing.
+    S = _POWER_RUN
+    z1 = z.unsqueeze(-2)
+    ones = torch.ones_like(z1)
+    small = torch.cumprod(torch.cat((ones, z1.expand(*z.shape[:-1], S - 1, z.shape[-1])), dim=-2), dim=-2)  # dA^0..S-1
+    step = small[..., S - 1 :, :] * z1  # dA^S
+    big = torch.cumprod(torch.cat((ones, step.expand(*z.shape[:-1], -(-n // S) - 1, z.shape[-1])), dim=-2), dim=-2)
+    run = (big.unsqueeze(-2) * small.unsqueeze(-3)).flatten(-3, -2)[..., :n, :].transpose(-1, -2)
+    if exponents.start:
+        run = run * _polar_powers(z, range(exponents.start, exponents.start + 1))
+    return run
+
+
+def _polar_powers(z: torch.Tensor, exponents: range) -> torch.Tensor:
+    """z^e (..., N/2, len(e)) for complex128 z, each formed in float64 polar form."""
+    e = torch.arange(exponents.start, exponents.stop, exponents.step, dtype=torch.float64, device=z.device)
+    return torch.polar(torch.exp(torch.log(z.abs()).unsqueeze(-1) * e), z.angle().unsqueeze(-1) * e)
+
+
+def _block_factors(dA: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """dA^(aP) (C, N/2, A) and dA^b (C, N/2, P), A P >= length, in dA's complex dtype: only
+    (C, N/2, A + P) numbers, each formed exactly (`dA_powers`)."""
     P = max(1, min(_KERNEL_BLOCK, length))
     A = -(-length // P)
-    steps = torch.arange(max(A, P), device=dA.device, dtype=torch.float64)
-    return _exact_powers(dA, steps[:A] * P), _exact_powers(dA, steps[:P]), P
-
-
-def _exact_powers(dA: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
-    """dA^e (..., N/2, len(e)) in dA's dtype, formed in float64 as |dA|^e (cos e theta + i sin e theta)."""
-    z = dA.to(torch.complex128)
-    e = exponents.to(torch.float64)
-    return torch.polar(torch.exp(torch.log(z.abs()).unsqueeze(-1) * e), z.angle().unsqueeze(-1) * e).to(dA.dtype)
+    return dA_powers(dA, range(0, A * P, P)).to(dA.dtype), dA_powers(dA, range(P)).to(dA.dtype), P
 
 
 def _blocked_sums(w: torch.Tensor, big: torch.Tensor, small: torch.Tensor, P: int) -> torch.Tensor:
@@ -255,22 +249,6 @@ def diagonal_kernel(ssm: DiscreteDiagonalSSM, length: int) -> torch.Tensor:
     return _DiagonalKernel.apply(ssm.C * ssm.dB, ssm.dA, length)
 
 
-def diagonal_step(
-    state: torch.Tensor, x: torch.Tensor, ssm: DiscreteDiagonalSSM, D: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token through the diagonal SSM.
-
-    Args:
-        state: (batch, channels, N/2) complex.
-        x: (batch, channels) real.
-    Returns:
-        y (batch, channels) = 2 Re(sum_n C * state') + D x, and state' = dA state + dB x.
-    """
-    new_state = ssm.dA * state + ssm.dB * x.unsqueeze(-1)
-    y = 2 * (ssm.C * new_state).sum(-1).real + D * x
-    return y.to(x.dtype), new_state
-
-
 class DiagonalDecoder(NamedTuple):
     """A discretized diagonal SSM laid out for `diagonal_decode_step` (from `diagonal_decoder`)."""
 
@@ -286,7 +264,7 @@ def diagonal_decoder(ssm: DiscreteDiagonalSSM, D: torch.Tensor) -> DiagonalDecod
 
 
 def diagonal_decode_state(state: torch.Tensor, ssm: DiscreteDiagonalSSM) -> torch.Tensor:
-    """`diagonal_step`'s state (batch, channels, N/2) -> the decode state (channels, batch, N/2).
+    """The recurrence's state (batch, channels, N/2) -> the decode state (channels, batch, N/2).
 
     The decode state is s = state / dB: then s' = dA s + x takes the input unscaled (one
     broadcast add instead of a (batch, channels, N/2) product) and y = 2 Re(sum_n C dB s') + D x.
@@ -298,9 +276,10 @@ def diagonal_decode_state(state: torch.Tensor, ssm: DiscreteDiagonalSSM) -> torc
 
 def diagonal_decode_step(s: torch.Tensor, dec: DiagonalDecoder, x: torch.Tensor) -> torch.Tensor:
     """Token x (batch, channels) through the diagonal SSM: updates `s` (channels, batch, N/2)
-    in place to dA s + x and returns y (batch, channels) = 2 Re(sum_n C dB s') + D x, as
-    `diagonal_step` computes it. Two in-place passes over the state and one batched product
-    reading it (per channel: (1 x N) @ (N x batch) over its real and imaginary parts)."""
+    in place to dA s + x and returns y (batch, channels) = 2 Re(sum_n C dB s') + D x, as the
+    recurrence state' = dA state + dB x computes it (`tests/kernels/ssm_ref.diagonal_step_ref`).
+    Two in-place passes over the state and one batched product reading it (per channel:
+    (1 x N) @ (N x batch) over its real and imaginary parts)."""
     C, Bt, M = s.shape
     with torch.autocast(x.device.type, enabled=False):  # bmm: autocast would take it to bf16
         xt = x.T.to(dec.out.dtype)
@@ -316,7 +295,7 @@ def diagonal_state_from_prefix(
 ) -> torch.Tensor:
     """Closed-form state after a prefix: dA^L x0 + sum_l dA^(L-1-l) dB x_l.
 
-    Blocked with the kernel's own float64-formed powers (`_block_factors`), so a state and the
+    Blocked with the kernel's own powers (`_block_factors`, `dA_powers`), so a state and the
     kernel's response agree to rounding: a chunk's state under context parallelism (S4D) then
     reproduces the full-length kernel's outputs (complex64 exp(l log dA) was 2e-5 off at CP 8).
 
@@ -330,5 +309,5 @@ def diagonal_state_from_prefix(
     rev = x.flip(-1).to(ssm.dA.real.dtype)  # position m of the flipped sequence carries dA^m
     state = _blocked_sums(rev, *_block_factors(ssm.dA, L)) * ssm.dB
     if initial_state is not None:
-        state = state + initial_state * _exact_powers(ssm.dA, torch.tensor([L], device=x.device))[..., 0]
+        state = state + initial_state * dA_powers(ssm.dA, range(L, L + 1))[..., 0].to(ssm.dA.dtype)
     return state

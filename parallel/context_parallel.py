@@ -9,9 +9,6 @@ data axis is DP x CP: gradients are averaged, and ZeRO partitions, over both.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 import torch.distributed as dist
 
@@ -48,26 +45,3 @@ def chunk_of(tokens: torch.Tensor, rank: int, size: int) -> torch.Tensor:
         raise ValueError(f"sequence of {L} tokens does not split into {size} equal chunks")
     T = L // size
     return tokens[..., rank * T : (rank + 1) * T]
-
-
-@contextlib.contextmanager
-def counted_collective_bytes() -> Iterator[dict[str, int]]:
-    """Inside: every byte this rank hands to the all-gathers and reduce-scatters (the collectives
-    context parallelism uses) is added to the yielded dict's "bytes" (benchmarks and tests read
-    a layer's traffic with it)."""
-    sent = {"bytes": 0}
-    gather, scatter = dist.all_gather_into_tensor, dist.reduce_scatter_tensor
-
-    def counted_gather(out, x, *args, **kwargs):
-        sent["bytes"] += x.numel() * x.element_size()
-        return gather(out, x, *args, **kwargs)
-
-    def counted_scatter(out, x, *args, **kwargs):
-        sent["bytes"] += out.numel() * out.element_size()
-        return scatter(out, x, *args, **kwargs)
-
-    dist.all_gather_into_tensor, dist.reduce_scatter_tensor = counted_gather, counted_scatter
-    try:
-        yield sent
-    finally:
-        dist.all_gather_into_tensor, dist.reduce_scatter_tensor = gather, scatter

@@ -18,11 +18,8 @@ from hippo.kernels import (
     DiscreteDiagonalSSM,
     diagonal_kernel,
     diagonal_state_from_prefix,
-    diagonal_step,
     discretize_diagonal,
     fftconv,
-    shift_state_from_prefix,
-    shift_step,
 )
 from hippo.kernels.ssm import (
     DiagonalDecoder,
@@ -69,7 +66,7 @@ class ShiftSSM(_PerChannelParams):
     """Learned causal FIR filter of d_state taps per channel, plus a skip term.
 
     B starts as e1 so the filter equals C at init. Holds the parameters only: the convolution
-    runs in `kernels.h3_core` (with the diagonal SSM), the recurrent mode in `step`.
+    runs in `kernels.h3_core` (with the diagonal SSM), the recurrent mode in `ring_step`.
     """
 
     def __init__(self, channels: int, d_state: int = 64):
@@ -89,15 +86,8 @@ class ShiftSSM(_PerChannelParams):
             return torch.empty(shape).uniform_(-bound, bound, generator=gen)
         return torch.randn(shape, generator=gen)  # D
 
-    def state_from_prefix(self, x: torch.Tensor) -> torch.Tensor:
-        return shift_state_from_prefix(x.float(), self.B.float())
-
-    def step(self, state: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y, new_state = shift_step(state, x.float(), self.B.float(), self.C.float(), self.D.float())
-        return y.to(x.dtype), new_state
-
-    # Generation keeps the last N inputs in a ring (`kernels.ssm.shift_ring_step`): same outputs
-    # as `step`, without shifting a (batch, channels, N) state every token.
+    # Generation keeps the last N inputs in a ring (`kernels.ssm.shift_ring_step`): the outputs of
+    # the shifted-state recurrence, without shifting a (batch, channels, N) state every token.
     def ring_taps(self) -> torch.Tensor:
         """(channels, 2N) ring-ordered taps with D folded in; fixed while generating."""
         return shift_ring_taps(self.B.float(), self.C.float(), self.D.float())
@@ -155,21 +145,13 @@ class DiagonalSSM(_PerChannelParams):
     def state_from_prefix(self, x: torch.Tensor, discrete: DiscreteDiagonalSSM | None = None) -> torch.Tensor:
         return diagonal_state_from_prefix(x.float(), self.discrete() if discrete is None else discrete)
 
-    def step(
-        self, state: torch.Tensor, x: torch.Tensor, discrete: DiscreteDiagonalSSM | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token; `discrete` is this module's `discrete()` if the caller already has it."""
-        discrete = self.discrete() if discrete is None else discrete
-        y, new_state = diagonal_step(state, x.float(), discrete, self.D.float())
-        return y.to(x.dtype), new_state
-
     # Generation (`kernels.ssm.diagonal_decode_step`): the discretized SSM laid out once after
     # the prefill and kept with the state, which is updated in place.
     def decoder(self, discrete: DiscreteDiagonalSSM | None = None) -> DiagonalDecoder:
         return diagonal_decoder(self.discrete() if discrete is None else discrete, self.D.float())
 
     def decode_state(self, state: torch.Tensor, discrete: DiscreteDiagonalSSM | None = None) -> torch.Tensor:
-        """`step`'s (batch, channels, N/2) state -> the (channels, batch, N/2) decode state."""
+        """A (batch, channels, N/2) state (`state_from_prefix`) -> the (channels, batch, N/2) decode state."""
         return diagonal_decode_state(state, self.discrete() if discrete is None else discrete)
 
     def decode_step(self, s: torch.Tensor, decoder: DiagonalDecoder, x: torch.Tensor) -> torch.Tensor:

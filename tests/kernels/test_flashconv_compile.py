@@ -22,7 +22,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence 3.9's default-
 
 import torch  # noqa: E402
 
-from hippo.kernels._flashconv_compile import (  # noqa: E402
+from tests.kernels.flashconv_compile import (  # noqa: E402
     FLASHCONV_FFT_SIZES,
     SMEM_LIMIT_BYTES,
     compile_flashconv,

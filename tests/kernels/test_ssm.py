@@ -7,15 +7,14 @@ import torch
 
 from hippo.kernels import (
     DiscreteDiagonalSSM,
+    dA_powers,
     diagonal_kernel,
     diagonal_state_from_prefix,
-    diagonal_step,
     discretize_diagonal,
     fftconv,
     shift_kernel,
-    shift_state_from_prefix,
-    shift_step,
 )
+from tests.kernels.ssm_ref import diagonal_step_ref, shift_state_from_prefix_ref, shift_step_ref
 
 C_, N = 3, 8
 
@@ -75,9 +74,9 @@ def test_shift_conv_equals_recurrence(L):
     conv = fftconv(x, shift_kernel(B, Cs, L), D)
     state = torch.zeros(2, C_, N, dtype=torch.float64)
     for t in range(L):
-        y, state = shift_step(state, x[..., t], B, Cs, D)
+        y, state = shift_step_ref(state, x[..., t], B, Cs, D)
         assert torch.allclose(y, conv[..., t], atol=1e-10)
-    torch.testing.assert_close(shift_state_from_prefix(x, B), state)
+    torch.testing.assert_close(shift_state_from_prefix_ref(x, B), state)
 
 
 @pytest.mark.parametrize("L", [1, 5, 64, 300])
@@ -88,7 +87,7 @@ def test_diagonal_conv_equals_recurrence(L):
     conv = fftconv(x, diagonal_kernel(ssm, L), D)
     state = torch.zeros(2, C_, N // 2, dtype=torch.complex128)
     for t in range(L):
-        y, state = diagonal_step(state, x[..., t], ssm, D)
+        y, state = diagonal_step_ref(state, x[..., t], ssm, D)
         assert torch.allclose(y, conv[..., t], atol=1e-9)
     torch.testing.assert_close(diagonal_state_from_prefix(x, ssm), state)
 
@@ -101,6 +100,20 @@ def test_diagonal_prefix_state_blocked_and_with_initial_state():
     for t in range(70):
         state = ssm.dA * state + ssm.dB * x[..., t, None]
     torch.testing.assert_close(diagonal_state_from_prefix(x, ssm, x0), state)
+
+
+@pytest.mark.parametrize("exponents", [range(5), range(64), range(65), range(3, 1000), range(0, 4096, 64), range(7, 8)])
+def test_dA_powers_match_repeated_products(exponents):
+    """Every way `dA_powers` forms a range (each power in polar form, or polar anchors times a
+    running product) agrees with float64 repeated products to rounding, returned in complex128."""
+    dA = discretize_diagonal(*_diag_params()).dA.to(torch.complex64)  # powers of this exact value
+    got = dA_powers(dA, exponents)
+    assert got.dtype == torch.complex128 and got.shape == (*dA.shape, len(exponents))
+    z, prod = dA.to(torch.complex128), torch.ones(dA.shape, dtype=torch.complex128)
+    for e in range(exponents.stop):  # ~e roundings: 1e-13 at e = 4K
+        if e in exponents:
+            torch.testing.assert_close(got[..., exponents.index(e)], prod, rtol=1e-12, atol=0)
+        prod = prod * z
 
 
 def test_kernel_gradcheck():

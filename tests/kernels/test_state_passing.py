@@ -1,17 +1,11 @@
-"""state_passing_conv (chunks of T, FFT size 2T) against the full-length float64 computation."""
+"""State passing (chunks of T, FFT size 2T: `state_passing_ref.chunked_conv_ref`) against the
+full-length float64 computation, built on the package's kernel, prefix state and `dA_powers`."""
 
 import pytest
 import torch
 
-from hippo.kernels import (
-    DiscreteDiagonalSSM,
-    diagonal_kernel,
-    diagonal_kernel_blocked,
-    diagonal_state_from_prefix,
-    discretize_diagonal,
-    state_passing_conv,
-    state_passing_conv_ref,
-)
+from hippo.kernels import DiscreteDiagonalSSM, diagonal_kernel, diagonal_state_from_prefix, discretize_diagonal
+from tests.kernels.state_passing_ref import chunked_conv_ref, full_conv_ref
 
 
 def _ssm(C, seed=0, dtype=torch.float32):
@@ -33,11 +27,11 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def test_blocked_kernel_matches_float64_vandermonde():
+def test_float32_kernel_matches_float64():
     raw, _ = _ssm(4)
     ssm = discretize_diagonal(*raw)
     for L in (1, 63, 1000, 8192):
-        k = diagonal_kernel_blocked(ssm, L)
+        k = diagonal_kernel(ssm, L)
         assert k.shape == (4, L) and _rel(k, diagonal_kernel(_c128(ssm), L)) <= 1e-6
 
 
@@ -49,8 +43,8 @@ def test_chunks_match_full_length(L, T):
     g = torch.Generator().manual_seed(T)
     u = torch.randn(2, 3, L, generator=g)
     x0 = torch.complex(torch.randn(2, 3, 32, generator=g), torch.randn(2, 3, 32, generator=g))
-    y, xT = state_passing_conv(u, ssm, D, chunk_size=T, initial_state=x0, return_state=True)
-    y_ref, x_ref = state_passing_conv_ref(
+    y, xT = chunked_conv_ref(u, ssm, D, chunk_size=T, initial_state=x0, return_state=True)
+    y_ref, x_ref = full_conv_ref(
         u.double(), _c128(ssm), D.double(), initial_state=x0.to(torch.complex128), return_state=True
     )
     assert y.dtype == torch.float32 and _rel(y, y_ref) <= 1e-5
@@ -61,9 +55,9 @@ def _long_case(L, T):
     raw, D = _ssm(2, seed=7)
     ssm = discretize_diagonal(*raw)
     u = torch.randn(1, 2, L, generator=torch.Generator().manual_seed(L))
-    y, xT = state_passing_conv(u, ssm, D, chunk_size=T, return_state=True)
+    y, xT = chunked_conv_ref(u, ssm, D, chunk_size=T, return_state=True)
     ssm64 = _c128(ssm)
-    y_ref = state_passing_conv_ref(u.double(), ssm64, D.double())
+    y_ref = full_conv_ref(u.double(), ssm64, D.double())
     x_ref = diagonal_state_from_prefix(u.double(), ssm64)
     return _rel(y, y_ref), ((xT - x_ref).abs().max() / x_ref.abs().max()).item()
 
@@ -99,14 +93,15 @@ def test_gradients_match_full_length_autograd(checkpoint):
         loss = (y * w).sum() + (xT * ws.conj()).real.sum()
         return torch.autograd.grad(loss, leaves)
 
-    got = grads(state_passing_conv, chunk_size=128, checkpoint=checkpoint)
-    for a, b in zip(got, grads(state_passing_conv_ref)):
+    got = grads(chunked_conv_ref, chunk_size=128, checkpoint=checkpoint)
+    for a, b in zip(got, grads(full_conv_ref)):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
 
 
 _MEMORY_PROBE = """
 import sys, torch
-from hippo.kernels import discretize_diagonal, state_passing_conv, state_passing_conv_ref
+from hippo.kernels import discretize_diagonal
+from tests.kernels.state_passing_ref import chunked_conv_ref, full_conv_ref
 from tests.kernels.test_state_passing import _ssm
 torch.set_num_threads(1)
 L, T = int(sys.argv[1]), int(sys.argv[2])
@@ -119,7 +114,7 @@ def rss(field):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 base = rss("VmRSS")
 ssm = discretize_diagonal(*params)
-fn = state_passing_conv_ref if T == 0 else (lambda *a: state_passing_conv(*a, chunk_size=T))
+fn = full_conv_ref if T == 0 else (lambda *a: chunked_conv_ref(*a, chunk_size=T))
 fn(u, ssm, D).sum().backward()
 print(rss("VmHWM") - base)
 """

@@ -1,6 +1,6 @@
 """Recurrent decoding (issue 17): the shift SSM's ring window and the diagonal SSM's in-place
 decode state give the outputs of the full forward pass and of the earlier step functions
-(`shift_step` / `diagonal_step`), also once the ring has wrapped (> N = 64 steps); a generation
+(`tests/kernels/ssm_ref.py`), also once the ring has wrapped (> N = 64 steps); a generation
 prefill applies the LM head to the last position only."""
 
 from __future__ import annotations
@@ -10,13 +10,7 @@ import importlib.util
 import pytest
 import torch
 
-from hippo.kernels import (
-    diagonal_state_from_prefix,
-    diagonal_step,
-    discretize_diagonal,
-    shift_state_from_prefix,
-    shift_step,
-)
+from hippo.kernels import diagonal_state_from_prefix, discretize_diagonal
 from hippo.kernels.ssm import (
     diagonal_decode_state,
     diagonal_decode_step,
@@ -29,6 +23,7 @@ from hippo.pretrain.config import ModelConfig
 from hippo.pretrain.models import H3, S4D, HippoLM, InferenceParams
 from hippo.pretrain.models.generation import SamplingConfig, generate
 from tests.helpers import ROOT
+from tests.kernels.ssm_ref import diagonal_step_ref, shift_state_from_prefix_ref, shift_step_ref
 
 TINY = dict(vocab_size=61, d_model=32, n_layer=3, n_head=4, d_state=64)
 MODELS = {"h3": dict(TINY), "hybrid": dict(TINY, attn_layer_idx=[1]), "s4d": dict(TINY, mixer="s4d")}
@@ -61,10 +56,10 @@ def test_shift_ring_step_equals_shift_step(prefix):
     Bt, C = 3, 5
     B, Cs, D = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((C, N), (C, N), (C,)))
     x = torch.randn(Bt, C, prefix + 150, generator=g, dtype=torch.float64)
-    state = shift_state_from_prefix(x[..., :prefix], B)
+    state = shift_state_from_prefix_ref(x[..., :prefix], B)
     window, taps = shift_ring_from_prefix(x[..., :prefix], N), shift_ring_taps(B, Cs, D)
     for t in range(prefix, x.shape[-1]):
-        y_old, state = shift_step(state, x[..., t], B, Cs, D)
+        y_old, state = shift_step_ref(state, x[..., t], B, Cs, D)
         y_new = shift_ring_step(window, taps, x[..., t], t)
         torch.testing.assert_close(y_new, y_old, rtol=0, atol=1e-12)
 
@@ -79,7 +74,7 @@ def test_diagonal_decode_step_equals_diagonal_step(prefix):
     state = diagonal_state_from_prefix(x[..., :prefix], ssm)
     s, dec = diagonal_decode_state(state, ssm), diagonal_decoder(ssm, D)
     for t in range(prefix, x.shape[-1]):
-        y_old, state = diagonal_step(state, x[..., t], ssm, D)
+        y_old, state = diagonal_step_ref(state, x[..., t], ssm, D)
         y_new = diagonal_decode_step(s, dec, x[..., t])
         torch.testing.assert_close(y_new, y_old, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s.transpose(0, 1) * ssm.dB, state)  # the state it stands for
@@ -96,16 +91,17 @@ def test_diagonal_decode_state_mode_with_zero_input_gain():
     state = diagonal_state_from_prefix(x[..., :10], ssm)
     s, dec = diagonal_decode_state(state, ssm), diagonal_decoder(ssm, D)
     for t in range(10, 30):
-        y_old, state = diagonal_step(state, x[..., t], ssm, D)
+        y_old, state = diagonal_step_ref(state, x[..., t], ssm, D)
         torch.testing.assert_close(diagonal_decode_step(s, dec, x[..., t]), y_old)
     assert torch.isfinite(torch.view_as_real(s)).all()
 
 
 def _old_h3_step(layer: H3, x: torch.Tensor, old: list) -> torch.Tensor:
-    """The pre-issue-17 H3 step: shifted (B, C, N) state, `diagonal_step` state."""
+    """The pre-issue-17 H3 step: shifted (B, C, N) state, `diagonal_step_ref` state."""
     q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
-    k, old[0] = layer.shift_ssm.step(old[0], k)
-    s, old[1] = layer.diag_ssm.step(old[1], k * v)
+    sh, dg = layer.shift_ssm, layer.diag_ssm
+    k, old[0] = shift_step_ref(old[0], k, sh.B, sh.C, sh.D)
+    s, old[1] = diagonal_step_ref(old[1], k * v, dg.discrete(), dg.D)
     return layer.out_proj(q * s)
 
 
@@ -125,7 +121,7 @@ def test_h3_layer_decode_equals_previous_step_and_full_pass(prefix):
         from hippo.kernels import fftconv, shift_kernel
 
         kv = fftconv(k, shift_kernel(sh.B, sh.C, prefix), sh.D) * v
-        old = [sh.state_from_prefix(k), dg.state_from_prefix(kv)]
+        old = [shift_state_from_prefix_ref(k, sh.B), dg.state_from_prefix(kv)]
         for t in range(prefix, u.shape[1]):
             params.seqlen_offset = t
             new = layer(u[:, t : t + 1], params)[:, 0]
@@ -145,7 +141,7 @@ def test_s4d_layer_decode_equals_previous_step_and_full_pass():
         for t in range(20, 150):
             params.seqlen_offset = t
             new = layer(u[:, t : t + 1], params)[:, 0]
-            y_old, old = layer.ssm.step(old, u[:, t])
+            y_old, old = diagonal_step_ref(old, u[:, t], layer.ssm.discrete(), layer.ssm.D)
             ref = torch.nn.functional.glu(layer.out_proj(torch.nn.functional.gelu(y_old)), dim=-1)
             torch.testing.assert_close(new, ref, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(new, full[:, t], rtol=1e-4, atol=2e-5)

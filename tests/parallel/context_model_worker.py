@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hippo.parallel.context_parallel import chunk_of, counted_collective_bytes, sequence_split
+from hippo.parallel.context_parallel import chunk_of, sequence_split
 from hippo.pretrain.models import HippoLM
 from hippo.pretrain.models.config import ModelConfig
 from hippo.pretrain.models.linear import Linears
+from tests.parallel.collective_bytes import counted_collective_bytes
 
 MODELS = {
     "h3": dict(mixer="h3"),

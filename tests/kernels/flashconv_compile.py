@@ -5,8 +5,9 @@
 tensor-core instructions in the PTX (and, for fp32, the 3xTF32 operand split that keeps them
 fp32-accurate), shared memory per block, registers per thread, and spills
 (local-memory traffic: `ld/st.local` in the PTX, `LDL/STL` in the SASS, the stack frame size
-reported by `cuobjdump --dump-resource-usage` on the cubin). Used by
-`tests/kernels/test_flashconv_compile.py` and `benchmarks/bench_flashconv_compile.py`.
+reported by `cuobjdump --dump-resource-usage` on the cubin). A checker, not part of the package:
+used by `tests/kernels/test_flashconv_compile.py` and `benchmarks/bench_flashconv_compile.py`
+(run with the repository root on PYTHONPATH).
 
 Imports only triton (and the kernel module).
 """
