@@ -188,9 +188,10 @@ def layer_rows(s: Sizes) -> list[str]:
 
 
 def generate_rows(s: Sizes) -> list[str]:
+    """Prefill and decode timed apart (bench_generation's two phases), each between device syncs."""
+    from benchmarks.bench_generation import decode, prefill
     from hippo.pretrain.config import load_config
-    from hippo.pretrain.models import HippoLM, InferenceParams
-    from hippo.pretrain.models.generation import generate
+    from hippo.pretrain.models import HippoLM
 
     batch, prompt_len, new = s.gen
     rows = []
@@ -200,20 +201,20 @@ def generate_rows(s: Sizes) -> list[str]:
         model = HippoLM(cfg).to(s.device).eval()
         prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
         prompt = prompt.to(s.device)
-
-        @torch.no_grad()
-        def prefill():
-            params = InferenceParams(max_seqlen=prompt_len + new, max_batch_size=batch)
-            return model(prompt, params, last_only=True)
-
-        def whole():
-            return generate(model, prompt, new, vocab_size=cfg.vocab_size)
-
+        prefill_s, decode_s = [], []
         with torch.autocast(s.device.type, dtype=torch.bfloat16):
-            t_prefill = median_ms(prefill, s.device, s.repeats, warmup=1)
-            t_all = median_ms(whole, s.device, max(1, s.repeats - 2), warmup=1)
-        decode = batch * (new - 1) / max((t_all - t_prefill) / 1e3, 1e-9)
-        rows.append(f"| generate {name} | prefill {t_prefill / 1e3:.3f} s | decode {decode:,.0f} tok/s "
+            for _ in range(1 + max(1, s.repeats - 2)):  # the first round warms up
+                sync(s.device)
+                t0 = time.perf_counter()
+                _, params, logits = prefill(model, prompt, new)
+                sync(s.device)
+                t1 = time.perf_counter()
+                decode(model, params, logits, prompt_len, new)
+                sync(s.device)
+                prefill_s.append(t1 - t0)
+                decode_s.append(time.perf_counter() - t1)
+        t_prefill, t_decode = statistics.median(prefill_s[1:]), statistics.median(decode_s[1:])
+        rows.append(f"| generate {name} | prefill {t_prefill:.3f} s | decode {batch * new / t_decode:,.0f} tok/s "
                     f"(batch {batch}, prompt {prompt_len}, {new} new, greedy, bf16 autocast) |")
     return rows
 
