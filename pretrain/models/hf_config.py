@@ -56,6 +56,10 @@ def from_hf_config(meta: dict[str, Any], where: str) -> dict[str, Any]:
     missing = [k for k in MODEL_FIELDS if k not in meta]
     if missing:
         raise ConfigError(f"{where}: lacks the model fields {missing}")
+    for field, allowed in (("mixer", ("h3", "s4d", "attention")), ("position_embedding", ("none", "learned", "rotary"))):
+        if meta[field] not in allowed:
+            raise ConfigError(f"{where}: Hippo cannot build this model: model.{field}={meta[field]!r} is none of "
+                              f"{list(allowed)}")
     hippo = meta.get("hippo") or {}
     runtime = {k: v for k, v in (hippo.get("runtime") or {}).items() if k in RUNTIME_FIELDS}
     try:

@@ -1,0 +1,275 @@
+"""`hippo export --format hf`: a folder `transformers` loads without Hippo, computing Hippo's model.
+
+The slow tests load each folder in a fresh interpreter that cannot import Hippo (`hf_child.py`) and
+hold its logits, bf16 logits, greedy generations and tokenizer to Hippo's. The fast ones use the
+exported modeling file in-process as an independent reference (it is written from the math, not
+from Hippo's code), and check the way back: `hippo import hf`, `--init-from`, refusals.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hippo.pretrain.cli import main
+from hippo.pretrain.config import ConfigError, load_config
+from hippo.pretrain.export import save_export
+from hippo.pretrain.h3_checkpoint import import_h3
+from hippo.pretrain.hf_export import export_hf, import_hf
+from hippo.pretrain.models import HippoLM, ModelConfig
+from hippo.pretrain.models.generation import SamplingConfig, generate
+from tests.helpers import ROOT
+from tests.pretrain.test_h3_checkpoint import authors_state_dict
+
+CHILD = Path(__file__).with_name("hf_child.py")
+VOCAB = 257  # the byte tokenizer; the embedding has 264 rows
+TOL = 1e-5  # fp32: largest logit difference relative to the largest logit
+BF16_TOL = 5e-2  # bf16 weights and activations (SSM parameters and arithmetic fp32) against Hippo in fp32
+PROMPTS = ["def ", "import numpy as np\n", "The H3 layer", "x"]  # 4, 19, 12 and 1 tokens: left padding
+NEW_TOKENS = 64
+
+MODELS = {  # name: ModelConfig fields of a tiny model (d_model 16, 2 layers, 2 heads)
+    "h3": dict(attn_layer_idx=[]),
+    "hybrid": dict(attn_layer_idx=[1]),
+    "transformer": dict(attn_layer_idx=[0, 1], position_embedding="learned", max_position_embeddings=160),
+    "s4d_rotary": dict(mixer="s4d", attn_layer_idx=[1], position_embedding="rotary", rotary_dim=4),
+}
+ALL = [*MODELS, "authors_rotary"]  # + an import of the authors' layout: H3 + attention, rotary on 8 of 16 dims
+
+
+def _ids(L: int, batch: int = 2, seed: int = 7) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, L), generator=torch.Generator().manual_seed(seed))
+
+
+def _err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def _hippo_model(name: str, root: Path) -> Path:
+    """A Hippo export of model `name` under root/name/export."""
+    folder = root / name / "export"
+    if name == "authors_rotary":
+        path = root / name / "model.pt"
+        path.parent.mkdir(parents=True)
+        torch.save(authors_state_dict(32, 3, (1,), rotary_dim=8), path)
+        import_h3(path, folder, n_head=2, tokenizer="byte")
+        return folder
+    # init_std 0.3: logits of O(1) and varied greedy continuations
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=16, n_layer=2, n_head=2, init_std=0.3, **MODELS[name])
+    model = HippoLM(cfg, seed=11)
+    save_export(folder, dict(model.named_parameters()), cfg, tokenizer="byte", step=3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, tuple[HippoLM, Path]]:
+    """name -> (Hippo's model, its HF folder); the first through the CLI."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for i, name in enumerate(ALL):
+        export = _hippo_model(name, root)
+        hf = root / name / "hf"
+        if i == 0:
+            assert main(["export", str(export), "-o", str(hf), "--format", "hf"]) == 0
+        else:
+            export_hf(export, hf)
+        out[name] = (HippoLM.from_pretrained(export), hf)
+    return out
+
+
+def _hippo_greedy(model: HippoLM, prompt: str) -> list[int]:
+    """What `hippo generate --greedy` generates: one prompt at a time, stopping at EOS."""
+    ids = torch.tensor([list(prompt.encode())])
+    out = generate(model, ids, NEW_TOKENS, SamplingConfig(greedy=True), vocab_size=VOCAB, eos_id=256)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def child(folders, tmp_path_factory) -> dict:
+    """Every job of the slow tests in one interpreter without Hippo: (kind, name, ...) -> result."""
+    root = tmp_path_factory.mktemp("child")
+    jobs, keys = [], []
+    for name, (_, hf) in folders.items():
+        for L in (80, 40):
+            jobs.append({"kind": "logits", "dir": str(hf), "ids": _ids(L).tolist()})
+            keys.append(("logits", name, L))
+        jobs.append({"kind": "logits", "dir": str(hf), "ids": _ids(80).tolist(), "dtype": "bfloat16"})
+        keys.append(("bf16", name))
+        jobs.append({"kind": "generate", "dir": str(hf), "prompts": PROMPTS, "max_new_tokens": NEW_TOKENS})
+        keys.append(("generate", name))
+    texts = ["héllo wörld\n\t", "the text <|endoftext|> is bytes", ""]
+    jobs.append({"kind": "tokenize", "dir": str(folders["h3"][1]), "texts": texts,
+                 "decode": [list(t.encode()) + [256] for t in texts]})
+    keys.append(("tokenize",))
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(CHILD), str(root / "jobs.json"), str(root / "out.pt")], env=env,
+                          cwd=root, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = torch.load(root / "out.pt")
+    assert out["leaked"] == [], f"the child imported {out['leaked']}"
+    return dict(zip(keys, out["results"]))
+
+
+# ------------------------------------------------------------------------- without Hippo (slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL)
+def test_transformers_alone_computes_hippos_logits(folders, child, name):
+    """fp32, at L = 80 (longer than the 64 shift taps) and 40: within 1e-5 of the largest logit."""
+    model, _ = folders[name]
+    for L in (80, 40):
+        got = child[("logits", name, L)]
+        assert got["class"] == "HippoForCausalLM" and got["logits"].shape == (2, L, VOCAB)
+        with torch.no_grad():
+            expected = model(_ids(L))[..., :VOCAB]
+        assert expected.abs().max() > 1.0
+        assert _err(got["logits"], expected) < TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL)
+def test_bf16_keeps_the_ssm_in_fp32_and_stays_within_the_bound(folders, child, name):
+    model, _ = folders[name]
+    got = child[("bf16", name)]
+    assert got["ssm_dtypes"] in ([], ["torch.float32"])
+    with torch.no_grad():
+        expected = model(_ids(80))[..., :VOCAB]
+    assert _err(got["logits"], expected) < BF16_TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL)
+def test_greedy_generate_of_a_left_padded_batch_equals_hippo_generate(folders, child, name):
+    """`generate(do_sample=False, max_new_tokens=64)` on prompts of 1 to 19 tokens in one batch
+    (left padding kept out of every state) gives the tokens `hippo generate --greedy` gives."""
+    model, _ = folders[name]
+    got = child[("generate", name)]
+    assert got["padded"]
+    assert got["tokens"] == [_hippo_greedy(model, p) for p in PROMPTS]
+
+
+@pytest.mark.slow
+def test_autotokenizer_gives_the_byte_tokenizers_ids(child):
+    got = child[("tokenize",)]
+    texts = ["héllo wörld\n\t", "the text <|endoftext|> is bytes", ""]
+    assert got["ids"] == [list(t.encode()) for t in texts] and got["eos_token_id"] == 256
+    assert got["decoded"] == texts
+
+
+# --------------------------------------------------------------- in-process reference (fast)
+def _import_transformers():
+    """transformers, with its dependency `kernels` imported from site-packages first: while the
+    repository root is on sys.path (as under pytest), Hippo's own kernels/ folder shadows it."""
+    pytest.importorskip("transformers")
+    if (found := importlib.util.find_spec("kernels")) and Path(found.origin or "").resolve().is_relative_to(ROOT):
+        saved = sys.path[:]
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+        try:
+            importlib.import_module("kernels")
+        except ImportError:
+            pass  # not installed: transformers then finds no usable `kernels` and does not use it
+        finally:
+            sys.path[:] = saved
+    import transformers
+
+    return transformers
+
+
+def _reference(hf: Path, dtype: torch.dtype = torch.float32):
+    transformers = _import_transformers()
+    return transformers.AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("name", ["hybrid", "s4d_rotary"])
+def test_hippo_matches_the_modeling_file_and_its_recurrence(tmp_path, name):
+    """Hippo's logits equal the HF model's (FFT convolution); its cached decoding (the
+    recurrences, one token at a time after a prefill) equals its own full forward."""
+    export = _hippo_model(name, tmp_path)
+    model = HippoLM.from_pretrained(export)
+    ref = _reference(export_hf(export, tmp_path / "hf"))
+    ids = _ids(70)
+    with torch.no_grad():
+        full = ref(ids).logits
+        assert _err(model(ids)[..., :VOCAB], full) < TOL
+        out = ref(ids[:, :50], use_cache=True)
+        steps = [out.logits[:, -1]]
+        for t in range(50, 70):
+            out = ref(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[:, -1])
+    assert _err(torch.stack(steps[:-1], dim=1), full[:, 49:69]) < TOL
+
+
+# ---------------------------------------------------------------------- the way back (fast)
+def test_export_import_export_round_trips_bit_for_bit(tmp_path, capsys):
+    export = _hippo_model("hybrid", tmp_path)
+    hf1, back, hf2 = tmp_path / "hf1", tmp_path / "back", tmp_path / "hf2"
+    assert main(["export", str(export), "-o", str(hf1), "--format", "hf"]) == 0
+    assert main(["import", "hf", str(hf1), "-o", str(back)]) == 0
+    assert main(["export", str(back), "-o", str(hf2), "--format", "hf"]) == 0
+    files = sorted(p.name for p in hf1.iterdir())
+    assert files == sorted(p.name for p in hf2.iterdir())
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "configuration_hippo.py", "modeling_hippo.py"} <= set(files)
+    assert all((hf1 / f).read_bytes() == (hf2 / f).read_bytes() for f in files)
+    assert (export / "model.safetensors").read_bytes() == (back / "model.safetensors").read_bytes()
+    a, b = json.loads((export / "config.json").read_text()), json.loads((back / "config.json").read_text())
+    assert a == b
+
+
+def test_hippo_reads_an_hf_folder_as_an_export(tmp_path, capsys):
+    """`HippoLM.from_pretrained`, `hippo generate` and the `--init-from` check take the folder."""
+    from hippo.pretrain.builders import check_init_from
+
+    export = _hippo_model("hybrid", tmp_path)
+    hf = export_hf(export, tmp_path / "hf")
+    ids = _ids(20)
+    with torch.no_grad():
+        assert torch.equal(HippoLM.from_pretrained(hf)(ids), HippoLM.from_pretrained(export)(ids))
+    assert main(["generate", str(hf), "--prompt", "def", "--max-new-tokens", "4", "--greedy"]) == 0
+    assert "--- sample 1" in capsys.readouterr().out
+    cfg = load_config("tiny_hybrid", ["model.d_model=16", "model.n_layer=2", "model.n_head=2",
+                                      "model.attn_layer_idx=[1]", "model.init_std=0.3", "model.vocab_size=257"])
+    tok_id = "byte:" + json.loads((hf / "config.json").read_text())["hippo"]["tokenizer_info"]["hash"]
+    check_init_from(cfg, hf, tok_id)
+    with pytest.raises(ConfigError, match="model.d_model: 16 .export. vs 32"):
+        check_init_from(load_config("tiny_hybrid", ["model.d_model=32", "model.vocab_size=257"]), hf, tok_id)
+
+
+@pytest.mark.parametrize("edit, reason", [
+    ({"model_type": "llama"}, "model_type 'llama' is not a Hippo model"),
+    ({"mixer": "mamba"}, "Hippo cannot build this model: .*mixer"),
+    ({"d_state": 63}, "Hippo cannot build this model: model.d_state must be even"),
+    ({"tie_word_embeddings": False}, "ties the LM head"),
+    ({"d_model": 32}, "the weights do not fit its config"),
+])
+def test_a_folder_hippo_cannot_build_is_refused_with_the_reason(tmp_path, capsys, edit, reason):
+    import re
+
+    hf = export_hf(_hippo_model("hybrid", tmp_path), tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, **edit}))
+    assert main(["import", "hf", str(hf), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hippo: error: ") and err.count("\n") == 1 and re.search(reason, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_saved_again_by_transformers_goes_back_into_hippo(tmp_path):
+    """A user's `model.save_pretrained(DIR)` (after fine-tuning, say) is still a Hippo model."""
+    export = _hippo_model("s4d_rotary", tmp_path)
+    ref = _reference(export_hf(export, tmp_path / "hf"))
+    ref.save_pretrained(tmp_path / "saved")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tmp_path / "hf" / f, tmp_path / "saved" / f)
+    import_hf(tmp_path / "saved", tmp_path / "back")
+    ids = _ids(30)
+    with torch.no_grad():
+        assert torch.equal(HippoLM.from_pretrained(tmp_path / "back")(ids), HippoLM.from_pretrained(export)(ids))
