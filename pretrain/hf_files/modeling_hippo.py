@@ -98,12 +98,14 @@ class DiagonalSSM(nn.Module):
         self.D = nn.Parameter(torch.zeros(channels))
 
     def discrete(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """dA, dB, C (channels, modes), complex128."""
-        dt = torch.exp(self.log_dt.double()).unsqueeze(-1)
-        A = torch.complex(-torch.exp(self.log_A_real.double()), self.A_imag.double())
-        dA = (1 + dt * A / 2) / (1 - dt * A / 2)
-        dB = torch.view_as_complex(self.B.double().contiguous()) * dt / (1 - dt * A / 2)
-        return dA, dB, torch.view_as_complex(self.C.double().contiguous())
+        """dA, dB, C (channels, modes): discretized in float32 / complex64 as the model was trained
+        (at L = 300, float64 here moves the logits by 5e-5: dA^l carries dA's rounding l times),
+        returned as complex128 for the powers."""
+        dt = torch.exp(self.log_dt.float()).unsqueeze(-1)
+        half = dt * torch.complex(-torch.exp(self.log_A_real.float()), self.A_imag.float()) / 2
+        dA = (1 + half) / (1 - half)
+        dB = torch.view_as_complex(self.B.float().contiguous()) * dt / (1 - half)
+        return dA.cdouble(), dB.cdouble(), torch.view_as_complex(self.C.float().contiguous()).cdouble()
 
     def kernel_and_state(self, x: torch.Tensor | None, L: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Kd (channels, L) float32, and, for an input x (batch, channels, L), the state after it:

@@ -35,11 +35,12 @@ TOL = 1e-5  # fp32: largest logit difference relative to the largest logit
 BF16_TOL = 5e-2  # bf16 weights and activations (SSM parameters and arithmetic fp32) against Hippo in fp32
 PROMPTS = ["def ", "import numpy as np\n", "The H3 layer", "x"]  # 4, 19, 12 and 1 tokens: left padding
 NEW_TOKENS = 64
+LENGTHS = (300, 80, 40)
 
 MODELS = {  # name: ModelConfig fields of a tiny model (d_model 16, 2 layers, 2 heads)
     "h3": dict(attn_layer_idx=[]),
     "hybrid": dict(attn_layer_idx=[1]),
-    "transformer": dict(attn_layer_idx=[0, 1], position_embedding="learned", max_position_embeddings=160),
+    "transformer": dict(attn_layer_idx=[0, 1], position_embedding="learned", max_position_embeddings=320),
     "s4d_rotary": dict(mixer="s4d", attn_layer_idx=[1], position_embedding="rotary", rotary_dim=4),
 }
 ALL = [*MODELS, "authors_rotary"]  # + an import of the authors' layout: H3 + attention, rotary on 8 of 16 dims
@@ -98,7 +99,7 @@ def child(folders, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("child")
     jobs, keys = [], []
     for name, (_, hf) in folders.items():
-        for L in (80, 40):
+        for L in LENGTHS:
             jobs.append({"kind": "logits", "dir": str(hf), "ids": _ids(L).tolist()})
             keys.append(("logits", name, L))
         jobs.append({"kind": "logits", "dir": str(hf), "ids": _ids(80).tolist(), "dtype": "bfloat16"})
@@ -123,9 +124,9 @@ def child(folders, tmp_path_factory) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_transformers_alone_computes_hippos_logits(folders, child, name):
-    """fp32, at L = 80 (longer than the 64 shift taps) and 40: within 1e-5 of the largest logit."""
+    """fp32, at L = 300 and 80 (longer than the 64 shift taps) and 40: within 1e-5 of the largest logit."""
     model, _ = folders[name]
-    for L in (80, 40):
+    for L in LENGTHS:
         got = child[("logits", name, L)]
         assert got["class"] == "HippoForCausalLM" and got["logits"].shape == (2, L, VOCAB)
         with torch.no_grad():
@@ -273,3 +274,42 @@ def test_a_folder_saved_again_by_transformers_goes_back_into_hippo(tmp_path):
     ids = _ids(30)
     with torch.no_grad():
         assert torch.equal(HippoLM.from_pretrained(tmp_path / "back")(ids), HippoLM.from_pretrained(export)(ids))
+
+
+# ------------------------------------------------------------------------ lm-eval (slow)
+@pytest.mark.slow
+def test_lm_eval_hf_scores_equal_hippo_eval(tmp_path):
+    """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` (its own process, no
+    Hippo) on the offline task files of test_lm_eval scores a model taught the answers as
+    `hippo eval --tasks` does on its Hippo export: multiple choice, rolling perplexity, generation."""
+    pytest.importorskip("lm_eval")
+    from hippo.data_pipeline.tokenizer import ByteTokenizer
+    from hippo.pretrain.lm_eval_model import evaluate_tasks, task_metrics
+    from tests.pretrain.test_lm_eval import train_to_answer, write_tasks
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = train_to_answer()
+    finally:
+        torch.set_num_threads(threads)
+    tasks = write_tasks(tmp_path / "tasks")
+    save_export(tmp_path / "export", dict(model.named_parameters()), model.cfg, tokenizer="byte", step=0)
+    hf = export_hf(tmp_path / "export", tmp_path / "hf")
+    names = "hippo_mc,hippo_ppl,hippo_gen"
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={hf},trust_remote_code=True",
+           "--tasks", names, "--include_path", str(tasks), "--device", "cpu", "--batch_size", "3",
+           "--output_path", str(tmp_path / "out")]
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (written,) = (tmp_path / "out").rglob("results_*.json")
+    got = json.loads(written.read_text())["results"]
+    expected = task_metrics(evaluate_tasks(model, ByteTokenizer(), names, include_path=tasks, batch_size=3,
+                                           bootstrap_iters=0))
+    assert expected["hippo_mc/acc"] > 0.5 and expected["hippo_gen/exact_match"] > 0.5  # taught: scores to lose
+    assert got["hippo_mc"]["acc,none"] == expected["hippo_mc/acc"]
+    assert got["hippo_gen"]["exact_match,none"] == expected["hippo_gen/exact_match"]
+    assert got["hippo_ppl"]["byte_perplexity,none"] == pytest.approx(expected["hippo_ppl/byte_perplexity"], rel=1e-5)
