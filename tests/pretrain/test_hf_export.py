@@ -313,3 +313,38 @@ def test_lm_eval_hf_scores_equal_hippo_eval(tmp_path):
     assert got["hippo_mc"]["acc,none"] == expected["hippo_mc/acc"]
     assert got["hippo_gen"]["exact_match,none"] == expected["hippo_gen/exact_match"]
     assert got["hippo_ppl"]["byte_perplexity,none"] == pytest.approx(expected["hippo_ppl/byte_perplexity"], rel=1e-5)
+
+
+# ------------------------------------------------------------------- training side (slow)
+@pytest.mark.slow
+def test_train_init_from_an_hf_folder_starts_from_its_weights(train_data, tmp_path):
+    """`hippo train --init-from HF_DIR`: at a negligible learning rate the end-of-run export still
+    holds the folder's weights (not the seeded init)."""
+    from safetensors.torch import load_file
+
+    from tests.helpers import BASE, hippo_train
+
+    cfg = load_config("tiny_hybrid", [o for o in BASE if o.startswith("model.")])
+    start = HippoLM(cfg.model, seed=77)
+    save_export(tmp_path / "start", dict(start.named_parameters()), cfg.model, tokenizer=str(train_data), step=0)
+    hf = export_hf(tmp_path / "start", tmp_path / "hf")
+    hippo_train(tmp_path / "run", train_data, "train.steps=2", "optim.lr=1e-12", "tracking.enabled=false",
+                "--init-from", str(hf))
+    got = load_file(str(tmp_path / "run" / "export" / "model.safetensors"))
+    assert all(torch.allclose(got[k], p, atol=1e-6) for k, p in start.named_parameters())
+
+
+@pytest.mark.slow
+def test_hf_export_of_a_tp2_pp2_checkpoint_equals_that_of_its_gathered_export(train_data, tmp_path):
+    """From the TP 2 x PP 2 checkpoint (universal conversion, one process) and from the trainer's own
+    export of the same run (written stage by stage, never gathered): the same folder, bit for bit."""
+    from tests.helpers import hippo_train, torchrun
+
+    run = tmp_path / "run"
+    hippo_train(run, train_data, "train.steps=2", "tracking.enabled=false", "parallel.tensor=2",
+                "parallel.pipeline=2", nproc=4)
+    torchrun(0, ["-m", "hippo.pretrain.cli", "export", str(run), "-o", str(tmp_path / "a"), "--format", "hf"])
+    export_hf(run / "export", tmp_path / "b")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and "model.safetensors" in files
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
