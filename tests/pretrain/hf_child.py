@@ -8,22 +8,30 @@ torch.save. Not a test module (no test_ prefix); it imports nothing from the rep
 from __future__ import annotations
 
 import importlib.abc
+import importlib.util
 import json
 import sys
 
 BLOCKED = ("hippo", "tests", "triton", "deepspeed", "megatron")
 
 
-class _Blocker(importlib.abc.MetaPathFinder):
-    """Hippo (and the training-only packages) are not there for this process."""
+class _Hidden(importlib.abc.MetaPathFinder):
+    """Wraps one import finder so that Hippo and the training-only packages look not installed
+    (`importlib.util.find_spec` gives None, `import` raises ModuleNotFoundError)."""
+
+    def __init__(self, finder):
+        self.finder = finder
 
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked: the HF folder must load without it)")
-        return None
+        if name.split(".")[0] in BLOCKED or not hasattr(self.finder, "find_spec"):
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.finder, attr)
 
 
-sys.meta_path.insert(0, _Blocker())
+sys.meta_path[:] = [_Hidden(f) for f in sys.meta_path]
 _here = str(__import__("pathlib").Path(__file__).resolve().parent)
 sys.path = [p for p in sys.path if p not in ("", ".", _here)]
 
@@ -69,7 +77,9 @@ def main() -> None:
     jobs = json.loads(open(sys.argv[1]).read())
     results = [globals()[job["kind"]](job) for job in jobs]
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    leaked += [f"{name} (importable)" for name in BLOCKED if importlib.util.find_spec(name) is not None]
     torch.save({"results": results, "leaked": leaked, "transformers": transformers.__version__}, sys.argv[2])
+    print(f"transformers {transformers.__version__}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ from tests.helpers import ROOT
 from tests.pretrain.test_h3_checkpoint import authors_state_dict
 
 CHILD = Path(__file__).with_name("hf_child.py")
+CHILD_PYTHON = "HIPPO_HF_TEST_PYTHON"
+"""Environment variable: the interpreter of the child (default this one), e.g. a venv with another
+transformers version; it needs torch and transformers only."""
 VOCAB = 257  # the byte tokenizer; the embedding has 264 rows
 TOL = 1e-5  # fp32: largest logit difference relative to the largest logit
 BF16_TOL = 5e-2  # bf16 weights and activations (SSM parameters and arithmetic fp32) against Hippo in fp32
@@ -112,7 +115,7 @@ def child(folders, tmp_path_factory) -> dict:
     keys.append(("tokenize",))
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, str(CHILD), str(root / "jobs.json"), str(root / "out.pt")], env=env,
+    proc = subprocess.run([os.environ.get(CHILD_PYTHON, sys.executable), str(CHILD), str(root / "jobs.json"), str(root / "out.pt")], env=env,
                           cwd=root, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = torch.load(root / "out.pt")
