@@ -72,7 +72,8 @@ def causal_conv(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def shift_taps(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """Ks[c, l] = sum_n B[c, n] C[c, n + l], l < N: (channels, N) from B, C (channels, N)."""
     N = B.shape[-1]
-    return torch.stack([(B[:, : N - l] * C[:, l:]).sum(-1) for l in range(N)], dim=-1)
+    windows = F.pad(C, (0, N - 1)).unfold(-1, N, 1)  # windows[c, l, n] = C[c, n + l], 0 past N
+    return (windows * B.unsqueeze(1)).sum(-1)
 
 
 class ShiftSSM(nn.Module):

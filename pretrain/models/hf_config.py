@@ -56,7 +56,8 @@ def from_hf_config(meta: dict[str, Any], where: str) -> dict[str, Any]:
     missing = [k for k in MODEL_FIELDS if k not in meta]
     if missing:
         raise ConfigError(f"{where}: lacks the model fields {missing}")
-    for field, allowed in (("mixer", ("h3", "s4d", "attention")), ("position_embedding", ("none", "learned", "rotary"))):
+    choices = {"mixer": ("h3", "s4d", "attention"), "position_embedding": ("none", "learned", "rotary")}
+    for field, allowed in choices.items():
         if meta[field] not in allowed:
             raise ConfigError(f"{where}: Hippo cannot build this model: model.{field}={meta[field]!r} is none of "
                               f"{list(allowed)}")

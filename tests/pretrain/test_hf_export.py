@@ -115,7 +115,8 @@ def child(folders, tmp_path_factory) -> dict:
     keys.append(("tokenize",))
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([os.environ.get(CHILD_PYTHON, sys.executable), str(CHILD), str(root / "jobs.json"), str(root / "out.pt")], env=env,
+    python = os.environ.get(CHILD_PYTHON, sys.executable)
+    proc = subprocess.run([python, str(CHILD), str(root / "jobs.json"), str(root / "out.pt")], env=env,
                           cwd=root, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = torch.load(root / "out.pt")
