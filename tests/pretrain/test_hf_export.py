@@ -96,6 +96,21 @@ def _hippo_greedy(model: HippoLM, prompt: str) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
+BPE_TEXTS = ["state space hippo", " shift kernel<|endoftext|>token", "unseen wörds"]
+
+
+def _bpe_folder(root: Path) -> Path:
+    """The HF folder of a model trained with a byte-level BPE tokenizer (copied, not converted)."""
+    from hippo.data_pipeline.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["state space hippo shift kernel token model " * 3] * 40, root / "bpe.json",
+                              vocab_size=300, min_frequency=1)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layer=1, n_head=2)
+    save_export(root / "bpe_export", dict(HippoLM(cfg).named_parameters()), cfg, tokenizer=str(root / "bpe.json"),
+                step=0)
+    return export_hf(root / "bpe_export", root / "bpe_hf")
+
+
 @pytest.fixture(scope="module")
 def child(folders, tmp_path_factory) -> dict:
     """Every job of the slow tests in one interpreter without Hippo: (kind, name, ...) -> result."""
@@ -113,6 +128,9 @@ def child(folders, tmp_path_factory) -> dict:
     jobs.append({"kind": "tokenize", "dir": str(folders["h3"][1]), "texts": texts,
                  "decode": [list(t.encode()) + [256] for t in texts]})
     keys.append(("tokenize",))
+    bpe = _bpe_folder(root)
+    jobs.append({"kind": "tokenize", "dir": str(bpe), "texts": BPE_TEXTS})
+    keys.append(("tokenize_bpe",))
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     python = os.environ.get(CHILD_PYTHON, sys.executable)
@@ -121,7 +139,7 @@ def child(folders, tmp_path_factory) -> dict:
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = torch.load(root / "out.pt")
     assert out["leaked"] == [], f"the child imported {out['leaked']}"
-    return dict(zip(keys, out["results"]))
+    return {**dict(zip(keys, out["results"])), ("bpe_tokenizer",): root / "bpe.json"}
 
 
 # ------------------------------------------------------------------------- without Hippo (slow)
@@ -167,6 +185,15 @@ def test_autotokenizer_gives_the_byte_tokenizers_ids(child):
     texts = ["héllo wörld\n\t", "the text <|endoftext|> is bytes", ""]
     assert got["ids"] == [list(t.encode()) for t in texts] and got["eos_token_id"] == 256
     assert got["decoded"] == texts
+
+
+@pytest.mark.slow
+def test_autotokenizer_gives_a_bpe_tokenizers_ids(child):
+    from hippo.data_pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(child[("bpe_tokenizer",)]))  # the file the model was trained with
+    got = child[("tokenize_bpe",)]
+    assert got["ids"] == [tok.encode(t) for t in BPE_TEXTS] and got["eos_token_id"] == tok.eos_id
 
 
 # --------------------------------------------------------------- in-process reference (fast)
