@@ -59,6 +59,11 @@ class HippoCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep the states of the chosen beams (every state is batch-first)."""
+        for i, states in self.layers.items():
+            self.layers[i] = tuple(s.index_select(0, beam_idx.to(s.device)) for s in states)
+
 
 # ------------------------------------------------------------------------------------ the SSMs
 def causal_conv(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
