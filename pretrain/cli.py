@@ -193,6 +193,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from hippo.pretrain.checkpoint import CheckpointManager
     from hippo.pretrain.export import export_checkpoint
 
+    if args.format == "hf":
+        from hippo.pretrain.hf_export import export_hf
+
+        out = export_hf(Path(args.checkpoint), Path(args.output))
+        print(f"wrote {out} (a Hugging Face transformers folder: AutoModelForCausalLM.from_pretrained(DIR, "
+              f"trust_remote_code=True)) from {args.checkpoint}")
+        return 0
     if args.format == "h3":
         from hippo.pretrain.h3_checkpoint import export_h3
 
@@ -218,6 +225,14 @@ def _cmd_import_h3(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_hf(args: argparse.Namespace) -> int:
+    from hippo.pretrain.hf_export import import_hf
+
+    out = import_hf(Path(args.folder), Path(args.output))
+    print(f"imported {args.folder} to {out}")
+    return 0
+
+
 def _add_import(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="turn another code base's checkpoint into a Hippo export")
     isub = p.add_subparsers(dest="import_format", required=True)
@@ -232,6 +247,10 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-pickle", action="store_true",
                    help="load a file that holds Python objects besides tensors (runs its code: trusted files only)")
     p.set_defaults(func=_cmd_import_h3)
+    p = isub.add_parser("hf", help="a Hugging Face folder of a Hippo model (`hippo export --format hf`)")
+    p.add_argument("folder", help="the folder: config.json (model_type hippo), safetensors weights, tokenizer")
+    p.add_argument("--output", "-o", required=True, help="export folder to write")
+    p.set_defaults(func=_cmd_import_hf)
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
@@ -298,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="consolidate a checkpoint (any layout) into one safetensors file + config")
     p.add_argument("checkpoint", help="a run folder (its latest checkpoint), a checkpoints folder or a global_stepN folder")
     p.add_argument("--output", "-o", required=True)
-    p.add_argument("--format", choices=["hippo", "h3"], default="hippo",
-                   help="hippo: an export folder; h3: the authors' H3 layout (model.pt + h3_config.json), from a "
+    p.add_argument("--format", choices=["hippo", "h3", "hf"], default="hippo",
+                   help="hippo: an export folder; h3: the authors' H3 layout (model.pt + h3_config.json); hf: a "
+                   "Hugging Face transformers folder (AutoModelForCausalLM, trust_remote_code); h3 and hf from a "
                    "checkpoint or an export folder")
     p.set_defaults(func=_cmd_export)
     _add_import(sub)

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hippo.pretrain.models.config import ModelConfig
+from hippo.pretrain.models.hf_config import from_hf_config, is_hf_config
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -102,6 +103,8 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} is missing: not a Hippo model folder") from None
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if isinstance(meta, dict) and is_hf_config(meta):  # `hippo export --format hf`: Hippo's names, HF's config
+        return from_hf_config(meta, str(path))
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
         raise ValueError(f"{path} has no \"model\" section: not a Hippo model folder")
     return meta
