@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 from .errors import ShardFetchError
 
-__all__ = ["is_url", "join_url", "open_url", "read_bytes", "ResumableHTTPReader"]
+__all__ = ["is_url", "join_url", "open_url", "read_bytes", "read_range", "ResumableHTTPReader"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,12 @@ class ResumableHTTPReader(io.RawIOBase):
         retries: reconnections allowed without progress before giving up.
         timeout: socket timeout in seconds, so a stalled server cannot hang training.
         offset: first byte to read (a Range request).
+        stop: with `offset`, read bytes [offset, stop) only (`bytes=offset-(stop-1)`), as a
+            sample of a shard is read; None reads to the end of the object.
     """
 
     def __init__(self, url: str, *, expected_size: int | None = None, retries: int = 5,
-                 timeout: float = 60.0, backoff: float = 0.2, offset: int = 0) -> None:
+                 timeout: float = 60.0, backoff: float = 0.2, offset: int = 0, stop: int | None = None) -> None:
         super().__init__()
         self.url = url
         self.expected_size = expected_size
@@ -70,16 +72,20 @@ class ResumableHTTPReader(io.RawIOBase):
         self.timeout = timeout
         self.backoff = backoff
         self.offset = offset
+        self.stop = stop
         self.reconnects = 0
         self._resp: http.client.HTTPResponse | None = None
-        self._total: int | None = expected_size
+        self._total: int | None = stop if stop is not None else expected_size
         self._connect_with_retries()
 
     def readable(self) -> bool:
         return True
 
     def _connect(self) -> None:
-        headers = {"Range": f"bytes={self.offset}-"} if self.offset else {}
+        if self.stop is not None:
+            headers = {"Range": f"bytes={self.offset}-{self.stop - 1}"}
+        else:
+            headers = {"Range": f"bytes={self.offset}-"} if self.offset else {}
         try:
             resp = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=self.timeout)
         except urllib.error.HTTPError as e:
@@ -124,6 +130,10 @@ class ResumableHTTPReader(io.RawIOBase):
         raise ShardFetchError(f"{self.url}: cannot connect after {self.retries} retries: {last}")
 
     def readinto(self, buf) -> int:
+        if self.stop is not None:  # a server without Range support sends the rest of the object
+            buf = memoryview(buf)[:max(0, self.stop - self.offset)]
+            if not len(buf):
+                return 0
         failures, err = 0, None
         while True:
             if self._resp is not None:
@@ -172,7 +182,7 @@ def open_url(url: str, *, expected_size: int | None = None, retries: int = 5, ti
     """Open a local path or URL for binary reading (buffered), from byte `offset` on.
 
     Files seek and HTTP asks for a Range; a `pipe:` command can only be read through to the
-    offset, so readers that close and reopen shards (stream.MAX_OPEN_SHARDS) cost more there.
+    offset (training refuses `pipe:` folders: it reads samples by position, see `read_range`).
     """
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
@@ -192,6 +202,19 @@ def open_url(url: str, *, expected_size: int | None = None, retries: int = 5, ti
             raise ShardFetchError(f"{url}: ended before byte {offset}")
         to_skip -= len(chunk)
     return f
+
+
+def read_range(url: str, start: int, stop: int, *, retries: int = 5, timeout: float = 60.0) -> bytes:
+    """Bytes [start, stop) of an http(s) object: one Range request, resumed where a dropped
+    connection stopped (`ResumableHTTPReader`); fewer bytes only where the object ends first."""
+    r = ResumableHTTPReader(url, offset=start, stop=stop, retries=retries, timeout=timeout)
+    try:
+        out = bytearray()
+        while len(out) < stop - start and (chunk := r.read(stop - start - len(out))):
+            out += chunk
+        return bytes(out)
+    finally:
+        r.close()
 
 
 def read_bytes(url: str, **kw) -> bytes:
