@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hippo.data_pipeline.config import DataConfig, validate_data_parallel
-from hippo.data_pipeline.sample_order import ORDER_NAME, SampleOrder, check_saved_order
+from hippo.data_pipeline.sample_order import ORDER_NAME, FeistelPermutation, SampleOrder, check_saved_order
 
 SHARDS = [[7, 7, 7, 7, 7, 3], [5, 5, 2]]
 
@@ -33,6 +33,16 @@ def test_each_epoch_is_a_permutation_that_changes_with_epoch_and_seed():
     assert _epoch(_order(), 0) == e0  # deterministic: a pure function of (seed, epoch, index)
     assert [order.locate(g) for g in range(order.samples_per_epoch)] == e0[:order.samples_per_epoch]
     assert order.locate(order.samples_per_epoch + 5) == e1[5]  # global indices run over epochs
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 1000, 65_537, 300_007])
+def test_the_computed_permutation_is_a_bijection_fixed_by_its_seed(n):
+    perm = FeistelPermutation(n, [1, 2])[np.arange(n)]
+    assert np.array_equal(np.sort(perm), np.arange(n))
+    assert np.array_equal(perm, FeistelPermutation(n, [1, 2])[np.arange(n)])
+    if n > 5:
+        assert not np.array_equal(perm, FeistelPermutation(n, [1, 3])[np.arange(n)])
+        assert not np.array_equal(perm, np.arange(n))
 
 
 def test_unshuffled_order_is_manifest_order_source_after_source():
