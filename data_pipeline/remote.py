@@ -2,7 +2,8 @@
 
 Local paths and `file://` are plain files; `http(s)://` goes through `ResumableHTTPReader`,
 which re-requests the rest of the object (HTTP Range) when the server drops the connection
-and fails with `ShardFetchError` once retries are used up; every other scheme webdataset knows
+and fails with `ShardFetchError` once retries are used up; `read_range` reads one byte range (a
+sample) the same way, on a kept-alive connection per thread. Every other scheme webdataset knows
 (`pipe:`, `gs:`, ...) goes to `webdataset.gopen`. webdataset's own http handler runs `curl`,
 which cannot resume mid-object and reports a dropped connection only as a truncated tar.
 """
@@ -13,6 +14,7 @@ import http.client
 import io
 import logging
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -59,12 +61,10 @@ class ResumableHTTPReader(io.RawIOBase):
         retries: reconnections allowed without progress before giving up.
         timeout: socket timeout in seconds, so a stalled server cannot hang training.
         offset: first byte to read (a Range request).
-        stop: with `offset`, read bytes [offset, stop) only (`bytes=offset-(stop-1)`), as a
-            sample of a shard is read; None reads to the end of the object.
     """
 
     def __init__(self, url: str, *, expected_size: int | None = None, retries: int = 5,
-                 timeout: float = 60.0, backoff: float = 0.2, offset: int = 0, stop: int | None = None) -> None:
+                 timeout: float = 60.0, backoff: float = 0.2, offset: int = 0) -> None:
         super().__init__()
         self.url = url
         self.expected_size = expected_size
@@ -72,20 +72,16 @@ class ResumableHTTPReader(io.RawIOBase):
         self.timeout = timeout
         self.backoff = backoff
         self.offset = offset
-        self.stop = stop
         self.reconnects = 0
         self._resp: http.client.HTTPResponse | None = None
-        self._total: int | None = stop if stop is not None else expected_size
+        self._total: int | None = expected_size
         self._connect_with_retries()
 
     def readable(self) -> bool:
         return True
 
     def _connect(self) -> None:
-        if self.stop is not None:
-            headers = {"Range": f"bytes={self.offset}-{self.stop - 1}"}
-        else:
-            headers = {"Range": f"bytes={self.offset}-"} if self.offset else {}
+        headers = {"Range": f"bytes={self.offset}-"} if self.offset else {}
         try:
             resp = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=self.timeout)
         except urllib.error.HTTPError as e:
@@ -130,10 +126,6 @@ class ResumableHTTPReader(io.RawIOBase):
         raise ShardFetchError(f"{self.url}: cannot connect after {self.retries} retries: {last}")
 
     def readinto(self, buf) -> int:
-        if self.stop is not None:  # a server without Range support sends the rest of the object
-            buf = memoryview(buf)[:max(0, self.stop - self.offset)]
-            if not len(buf):
-                return 0
         failures, err = 0, None
         while True:
             if self._resp is not None:
@@ -204,17 +196,82 @@ def open_url(url: str, *, expected_size: int | None = None, retries: int = 5, ti
     return f
 
 
-def read_range(url: str, start: int, stop: int, *, retries: int = 5, timeout: float = 60.0) -> bytes:
-    """Bytes [start, stop) of an http(s) object: one Range request, resumed where a dropped
-    connection stopped (`ResumableHTTPReader`); fewer bytes only where the object ends first."""
-    r = ResumableHTTPReader(url, offset=start, stop=stop, retries=retries, timeout=timeout)
-    try:
-        out = bytearray()
-        while len(out) < stop - start and (chunk := r.read(stop - start - len(out))):
-            out += chunk
-        return bytes(out)
-    finally:
-        r.close()
+_CONNECTIONS = threading.local()
+
+
+def _connection(scheme: str, netloc: str, timeout: float) -> http.client.HTTPConnection:
+    """This thread's kept-alive connection to a server (one request at a time on it)."""
+    pool = _CONNECTIONS.__dict__.setdefault("pool", {})
+    conn = pool.get((scheme, netloc))
+    if conn is None:
+        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        conn = pool[scheme, netloc] = cls(netloc, timeout=timeout)
+    return conn
+
+
+def _drop_connection(scheme: str, netloc: str) -> None:
+    conn = _CONNECTIONS.__dict__.get("pool", {}).pop((scheme, netloc), None)
+    if conn is not None:
+        conn.close()
+
+
+def read_range(url: str, start: int, stop: int, *, retries: int = 5, timeout: float = 60.0,
+               backoff: float = 0.2) -> bytes:
+    """Bytes [start, stop) of an http(s) object (fewer only where the object ends first).
+
+    One Range request on a kept-alive connection per thread, as a sample of a shard is read. A
+    dropped connection is retried from the byte it stopped at (`retries` times without progress,
+    backing off after the first), a server without Range support is read from the start and cut;
+    ShardFetchError once retries are used up, or at once for a 4xx answer.
+    """
+    parsed = urlparse(url)
+    target = parsed.path + (f"?{parsed.query}" if parsed.query else "")
+    out = bytearray()
+    failures, err = 0, None
+    while len(out) < stop - start:
+        at = start + len(out)
+        try:
+            conn = _connection(parsed.scheme, parsed.netloc, timeout)
+            conn.request("GET", target, headers={"Range": f"bytes={at}-{stop - 1}"})
+            resp = conn.getresponse()
+            if resp.status == 416:
+                resp.read()
+                break  # the object ends before `at`
+            if resp.status >= 400:
+                resp.read()
+                if resp.status < 500:  # a missing or forbidden object will not appear by retrying
+                    raise ShardFetchError(f"{url}: HTTP {resp.status} {resp.reason}")
+                raise http.client.HTTPException(f"HTTP {resp.status} {resp.reason}")
+            skip = at if resp.status == 200 else 0  # 200: no Range support, the whole object again
+            if resp.status == 206:
+                first = int(resp.headers.get("Content-Range", "bytes 0-").split()[1].split("-")[0])
+                if first != at:
+                    resp.read()
+                    raise ShardFetchError(f"{url}: asked for byte {at}, server answered from byte {first}")
+            try:
+                body, complete = resp.read(), True
+            except http.client.IncompleteRead as e:
+                body, complete, err = e.partial, False, e
+            got = body[skip:skip + stop - at]
+            out += got
+            if complete and len(got) < stop - at:
+                break  # a clean end of the object before `stop`
+            if got:
+                failures = 0
+            if not complete:
+                raise err
+        except ShardFetchError:
+            raise
+        except _NET_ERRORS as e:
+            err = e
+            _drop_connection(parsed.scheme, parsed.netloc)
+            failures += 1
+            if failures > retries:
+                raise ShardFetchError(f"{url}: connection lost at byte {start + len(out)} of [{start}, {stop}) "
+                                      f"after {retries} retries ({err})") from None
+            if failures > 1:
+                time.sleep(backoff * (2 ** (failures - 2)))
+    return bytes(out)
 
 
 def read_bytes(url: str, **kw) -> bytes:

@@ -282,3 +282,19 @@ def test_http_reader_reads_the_same_bytes_as_urllib(tmp_path):
                 srv.drops = 1
                 with open_url(srv.url, expected_size=len(blob), retries=2) as f:  # buffered, as shards are read
                     assert f.read() == blob
+
+
+def test_range_reads_resume_after_drops_and_work_without_range_support():
+    """`read_range` (one sample's bytes) against urllib's view of the object: any range, a body
+    dropped mid-way (resumed from the byte it stopped at), a range past the end, no Range support."""
+    from hippo.data_pipeline.remote import read_range
+
+    blob = np.random.default_rng(1).integers(0, 256, 200_000, dtype=np.uint8).tobytes()
+    for ranges in (True, False):
+        with _BlobServer(blob, ranges=ranges) as srv:
+            for start, stop in [(0, 1), (511, 5000), (100_000, 200_000), (199_999, 200_000)]:
+                assert read_range(srv.url, start, stop) == blob[start:stop] == _urllib_read(srv.url)[start:stop]
+            srv.cut, srv.drops = 150_000, 1
+            assert read_range(srv.url, 100_000, 200_000, retries=1) == blob[100_000:]
+            assert srv.drops == 0
+            assert read_range(srv.url, 150_000, 250_000) == blob[150_000:]  # the object ends first
