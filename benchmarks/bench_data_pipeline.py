@@ -139,6 +139,7 @@ def _serve_folder(folder: str, port) -> None:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # kept-alive connections, as object stores and nginx serve them
         disable_nagle_algorithm = True
 
         def log_message(self, *args):
@@ -167,6 +168,9 @@ def _serve_folder(folder: str, port) -> None:
     class Server(ThreadingHTTPServer):
         request_queue_size = 128
         daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            pass  # a reader stopped at the end of a measurement closes its connections mid-response
 
     httpd = Server(("127.0.0.1", 0), Handler)
     port.value = httpd.server_address[1]

@@ -21,7 +21,7 @@ from .manifest import MANIFEST_NAME, Manifest, SplitInfo, load_manifest, write_j
 from .remote import is_url, join_url, read_bytes
 from .shard_io import member_offsets
 
-__all__ = ["ShardOffsets", "index_name", "build_split_index", "index_folder", "load_index", "check_index_file"]
+__all__ = ["ShardOffsets", "index_name", "build_split_index", "index_folder", "load_index"]
 
 _DTYPE = np.dtype("<u8")
 
@@ -89,42 +89,67 @@ def index_folder(folder: str | Path, *, progress: bool = False) -> Manifest:
     return m
 
 
+def _missing(folder: str, split_name: str) -> ManifestError:
+    return ManifestError(f"{folder}: no sample index for split {split_name!r} (prepared before Hippo had one); "
+                         f"run `hippo data index {folder}` once")
+
+
 def _index_bytes(folder: str, split_name: str, split: SplitInfo) -> bytes:
-    info = split.index
-    if info is None:
-        raise ManifestError(f"{folder}: no sample index for split {split_name!r} (prepared before Hippo had one); "
-                            f"run `hippo data index {folder}` once")
-    url = join_url(folder, info["name"])
+    if split.index is None:
+        raise _missing(folder, split_name)
+    url = join_url(folder, split.index["name"])
     try:
-        data = read_bytes(url, expected_size=info["bytes"])
+        return read_bytes(url, expected_size=split.index["bytes"])
     except FileNotFoundError:
         raise ManifestError(f"{url}: the sample index listed in the manifest is missing; "
                             f"run `hippo data index {folder}`") from None
-    return data
 
 
-def check_index_file(folder: str, split_name: str, split: SplitInfo, data: bytes | None = None) -> str | None:
-    """What is wrong with a split's index file (size, sha256, entry count), or None."""
+def _problem(folder: str, split: SplitInfo, size: int, sha256: str) -> str | None:
+    """What is wrong with a split's index file of `size` bytes and digest `sha256`, or None."""
     info = split.index
-    data = _index_bytes(folder, split_name, split) if data is None else data
     where = join_url(folder, info["name"])
-    if len(data) != info["bytes"]:
-        return f"{where}: {len(data)} bytes, manifest says {info['bytes']}"
-    if hashlib.sha256(data).hexdigest() != info["sha256"]:
+    if size != info["bytes"]:
+        return f"{where}: {size} bytes, manifest says {info['bytes']}"
+    if sha256 != info["sha256"]:
         return f"{where}: sha256 differs from the manifest (damaged)"
-    if len(data) != int(_bases(split)[-1]) * _DTYPE.itemsize:
+    if size != int(_bases(split)[-1]) * _DTYPE.itemsize:
         return f"{where}: does not list the manifest's {len(split.shards)} shards"
     return None
 
 
-def load_index(folder: str, split_name: str, split: SplitInfo) -> ShardOffsets:
-    """The checked offsets of a split (one read of the index file, local or remote).
+def _local_file_digest(path: Path) -> tuple[int, str]:
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
+def load_index(folder: str, split_name: str, split: SplitInfo, *, check: bool = True) -> ShardOffsets:
+    """The offsets of a split: a local index file mapped (no private memory: DataLoader workers
+    share the page cache), a remote one read once; checked against the manifest unless `check`
+    is False (a DataLoader worker of a rank that checked it; a stale entry still cannot be misread,
+    `shard_io.member_data` checks each member's name).
 
     Raises:
         ManifestError naming the file and `hippo data index` when it is missing or damaged.
     """
-    data = _index_bytes(folder, split_name, split)
-    problem = check_index_file(folder, split_name, split, data)
+    if split.index is None:
+        raise _missing(folder, split_name)
+    url = join_url(folder, split.index["name"])
+    if is_url(folder) and not folder.startswith("file:"):
+        data = _index_bytes(folder, split_name, split)
+        problem = check and _problem(folder, split, len(data), hashlib.sha256(data).hexdigest())
+        offsets = np.frombuffer(data, dtype=_DTYPE)
+    else:
+        path = Path(url.removeprefix("file://"))
+        if not path.is_file():
+            raise ManifestError(f"{url}: the sample index listed in the manifest is missing; "
+                                f"run `hippo data index {folder}`")
+        problem = check and _problem(folder, split, *_local_file_digest(path))
+        offsets = np.memmap(path, dtype=_DTYPE, mode="r") if path.stat().st_size else np.zeros(0, _DTYPE)
     if problem:
         raise ManifestError(f"{problem}; rebuild it with `hippo data index {folder}`")
-    return ShardOffsets(np.frombuffer(data, dtype=_DTYPE), _bases(split))
+    return ShardOffsets(offsets, _bases(split))

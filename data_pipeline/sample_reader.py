@@ -110,9 +110,9 @@ class SampleReader:
 
     def _span(self, src: int, shard: int, index: int) -> tuple[int, int]:
         offsets = self._offsets[src]
-        if offsets is None:  # a DataLoader worker: its own copy, checked again
+        if offsets is None:  # a DataLoader worker: its own view; the rank checked the file
             source = self.sources[src]
-            offsets = self._offsets[src] = load_index(source.folder, source.split, source.info)
+            offsets = self._offsets[src] = load_index(source.folder, source.split, source.info, check=False)
         return offsets.span(shard, index)
 
     def _fetch(self, loc: Location) -> bytes:
