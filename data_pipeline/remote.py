@@ -169,31 +169,18 @@ class ResumableHTTPReader(io.RawIOBase):
         super().close()
 
 
-def open_url(url: str, *, expected_size: int | None = None, retries: int = 5, timeout: float = 60.0,
-             offset: int = 0) -> BinaryIO:
-    """Open a local path or URL for binary reading (buffered), from byte `offset` on.
-
-    Files seek and HTTP asks for a Range; a `pipe:` command can only be read through to the
-    offset (training refuses `pipe:` folders: it reads samples by position, see `read_range`).
-    """
+def open_url(url: str, *, expected_size: int | None = None, retries: int = 5, timeout: float = 60.0) -> BinaryIO:
+    """Open a local path or URL for binary reading (buffered), from its start (whole objects:
+    manifests, indexes, `verify`; training reads samples with `read_range` or `os.pread`)."""
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
-        raw = ResumableHTTPReader(url, expected_size=expected_size, retries=retries, timeout=timeout, offset=offset)
+        raw = ResumableHTTPReader(url, expected_size=expected_size, retries=retries, timeout=timeout)
         return io.BufferedReader(raw, buffer_size=1 << 20)
     if parsed.scheme == "file" or not is_url(url):
-        f = open(urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else url, "rb")
-        f.seek(offset)
-        return f
+        return open(urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else url, "rb")
     from webdataset.gopen import gopen as wds_gopen
 
-    f = wds_gopen(url, "rb")
-    to_skip = offset
-    while to_skip:
-        chunk = f.read(min(to_skip, 1 << 20))
-        if not chunk:
-            raise ShardFetchError(f"{url}: ended before byte {offset}")
-        to_skip -= len(chunk)
-    return f
+    return wds_gopen(url, "rb")
 
 
 _CONNECTIONS = threading.local()

@@ -87,6 +87,7 @@ class SampleReader:
 
     def read(self, locations: Iterable[Location]) -> Iterator[tuple[np.ndarray, Origin | None]]:
         """(row, origin if it is a replacement) of each location, in order."""
+        self._load_offsets()
         if not any(src.remote for src in self.sources):
             for loc in locations:
                 yield self._decoded(loc, self._fetch(loc))
@@ -108,12 +109,15 @@ class SampleReader:
         source = self.sources[src]
         return join_url(source.folder, source.info.shards[shard].name)
 
+    def _load_offsets(self) -> None:
+        """Each source's index, where this process has none yet (a DataLoader worker: its own view;
+        the rank checked the files)."""
+        for i, source in enumerate(self.sources):
+            if self._offsets[i] is None:
+                self._offsets[i] = load_index(source.folder, source.split, source.info, check=False)
+
     def _span(self, src: int, shard: int, index: int) -> tuple[int, int]:
-        offsets = self._offsets[src]
-        if offsets is None:  # a DataLoader worker: its own view; the rank checked the file
-            source = self.sources[src]
-            offsets = self._offsets[src] = load_index(source.folder, source.split, source.info, check=False)
-        return offsets.span(shard, index)
+        return self._offsets[src].span(shard, index)
 
     def _fetch(self, loc: Location) -> bytes:
         """The bytes of the location's tar member: one positioned read (fewer where the shard ends early)."""

@@ -218,13 +218,11 @@ class ShardMember(NamedTuple):
     name: str
     data: bytes
     next_offset: int
-    """Byte offset in the shard of the next member's header: where a reader closed and opened
-    again later goes on (`remote.open_url(offset=...)`)."""
+    """Byte offset in the shard of the next member's header (`verify` compares them with the sample index)."""
 
 
-def iter_shard_members(stream: io.BufferedIOBase, url: str, *, base_offset: int = 0) -> Iterator[ShardMember]:
-    """The regular-file members of a shard tar, read from `stream` positioned at byte `base_offset`
-    of the shard (a member header).
+def iter_shard_members(stream: io.BufferedIOBase, url: str) -> Iterator[ShardMember]:
+    """The regular-file members of a shard tar, read from `stream` at the shard's start.
 
     tarfile's stream mode, as webdataset's tar iterator uses it, plus the offsets that iterator hides.
     I/O failures become `ShardFetchError` (never skipped: samples must not vanish silently);
@@ -238,7 +236,7 @@ def iter_shard_members(stream: io.BufferedIOBase, url: str, *, base_offset: int 
             data = tar.extractfile(info).read()
             tar.members = []  # stream mode keeps every TarInfo otherwise
             end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-            yield ShardMember(sample_index(info.name), info.name, data, base_offset + end)
+            yield ShardMember(sample_index(info.name), info.name, data, end)
     except ShardFetchError:
         raise
     except OSError as e:
