@@ -1,4 +1,4 @@
-"""`hippo data ...`: prepare, inspect, verify, train-tokenizer, default-corpus.
+"""`hippo data ...`: prepare, inspect, verify, index, train-tokenizer, default-corpus.
 
 `register(subparsers)` adds the `data` command to the main `hippo` parser; every handler takes
 the parsed args and returns an exit code (0 ok, 1 verification failed, 2 bad input or options).
@@ -85,6 +85,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .sample_index import index_folder
+
+    try:
+        m = index_folder(args.dir, progress=not args.no_progress)
+    except _EXPECTED_ERRORS as e:
+        return _fail(e)
+    for name, s in m.splits.items():
+        if s.index:
+            print(f"{name}: {s.index['name']} ({s.samples} samples in {len(s.shards)} shards)")
+    return 0
+
+
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .prepare import resolve_inputs
     from .sources import iter_texts
@@ -143,10 +156,15 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="train", choices=("train", "validation"))
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("verify", help="re-check every shard against the manifest (size, sha256, samples)")
+    p = sub.add_parser("verify", help="re-check every shard and the sample index against the manifest (size, sha256, samples)")
     p.add_argument("dir", metavar="DIR", help="prepared folder (path or URL)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("index", help="(re)build the sample index of a folder prepared before Hippo wrote one")
+    p.add_argument("dir", metavar="DIR", help="prepared folder (local path)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_index)
 
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer.json on your text")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=".jsonl, .jsonl.zst or .txt files, or folders")

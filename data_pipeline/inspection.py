@@ -11,7 +11,8 @@ import numpy as np
 import zstandard
 
 from .errors import ManifestError
-from .manifest import Manifest, check_against_shards, load_manifest
+from .manifest import Manifest, SplitInfo, check_against_shards, load_manifest
+from .sample_index import ShardOffsets, load_index
 from .remote import join_url, open_url
 from .shard_io import CorruptSample, decode_sample, iter_shard_members
 from .tokenizer import load_tokenizer
@@ -100,7 +101,9 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_shard(folder: str, m: Manifest, name: str, samples: int, size: int, sha: str) -> Iterator[str]:
+def _check_shard(folder: str, m: Manifest, name: str, samples: int, size: int, sha: str,
+                 offsets: np.ndarray | None = None) -> Iterator[str]:
+    """Problems of one shard; `offsets`: its entries in the split's index, to compare with its members."""
     url = join_url(folder, name)
     dctx = zstandard.ZstdDecompressor()
     try:
@@ -111,8 +114,10 @@ def _check_shard(folder: str, m: Manifest, name: str, samples: int, size: int, s
     with f:
         h = _HashingReader(f)
         n = 0
+        found = [0]
         try:
-            for idx, member, data, _ in iter_shard_members(io.BufferedReader(h), url):
+            for idx, member, data, end in iter_shard_members(io.BufferedReader(h), url):
+                found.append(end)
                 if idx != n:
                     yield f"{name}: member {member} out of order (expected sample {n})"
                 try:
@@ -130,10 +135,21 @@ def _check_shard(folder: str, m: Manifest, name: str, samples: int, size: int, s
         yield f"{name}: {h.n} bytes, manifest says {size}"
     if h.sha.hexdigest() != sha:
         yield f"{name}: sha256 {h.sha.hexdigest()[:16]}... differs from the manifest"
+    if offsets is not None and found != offsets.tolist():
+        yield f"{name}: the sample index's offsets differ from the shard's members (rebuild: `hippo data index`)"
+
+
+def _split_index(folder: str, name: str, split: SplitInfo, report: VerifyReport) -> ShardOffsets | None:
+    """The split's sample index, or None with the problem reported (missing, damaged)."""
+    try:
+        return load_index(folder, name, split)
+    except ManifestError as e:
+        report.problems.append(str(e))
+        return None
 
 
 def verify(folder: str, *, progress: bool = False) -> VerifyReport:
-    """Re-read every shard: size, sha256, sample count, and that every sample decodes."""
+    """Re-read every shard: size, sha256, sample count, that every sample decodes, and the sample index."""
     from tqdm import tqdm
 
     m = load_manifest(folder)
@@ -145,11 +161,14 @@ def verify(folder: str, *, progress: bool = False) -> VerifyReport:
             except ManifestError as e:  # one problem, not one per sample
                 report.problems.append(str(e))
                 return report
-    shards = [(s, sh) for s in m.splits.values() for sh in s.shards]
-    for s, sh in tqdm(shards, desc="verify", unit="shard", disable=not progress):
+    indexes = {name: _split_index(folder, name, s, report) for name, s in m.splits.items() if s.shards}
+    shards = [(name, k, sh) for name, s in m.splits.items() for k, sh in enumerate(s.shards)]
+    for name, k, sh in tqdm(shards, desc="verify", unit="shard", disable=not progress):
         report.shards += 1
         report.samples += sh.samples
-        report.problems.extend(_check_shard(folder, m, sh.name, sh.samples, sh.bytes, sh.sha256))
+        index = indexes[name]
+        offsets = None if index is None else index.offsets[index.bases[k]:index.bases[k + 1]]
+        report.problems.extend(_check_shard(folder, m, sh.name, sh.samples, sh.bytes, sh.sha256, offsets))
     for name, s in m.splits.items():
         if sum(sh.samples for sh in s.shards) != s.samples:
             report.problems.append(f"{name}: shard sample counts do not add up to {s.samples}")

@@ -43,6 +43,9 @@ class SplitInfo:
     """Reason -> bad records skipped (see sources.SKIP_REASONS)."""
     skipped_examples: list[dict] = field(default_factory=list)
     """The first few skipped records as {"file", "line", "reason", "detail"}."""
+    index: dict | None = None
+    """{"name", "bytes", "sha256"} of the split's sample index (`sample_index`); None in folders
+    prepared before it existed (`hippo data index DIR` adds it)."""
 
     @classmethod
     def from_dict(cls, d: dict) -> SplitInfo:

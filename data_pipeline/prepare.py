@@ -36,6 +36,7 @@ import numpy as np
 from .errors import BadRecordError, EmptyDatasetError
 from .journal import JOURNAL_NAME, Journal, explain_mismatch, fingerprint, read_journal, valid_prefix
 from .manifest import MANIFEST_NAME, Manifest, SplitInfo, load_manifest, write_json_atomic
+from .sample_index import build_split_index, index_folder, index_name
 from .packing import Packer, Position
 from .shard_io import ShardInfo, ShardWriter, dtype_for_vocab
 from .sources import SUPPORTED_SUFFIXES, check_encoding, input_kind, iter_records
@@ -90,8 +91,8 @@ def split_of(name: str, line: int, *, val_fraction: float, val_file: bool, split
 def auto_shard_bytes(files: list[Path]) -> int:
     """A shard size giving a small corpus a few dozen shards, the Pile 256 MiB ones.
 
-    Streams read whole shards, so a corpus in one or two shards makes every virtual stream
-    skip through the same file. Shards hold ~2-4 bytes per token against ~4 bytes of text
+    Verification, indexing and (over HTTP) requests go per shard, so many small shards cost little
+    and a corpus in one huge shard gains nothing. Shards hold ~2-4 bytes per token against ~4 bytes of text
     per token (zstd inputs: ~4x more text than file bytes), so the input size is a fair guide.
     """
     text_bytes = sum(p.stat().st_size * (4 if p.name.endswith(".zst") else 1) for p in files)
@@ -272,7 +273,7 @@ class _Run:
 
 def _clean_temporary(out: Path) -> None:
     for p in out.iterdir():
-        if p.name.endswith(".tar.tmp") or p.name.endswith(".json.tmp"):
+        if p.name.endswith((".tar.tmp", ".json.tmp", ".index.tmp")):
             p.unlink()
 
 
@@ -281,7 +282,8 @@ def _remove_old_dataset(out: Path) -> None:
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     shard_prefixes = tuple(f"{s}-" for s in SPLITS)
     for p in out.iterdir():
-        if p.name == "tokenizer.json" or (p.name.endswith(".tar") and p.name.startswith(shard_prefixes)):
+        if p.name in ("tokenizer.json", *map(index_name, SPLITS)) or (
+                p.name.endswith(".tar") and p.name.startswith(shard_prefixes)):
             p.unlink()
 
 
@@ -357,6 +359,9 @@ def prepare(
     if (out / MANIFEST_NAME).exists() and not overwrite:
         existing = load_manifest(str(out))
         if existing.prepare_args.get("fingerprint") == fp:
+            if any(sp.shards and sp.index is None for sp in existing.splits.values()):
+                logger.info("%s is already prepared with these inputs and options; adding its sample index", out)
+                return index_folder(out, progress=progress)
             logger.info("%s is already prepared with these inputs and options; nothing to do", out)
             return existing
         raise FileExistsError(
@@ -404,6 +409,7 @@ def prepare(
     for s in SPLITS:
         info = run.packers[s].stats
         info.shards = run.done[s]
+        info.index = build_split_index(out, s, info) if info.shards else None
         splits[s] = info
     manifest = Manifest(
         seq_len=seq_len,
@@ -428,8 +434,10 @@ def prepare(
 
 def _remove_stale_shards(out: Path, manifest: Manifest) -> None:
     listed = {sh.name for s in manifest.splits.values() for sh in s.shards}
+    listed |= {s.index["name"] for s in manifest.splits.values() if s.index}
     for p in out.iterdir():
-        if p.name.endswith(".tar") and p.name.startswith(tuple(f"{s}-" for s in SPLITS)) and p.name not in listed:
+        stale_shard = p.name.endswith(".tar") and p.name.startswith(tuple(f"{s}-" for s in SPLITS))
+        if (stale_shard or p.name in map(index_name, SPLITS)) and p.name not in listed:
             p.unlink()
 
 

@@ -2,7 +2,8 @@
 
 Local paths and `file://` are plain files; `http(s)://` goes through `ResumableHTTPReader`,
 which re-requests the rest of the object (HTTP Range) when the server drops the connection
-and fails with `ShardFetchError` once retries are used up; every other scheme webdataset knows
+and fails with `ShardFetchError` once retries are used up; `read_range` reads one byte range (a
+sample) the same way, on a kept-alive connection per thread. Every other scheme webdataset knows
 (`pipe:`, `gs:`, ...) goes to `webdataset.gopen`. webdataset's own http handler runs `curl`,
 which cannot resume mid-object and reports a dropped connection only as a truncated tar.
 """
@@ -13,6 +14,7 @@ import http.client
 import io
 import logging
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +24,7 @@ from urllib.parse import urlparse
 
 from .errors import ShardFetchError
 
-__all__ = ["is_url", "join_url", "open_url", "read_bytes", "ResumableHTTPReader"]
+__all__ = ["is_url", "join_url", "open_url", "read_bytes", "read_range", "ResumableHTTPReader"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,31 +169,96 @@ class ResumableHTTPReader(io.RawIOBase):
         super().close()
 
 
-def open_url(url: str, *, expected_size: int | None = None, retries: int = 5, timeout: float = 60.0,
-             offset: int = 0) -> BinaryIO:
-    """Open a local path or URL for binary reading (buffered), from byte `offset` on.
-
-    Files seek and HTTP asks for a Range; a `pipe:` command can only be read through to the
-    offset, so readers that close and reopen shards (stream.MAX_OPEN_SHARDS) cost more there.
-    """
+def open_url(url: str, *, expected_size: int | None = None, retries: int = 5, timeout: float = 60.0) -> BinaryIO:
+    """Open a local path or URL for binary reading (buffered), from its start (whole objects:
+    manifests, indexes, `verify`; training reads samples with `read_range` or `os.pread`)."""
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
-        raw = ResumableHTTPReader(url, expected_size=expected_size, retries=retries, timeout=timeout, offset=offset)
+        raw = ResumableHTTPReader(url, expected_size=expected_size, retries=retries, timeout=timeout)
         return io.BufferedReader(raw, buffer_size=1 << 20)
     if parsed.scheme == "file" or not is_url(url):
-        f = open(urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else url, "rb")
-        f.seek(offset)
-        return f
+        return open(urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else url, "rb")
     from webdataset.gopen import gopen as wds_gopen
 
-    f = wds_gopen(url, "rb")
-    to_skip = offset
-    while to_skip:
-        chunk = f.read(min(to_skip, 1 << 20))
-        if not chunk:
-            raise ShardFetchError(f"{url}: ended before byte {offset}")
-        to_skip -= len(chunk)
-    return f
+    return wds_gopen(url, "rb")
+
+
+_CONNECTIONS = threading.local()
+
+
+def _connection(scheme: str, netloc: str, timeout: float) -> http.client.HTTPConnection:
+    """This thread's kept-alive connection to a server (one request at a time on it)."""
+    pool = _CONNECTIONS.__dict__.setdefault("pool", {})
+    conn = pool.get((scheme, netloc))
+    if conn is None:
+        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        conn = pool[scheme, netloc] = cls(netloc, timeout=timeout)
+    return conn
+
+
+def _drop_connection(scheme: str, netloc: str) -> None:
+    conn = _CONNECTIONS.__dict__.get("pool", {}).pop((scheme, netloc), None)
+    if conn is not None:
+        conn.close()
+
+
+def read_range(url: str, start: int, stop: int, *, retries: int = 5, timeout: float = 60.0,
+               backoff: float = 0.2) -> bytes:
+    """Bytes [start, stop) of an http(s) object (fewer only where the object ends first).
+
+    One Range request on a kept-alive connection per thread, as a sample of a shard is read. A
+    dropped connection is retried from the byte it stopped at (`retries` times without progress,
+    backing off after the first), a server without Range support is read from the start and cut;
+    ShardFetchError once retries are used up, or at once for a 4xx answer.
+    """
+    parsed = urlparse(url)
+    target = parsed.path + (f"?{parsed.query}" if parsed.query else "")
+    out = bytearray()
+    failures, err = 0, None
+    while len(out) < stop - start:
+        at = start + len(out)
+        try:
+            conn = _connection(parsed.scheme, parsed.netloc, timeout)
+            conn.request("GET", target, headers={"Range": f"bytes={at}-{stop - 1}"})
+            resp = conn.getresponse()
+            if resp.status == 416:
+                resp.read()
+                break  # the object ends before `at`
+            if resp.status >= 400:
+                resp.read()
+                if resp.status < 500:  # a missing or forbidden object will not appear by retrying
+                    raise ShardFetchError(f"{url}: HTTP {resp.status} {resp.reason}")
+                raise http.client.HTTPException(f"HTTP {resp.status} {resp.reason}")
+            skip = at if resp.status == 200 else 0  # 200: no Range support, the whole object again
+            if resp.status == 206:
+                first = int(resp.headers.get("Content-Range", "bytes 0-").split()[1].split("-")[0])
+                if first != at:
+                    resp.read()
+                    raise ShardFetchError(f"{url}: asked for byte {at}, server answered from byte {first}")
+            try:
+                body, complete = resp.read(), True
+            except http.client.IncompleteRead as e:
+                body, complete, err = e.partial, False, e
+            got = body[skip:skip + stop - at]
+            out += got
+            if complete and len(got) < stop - at:
+                break  # a clean end of the object before `stop`
+            if got:
+                failures = 0
+            if not complete:
+                raise err
+        except ShardFetchError:
+            raise
+        except _NET_ERRORS as e:
+            err = e
+            _drop_connection(parsed.scheme, parsed.netloc)
+            failures += 1
+            if failures > retries:
+                raise ShardFetchError(f"{url}: connection lost at byte {start + len(out)} of [{start}, {stop}) "
+                                      f"after {retries} retries ({err})") from None
+            if failures > 1:
+                time.sleep(backoff * (2 ** (failures - 2)))
+    return bytes(out)
 
 
 def read_bytes(url: str, **kw) -> bytes:

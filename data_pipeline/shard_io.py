@@ -31,6 +31,7 @@ __all__ = [
     "decode_sample",
     "iter_shard_members",
     "member_offsets",
+    "member_data",
     "ShardMember",
     "dtype_for_vocab",
 ]
@@ -144,15 +145,20 @@ def sample_index(member_name: str) -> int | None:
 
 
 def member_offsets(f: io.BufferedIOBase) -> list[int]:
-    """Header offsets of the members a shard holds, from its start, sample index i at entry i,
-    reading only headers (seeking past the data when `f` can seek).
+    """Header offsets of the members a shard holds, sample index i at entry i, then the end of the
+    last member's data: n + 1 entries for n members, so member i spans [out[i], out[i + 1]).
+    Reads only headers (seeking past the data when `f` can seek).
 
     Stops at anything but a plain USTAR regular file named `<stem>-<i>` in order, as
-    `ShardWriter` writes them: a reader goes on from the last offset with the tar reader, only slower.
+    `ShardWriter` writes them, and at a member cut short: what follows is not indexed.
     """
     out: list[int] = []
     at = 0
     seekable = getattr(f, "seekable", lambda: False)()
+    total = None
+    if seekable:
+        total = f.seek(0, os.SEEK_END)
+        f.seek(0)
     while True:
         head = f.read(tarfile.BLOCKSIZE)
         if len(head) < tarfile.BLOCKSIZE or head[156:157] not in (b"0", b"\0") or head[257:262] != b"ustar":
@@ -163,18 +169,47 @@ def member_offsets(f: io.BufferedIOBase) -> list[int]:
             size = int(head[124:136].rstrip(b"\0 ") or b"0", 8)
         except ValueError:
             break
-        out.append(at)
         padded = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-        at += tarfile.BLOCKSIZE + padded
-        if seekable:
-            f.seek(at)
+        if total is not None:
+            if at + tarfile.BLOCKSIZE + size > total:
+                break
+            f.seek(at + tarfile.BLOCKSIZE + padded)
         else:
-            while padded:
-                chunk = f.read(min(padded, 1 << 20))
+            rest = padded
+            while rest:
+                chunk = f.read(min(rest, 1 << 20))
                 if not chunk:
-                    return out
-                padded -= len(chunk)
-    return out
+                    return out + [at] if out else []
+                rest -= len(chunk)
+        out.append(at)
+        at += tarfile.BLOCKSIZE + padded
+    return out + [at] if out else []
+
+
+def member_data(buf: bytes, index: int, ext: str) -> bytes:
+    """The data of member `index` from its bytes [header offset, next header offset) of a shard.
+
+    Raises:
+        CorruptSample: the bytes are not a USTAR header of `<stem>-<index>.<ext>` followed by its data.
+    """
+    if len(buf) < tarfile.BLOCKSIZE:
+        raise CorruptSample(f"sample {index} is missing (shard ended early)")
+    head = buf[:tarfile.BLOCKSIZE]
+    if head[257:262] != b"ustar" or head[156:157] not in (b"0", b"\0"):
+        raise CorruptSample(f"sample {index}: no tar member header where the index says")
+    name = head[:100].rstrip(b"\0").decode("utf-8", "replace")
+    if sample_index(name) != index:
+        raise CorruptSample(f"sample {index}: member {name} where the index says sample {index}")
+    if not name.endswith("." + ext):
+        raise CorruptSample(f"sample {index}: {name} is not a .{ext} member")
+    try:
+        size = int(head[124:136].rstrip(b"\0 ") or b"0", 8)
+    except ValueError:
+        raise CorruptSample(f"sample {index}: unreadable tar header") from None
+    data = buf[tarfile.BLOCKSIZE:tarfile.BLOCKSIZE + size]
+    if len(data) < size:
+        raise CorruptSample(f"sample {index} is cut short (shard ended early)")
+    return bytes(data)
 
 
 class ShardMember(NamedTuple):
@@ -183,13 +218,11 @@ class ShardMember(NamedTuple):
     name: str
     data: bytes
     next_offset: int
-    """Byte offset in the shard of the next member's header: where a reader closed and opened
-    again later goes on (`remote.open_url(offset=...)`)."""
+    """Byte offset in the shard of the next member's header (`verify` compares them with the sample index)."""
 
 
-def iter_shard_members(stream: io.BufferedIOBase, url: str, *, base_offset: int = 0) -> Iterator[ShardMember]:
-    """The regular-file members of a shard tar, read from `stream` positioned at byte `base_offset`
-    of the shard (a member header).
+def iter_shard_members(stream: io.BufferedIOBase, url: str) -> Iterator[ShardMember]:
+    """The regular-file members of a shard tar, read from `stream` at the shard's start.
 
     tarfile's stream mode, as webdataset's tar iterator uses it, plus the offsets that iterator hides.
     I/O failures become `ShardFetchError` (never skipped: samples must not vanish silently);
@@ -203,7 +236,7 @@ def iter_shard_members(stream: io.BufferedIOBase, url: str, *, base_offset: int 
             data = tar.extractfile(info).read()
             tar.members = []  # stream mode keeps every TarInfo otherwise
             end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-            yield ShardMember(sample_index(info.name), info.name, data, base_offset + end)
+            yield ShardMember(sample_index(info.name), info.name, data, end)
     except ShardFetchError:
         raise
     except OSError as e:

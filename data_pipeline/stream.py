@@ -1,59 +1,48 @@
 """The training-side stream: batches of (micro_batch, seq_len + 1) token ids, resumable exactly.
 
 `build_stream` returns a `TokenStream` for one data-parallel rank. Which samples it yields is
-fixed by `sample_order.SampleOrder` (see there): rank r of D reads the virtual streams v % D == r and
-yields global samples r, r + D, r + 2D, ... of the run, in micro-batches, B / D samples per
-global batch. With DataLoader workers, worker w of W produces every W-th of the rank's samples
-and the training process puts them back in order, so workers change speed, not content.
+fixed by `sample_order.SampleOrder` (see there): rank r of D yields global samples r, r + D,
+r + 2D, ... of the run, in micro-batches, B / D samples per global batch; any D dividing B reads
+the same global batches. With DataLoader workers, worker w of W produces every W-th of the rank's
+samples and the training process puts them back in order, so workers change speed, not content.
 
-Reading uses tarfile's stream mode (`shard_io.iter_shard_members`) on `remote.open_url`. A corrupt
-sample (bad tar member, bad zstd, wrong length) is replaced by the next good sample of its
-shuffle block (or, if the whole block is unreadable, a window of EOS tokens), counted and
-logged; with `strict` it raises CorruptShardError. Replacing rather than dropping keeps every
-rank's batch count equal, so a damaged shard can never desynchronise (hang) the ranks. The
-replacements have a budget (`corrupt_budget`, data.max_corrupt_fraction): past it the stream
-raises CorruptDataError, so a dataset that is mostly unreadable (a manifest that does not match
-its shards, a damaged copy) stops within a batch or two instead of training on padding. Fetch
+Each sample is one positioned read (`sample_reader`). A corrupt sample is replaced (counted and
+logged; with `strict`, CorruptShardError); replacing rather than dropping keeps every rank's batch
+count equal, so a damaged shard can never desynchronise (hang) the ranks. The replacements have a
+budget (`corrupt_budget`, data.max_corrupt_fraction): past it the stream raises
+CorruptDataError, so a dataset that is mostly unreadable (a manifest that does not match its
+shards, a damaged copy) stops within a batch or two instead of training on padding. Fetch
 failures (a connection lost beyond its retries) always raise.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import multiprocessing
-import os
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import zstandard
 
 from .config import DataConfig, validate_data_parallel
-from .errors import CorruptDataError, CorruptShardError, DataExhaustedError, ManifestError, ShardFetchError
-from .sample_order import EpochPlan, SampleOrder, Segment
+from .errors import CorruptDataError, DataExhaustedError, ManifestError
 from .manifest import Manifest, check_against_shards, load_manifest
-from .remote import is_url, join_url, open_url
-from .shard_io import CorruptSample, decode_sample, iter_shard_members, sample_extension, member_offsets
+from .remote import join_url
+from .sample_index import load_index
+from .sample_order import ORDER_NAME, SampleOrder, check_saved_order
+from .sample_reader import Origin, ReadSettings, SampleReader, Source
 
 __all__ = ["TokenStream", "build_stream", "corrupt_budget", "STATE_VERSION"]
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-MAX_OPEN_SHARDS = 256
-"""Shards one rank (or DataLoader worker) keeps open at once; with more streams per rank than
-this (a small DP size and the default 3072 streams), readers close and reopen shards between
-blocks: a seek on files, a Range request over HTTP."""
-_MAX_CORRUPT_WARNINGS = 20
 _MAX_CORRUPT_SHARDS = 8
-
-Origin = tuple[str, str]
-"""(shard URL, reason) of a sample that could not be read and was replaced."""
+_CHUNK = 256
+"""Samples located at once (one vectorised lookup in the epoch's permutations)."""
 
 
 def corrupt_budget(samples: int, fraction: float) -> int:
@@ -67,272 +56,40 @@ def corrupt_budget(samples: int, fraction: float) -> int:
 
 
 @dataclass(frozen=True)
-class _Source:
-    """What a reader needs of one prepared folder: shard URLs and sizes."""
-
-    folder: str
-    names: tuple[str, ...]
-    sizes: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class _ReadSpec:
-    """Everything a (possibly forked) reader needs; small and picklable."""
+    """Everything a (possibly forked) reader needs; picklable."""
 
-    sources: tuple[_Source, ...]
+    sources: tuple[Source, ...]
     order: SampleOrder
-    dtype: str
-    window: int
-    eos_id: int
+    settings: ReadSettings
     dp_rank: int
     dp_size: int
-    strict: bool
-    retries: int
-    timeout_s: float
 
 
-class _StreamReader:
-    """Virtual stream v of one epoch, from a position on, decoded one shuffle block at a time.
-
-    Between blocks its shard may be closed (`suspend`, by the rank's `_OpenShards`); the next
-    block opens it again at the byte where reading stopped.
-    """
-
-    def __init__(self, spec: _ReadSpec, plan: EpochPlan, v: int, pos: int, met: list[int]) -> None:
-        self.spec = spec
-        self.plan = plan
-        self.v = v
-        first_block = pos // plan.window
-        begin = plan.stream_start[v] + first_block * plan.window
-        self._pieces = plan.pieces(begin, plan.stream_start[v] + plan.stream_len[v])
-        self._piece = 0
-        """Index in `_pieces` of the segment being read."""
-        self._resume: tuple[int, int] | None = None
-        """(next sample index, byte offset of a member header at or before it) in that segment's shard."""
-        self._inputs: Iterator[tuple[bytes | None, str, str]] | None = None
-        """The open reading position; None while no shard is open."""
-        self._rows: list[np.ndarray] = []
-        self._origins: list[Origin | None] = []
-        self._perm: np.ndarray | None = None
-        self._loaded = first_block - 1  # blocks before the start position are never read
-        self._dctx = zstandard.ZstdDecompressor()
-        self.met = met  # [unreadable samples read], shared by all readers of one rank/worker: caps the warnings
-
-    @property
-    def is_open(self) -> bool:
-        return self._inputs is not None
-
-    def suspend(self) -> None:
-        """Close the shard being read; reading goes on from the same sample later."""
-        if self._inputs is not None:
-            self._inputs.close()
-            self._inputs = None
-
-    def get(self, pos: int) -> tuple[np.ndarray, Origin | None]:
-        """The sample at stream position `pos` (positions must not decrease), and its origin if it is a replacement."""
-        b = pos // self.plan.window
-        while self._loaded < b:
-            self._load_block()
-        i = self._perm[pos - b * self.plan.window]
-        return self._rows[i], self._origins[i]
-
-    def _next_input(self) -> tuple[bytes | None, str, str]:
-        if self._inputs is None:
-            self._inputs = self._iter_inputs()
-        return next(self._inputs)
-
-    def _iter_inputs(self) -> Iterator[tuple[bytes | None, str, str]]:
-        """(sample bytes, where, shard URL) in stream order; bytes None for samples that cannot be read."""
-        while self._piece < len(self._pieces):
-            seg = self._pieces[self._piece]
-            src = self.spec.sources[seg.source]
-            url = join_url(src.folder, src.names[seg.shard])
-            for data, where in self._read_segment(seg, url):
-                yield data, where, url
-            self._piece += 1
-            self._resume = None
-
-    def _read_segment(self, seg: Segment, url: str) -> Iterator[tuple[bytes | None, str]]:
-        """The segment's samples from `_resume` on; `_resume` names the next one before each is yielded."""
-        src = self.spec.sources[seg.source]
-        ext = "." + sample_extension(np.dtype(self.spec.dtype))
-        want, at = self._resume or (seg.start, 0)
-        if at == 0 and want > 0:  # a stream beginning inside a shard: straight to its first sample
-            offsets = _member_offsets(url, src.sizes[seg.shard], self.spec.retries, self.spec.timeout_s)
-            at = offsets[min(want, len(offsets) - 1)] if offsets else 0
-        reason = ""
-        try:
-            f = open_url(url, expected_size=src.sizes[seg.shard], retries=self.spec.retries,
-                         timeout=self.spec.timeout_s, offset=at)
-        except FileNotFoundError as e:
-            raise ManifestError(f"{url}: shard listed in the manifest is missing ({e})") from None
-        read_to_end = False
-        try:
-            for idx, name, data, next_at in iter_shard_members(f, url, base_offset=at):
-                if idx is None or idx < want:
-                    at = next_at
-                    continue
-                while want < min(idx, seg.stop):
-                    self._resume = (want + 1, at)  # member idx, not yet handed over, starts at `at`
-                    yield None, f"{url}: sample {want} is missing"
-                    want += 1
-                if want >= seg.stop:
-                    break
-                where = f"{url}: sample {idx}"
-                want, at = want + 1, next_at
-                self._resume = (want, at)
-                yield (data, where) if name.endswith(ext) else (None, f"{where}: {name} is not a {ext} member")
-                if want >= seg.stop:
-                    break
-            else:
-                read_to_end = True
-        except CorruptSample as e:
-            # Damaged bytes, or a `pipe:` command that failed mid-way: read to the end so that
-            # closing can tell (a failed command must raise, not be counted as corruption).
-            reason = str(e)
-            try:
-                while f.read(1 << 20):
-                    pass
-            except OSError as err:
-                raise ShardFetchError(f"{url}: {err}") from None
-            read_to_end = True
-        finally:
-            _close(f, url, check=read_to_end)
-        while want < seg.stop:
-            self._resume = (want + 1, 0)  # reopened, the damage is met again from the start
-            yield None, reason or f"{url}: sample {want} is missing (shard ended early)"
-            want += 1
-
-    def _load_block(self) -> None:
-        plan, spec = self.plan, self.spec
-        b = self._loaded + 1
-        size = min(plan.window, plan.stream_len[self.v] - b * plan.window)
-        rows: list[np.ndarray | None] = []
-        origins: list[Origin | None] = []
-        bad: list[str] = []
-        for _ in range(size):
-            data, reason, url = self._next_input()
-            row = None
-            if data is not None:
-                try:
-                    row = decode_sample(data, np.dtype(spec.dtype), spec.window, self._dctx)
-                except CorruptSample as e:
-                    reason = f"{reason}: {e}"
-            if row is None:
-                if spec.strict:
-                    raise CorruptShardError(f"{reason} (data.strict is set)")
-                bad.append(reason)
-            rows.append(row)
-            origins.append(None if row is not None else (url, reason))
-        if bad:
-            rows = _fill_corrupt(rows, spec.window, spec.dtype, spec.eos_id)
-            self.met[0] += len(bad)
-            if self.met[0] - len(bad) < _MAX_CORRUPT_WARNINGS:
-                logger.warning("replaced %d unreadable sample(s) of epoch %d stream %d block %d, e.g. %s",
-                               len(bad), plan.epoch, self.v, b, bad[0])
-        self._rows = rows
-        self._origins = origins
-        self._perm = plan.block_permutation(self.v, b)
-        self._loaded = b
-
-
-def _member_offsets(url: str, size: int, retries: int, timeout_s: float) -> tuple[int, ...]:
-    """Where each sample of a shard starts, read once per process (per version of a local file):
-    the many streams that begin inside one shard (3072 streams over few shards) seek there
-    instead of reading to it."""
-    version = None if is_url(url) and not url.startswith("file:") else os.stat(url.removeprefix("file://")).st_mtime_ns
-    return _cached_member_offsets(url, size, version, retries, timeout_s)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_member_offsets(url: str, size: int, version: int | None, retries: int,
-                           timeout_s: float) -> tuple[int, ...]:
-    try:
-        with open_url(url, expected_size=size, retries=retries, timeout=timeout_s) as f:
-            return tuple(member_offsets(f))
-    except FileNotFoundError as e:
-        raise ManifestError(f"{url}: shard listed in the manifest is missing ({e})") from None
-    except OSError as e:
-        raise ShardFetchError(f"{url}: {e}") from None
-
-
-def _close(f, url: str, *, check: bool) -> None:
-    """Close a shard stream. A pipe (`pipe:` URLs) reports its command's failure only here, so a
-    stream read to its end must close cleanly; one abandoned early may not (the command gets SIGPIPE)."""
-    try:
-        f.close()
-    except OSError as e:
-        if check:
-            raise ShardFetchError(f"{url}: {e}") from None
-
-
-def _fill_corrupt(rows: list, window: int, dtype: str, eos_id: int) -> list[np.ndarray]:
-    """Each missing row becomes the next good row of the block (cyclically), else all EOS."""
-    good = [i for i, r in enumerate(rows) if r is not None]
-    if not good:
-        pad = np.full(window, eos_id, dtype=dtype)
-        return [pad] * len(rows)
-    out = []
-    for i, r in enumerate(rows):
-        if r is None:
-            k = next((j for j in good if j > i), good[0])
-            r = rows[k]
-        out.append(r)
-    return out
-
-
-def _rank_samples(spec: _ReadSpec, start: int, stop: int | None,
-                  step: int) -> Iterator[tuple[np.ndarray, Origin | None]]:
-    """This rank's samples start, start + step, ... (rank-local indices, over epochs): (row, origin if replaced)."""
+def _locations(spec: _ReadSpec, start: int, stop: int | None, step: int) -> Iterator[tuple[int, int, int]]:
+    """(source, shard, index) of this rank's samples start, start + step, ... (rank-local indices, over epochs)."""
     order, D, r = spec.order, spec.dp_size, spec.dp_rank
     per_rank_epoch = order.samples_per_epoch // D
-    readers: dict[int, _StreamReader] = {}
-    reading_epoch = -1
-    open_shards = _OpenShards(MAX_OPEN_SHARDS)
-    met = [0]
     J = start
+    while stop is None or J < stop:
+        epoch, j = divmod(J, per_rank_epoch)
+        n = min(_CHUNK, -(-(per_rank_epoch - j) // step))
+        if stop is not None:
+            n = min(n, -(-(stop - J) // step))
+        js = j + step * np.arange(n, dtype=np.int64)
+        source, shard, index = order.epoch(epoch).locate(r + js * D)
+        yield from zip(source.tolist(), shard.tolist(), index.tolist())
+        J += n * step
+
+
+def _rank_samples(spec: _ReadSpec, start: int, stop: int | None, step: int,
+                  offsets=None) -> Iterator[tuple[np.ndarray, Origin | None]]:
+    """This rank's samples start, start + step, ... (rank-local indices): (row, origin if replaced)."""
+    reader = SampleReader(spec.sources, spec.settings, offsets)
     try:
-        while stop is None or J < stop:
-            epoch, j = divmod(J, per_rank_epoch)
-            g = r + j * D
-            plan = order.plan(epoch)
-            v, pos = plan.slot_stream[g % order.V], g // order.V
-            if epoch != reading_epoch:  # an epoch's readers are done once a later one starts
-                for old in readers.values():
-                    open_shards.forget(old)
-                readers, reading_epoch = {}, epoch
-            reader = readers.get(v)
-            if reader is None:
-                reader = readers[v] = _StreamReader(spec, plan, v, pos, met)
-            sample = reader.get(pos)
-            open_shards.used(reader)
-            yield sample
-            J += step
+        yield from reader.read(_locations(spec, start, stop, step))
     finally:
-        for reader in readers.values():
-            reader.suspend()
-
-
-class _OpenShards:
-    """Caps the shards a rank's readers hold open: the least recently used reader is suspended
-    (its shard closed, reopened at the same byte when it needs its next block)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._lru: OrderedDict[int, _StreamReader] = OrderedDict()
-
-    def used(self, reader: _StreamReader) -> None:
-        if not reader.is_open:
-            return
-        self._lru[id(reader)] = reader
-        self._lru.move_to_end(id(reader))
-        while len(self._lru) > self.limit:
-            _, oldest = self._lru.popitem(last=False)
-            oldest.suspend()
-
-    def forget(self, reader: _StreamReader) -> None:
-        reader.suspend()
-        self._lru.pop(id(reader), None)
+        reader.close()
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
@@ -390,7 +147,6 @@ class TokenStream:
     def __init__(self, cfg: DataConfig, manifests: list[Manifest], *, dp_rank: int, dp_size: int,
                  micro_batch_size: int, global_batch_size: int, one_pass: bool = False,
                  max_batches: int | None = None) -> None:
-        cfg = cfg.resolved()  # unset order settings: a new run's defaults (the trainer resolves resumed runs')
         self.cfg = cfg
         self.manifests = manifests
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -406,9 +162,7 @@ class TokenStream:
             cfg.paths[0], first.tokenizer["file"])
         splits = [m.split(cfg.split) for m in manifests]
         self.order = SampleOrder([[sh.samples for sh in s.shards] for s in splits], weights=cfg.source_weights,
-                             seed=cfg.seed, virtual_streams=cfg.virtual_streams, shuffle_window=cfg.shuffle_window,
-                             global_batch_size=global_batch_size, shuffle=not one_pass,
-                             order_version=cfg.order_version)
+                                 seed=cfg.seed, global_batch_size=global_batch_size, shuffle=not one_pass)
         if self.order.batches_per_epoch == 0:
             raise ValueError(
                 f"data.paths {cfg.paths} ({cfg.split}) give {self.order.samples_per_epoch_total} samples per epoch, "
@@ -416,11 +170,13 @@ class TokenStream:
             )
         self.manifest_hash = hashlib.sha256(json.dumps(
             [[m.content_hash(cfg.split), w] for m, w in zip(manifests, cfg.source_weights)]).encode()).hexdigest()[:16]
-        self._spec = _ReadSpec(
-            sources=tuple(_Source(p, tuple(sh.name for sh in s.shards), tuple(sh.bytes for sh in s.shards))
-                          for p, s in zip(cfg.paths, splits)),
-            order=self.order, dtype=first.dtype, window=first.window, eos_id=self.eos_id, dp_rank=dp_rank,
-            dp_size=dp_size, strict=cfg.strict, retries=cfg.retries, timeout_s=cfg.timeout_s)
+        sources = tuple(Source(p, cfg.split, s) for p, s in zip(cfg.paths, splits))
+        # Checked here, before any step; DataLoader workers load their own copy.
+        offsets = [load_index(src.folder, src.split, src.info) for src in sources]
+        self._offsets = offsets if cfg.num_workers == 0 else None
+        settings = ReadSettings(dtype=first.dtype, window=first.window, eos_id=self.eos_id, strict=cfg.strict,
+                                retries=cfg.retries, timeout_s=cfg.timeout_s, read_ahead=cfg.read_ahead)
+        self._spec = _ReadSpec(sources=sources, order=self.order, settings=settings, dp_rank=dp_rank, dp_size=dp_size)
         logger.info("data %s (%s): %d samples per epoch in %d global batches of %d; %d dropped per epoch "
                     "(the partial last batch)", cfg.paths, cfg.split, self.order.samples_per_epoch,
                     self.order.batches_per_epoch, global_batch_size, self.order.dropped_per_epoch)
@@ -464,9 +220,7 @@ class TokenStream:
             "seed": self.cfg.seed,
             "manifest_hash": self.manifest_hash,
             "global_batch_size": self.global_batch_size,
-            "virtual_streams": self.cfg.virtual_streams,
-            "shuffle_window": self.cfg.shuffle_window,
-            "order_version": self.cfg.order_version,
+            "order": ORDER_NAME,
             "epoch": self.epoch,
             "samples_per_epoch": self.order.samples_per_epoch,
             "dropped_per_epoch": self.order.dropped_per_epoch,
@@ -478,12 +232,10 @@ class TokenStream:
         """Continue after `sd["consumed_samples"]`; any data-parallel size or worker count works."""
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"data stream state version {sd.get('version')} is not {STATE_VERSION}")
+        check_saved_order(sd)
         mine = self.state_dict()
-        sd = {"order_version": 1, **sd}  # states before the field: the first scheme
         for key, option in (("manifest_hash", "data.paths / data.weights (the prepared data)"),
-                            ("seed", "data.seed"), ("global_batch_size", "global_batch_size"),
-                            ("virtual_streams", "data.virtual_streams"), ("shuffle_window", "data.shuffle_window"),
-                            ("order_version", "data.order_version")):
+                            ("seed", "data.seed"), ("global_batch_size", "global_batch_size")):
             if sd.get(key) != mine[key]:
                 raise ValueError(
                     f"cannot resume the data stream: the checkpoint has {key}={sd.get(key)!r}, this run "
@@ -516,7 +268,7 @@ class TokenStream:
         """(row, origin if it is a replacement) for rank-local samples [start, stop)."""
         W = self.cfg.num_workers
         if W == 0:
-            yield from _rank_samples(self._spec, start, stop, 1)
+            yield from _rank_samples(self._spec, start, stop, 1, self._offsets)
             return
         loader = torch.utils.data.DataLoader(
             _WorkerDataset(self._spec, start, stop, self.cfg.samples_per_transfer),

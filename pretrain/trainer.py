@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from hippo.data_pipeline.sample_order import check_saved_order
 from hippo.parallel.engine import TrainEngine
 from hippo.parallel.gather import stage_full_parameters
 from hippo.parallel.groups import ParallelState, destroy_parallel, init_parallel
@@ -57,7 +58,7 @@ def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None, allow_c
     run_dir, lock = Path(run_dir), _claim_run_dir(Path(run_dir), state)
     checkpoints = CheckpointManager(run_dir / "checkpoints", rank=state.rank, keep_last=cfg.checkpoint.keep_last)
     ckpt = checkpoints.resolve(resume)
-    cfg = dataclasses.replace(cfg, data=cfg.data.resolved(ckpt.state.data if ckpt else None))  # the run's own order
+    _check_data_order(ckpt)
     init_from = _check_resumable(cfg, ckpt, tokenizer_id, allow_config_change=allow_config_change, init_from=init_from)
     universal = checkpoints.prepare_load(ckpt, layout)
     engine = build_engine(cfg, state, load_universal=universal, init_from=init_from)
@@ -227,6 +228,16 @@ def _claim_run_dir(run_dir: Path, state: ParallelState) -> RunLock | None:
     if verdict[0] is not None:
         raise RunLockedError(verdict[0])
     return lock
+
+
+def _check_data_order(ckpt: Checkpoint | None) -> None:
+    """Refuse, before anything is built, a checkpoint whose data stream follows another sample order."""
+    if ckpt is None:
+        return
+    try:
+        check_saved_order(ckpt.state.data)
+    except ValueError as e:
+        raise ConfigError(f"{ckpt.path}: {e}") from None
 
 
 def _check_resumable(cfg: HippoConfig, ckpt: Checkpoint | None, tokenizer_id: str, *, allow_config_change: bool,

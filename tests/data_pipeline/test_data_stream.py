@@ -1,4 +1,4 @@
-"""The training stream: layout fidelity, DP/worker invariance, exact resume, mixtures, damage."""
+"""The training stream: order fidelity, DP/worker invariance, exact resume, mixtures, damage, the sample index."""
 
 from __future__ import annotations
 
@@ -23,20 +23,20 @@ B, MB = 16, 2
 
 
 def _stream(paths, D=1, r=0, *, W=0, mb=MB, gb=B, **kw):
-    cfg = DataConfig(paths=[str(p) for p in paths], num_workers=W, shuffle_window=kw.pop("window", 16), **kw)
+    cfg = DataConfig(paths=[str(p) for p in paths], num_workers=W, **kw)
     return build_stream(cfg, dp_rank=r, dp_size=D, micro_batch_size=mb, global_batch_size=gb)
 
 
-def _global_batches(paths, D, n_batches, *, W=0, state=None, gb=B, **kw) -> list[np.ndarray]:
+def _global_batches(paths, D, n_batches, *, W=0, state=None, gb=B, mb=MB, **kw) -> list[np.ndarray]:
     """Global batches k = 0.. as (gb, T+1) arrays in global sample order, rebuilt from D ranks."""
     per_rank = []
     for r in range(D):
-        s = _stream(paths, D, r, W=W, gb=gb, **kw)
+        s = _stream(paths, D, r, W=W, gb=gb, mb=mb, **kw)
         if state is not None:
             s.load_state_dict(state)
         it = iter(s)
         rows = []
-        for _ in range(n_batches * gb // D // MB):
+        for _ in range(n_batches * gb // D // mb):
             rows.extend(next(it).numpy())
         per_rank.append(rows)
     out = []
@@ -90,63 +90,45 @@ def test_epoch_union_over_ranks_is_every_sample_once_and_batches_match_dp1(small
     assert sum((everything - union).values()) == s.dropped_per_epoch < B  # only the partial batch is dropped
 
 
-def test_the_default_order_serves_cluster_dp_sizes_that_are_not_powers_of_two(small_corpus):
-    """DP 3, 12 and 24 (data.virtual_streams left at its default) read the batches DP 1 reads, and
-    a DP-3 checkpoint continues identically at DP 24 and DP 1."""
+def test_every_dp_size_dividing_the_batch_reads_dp1s_batches_and_resumes_at_any_other(small_corpus):
+    """DP 1, 3, 5, 10 and 40 (ranks simulated in one process) read exactly the global batches DP 1
+    reads, and a DP-5 state continues identically at DP 40 and DP 1."""
     folder, _ = small_corpus
-    gb, k, m = 48, 3, 3
-    ref = _global_batches([folder], 1, k + m, gb=gb)
-    for D in (3, 12, 24):
-        got = _global_batches([folder], D, k + m, gb=gb)
+    gb, k, m = 120, 3, 3
+    ref = _global_batches([folder], 1, k + m, gb=gb, mb=1)
+    for D in (3, 5, 10, 40):
+        got = _global_batches([folder], D, k + m, gb=gb, mb=1)
         assert all(np.array_equal(a, b) for a, b in zip(ref, got)), D
-    s0 = _stream([folder], 3, 0, gb=gb)
-    it = iter(s0)
-    for _ in range(k * gb // 3 // MB):
+    s5 = _stream([folder], 5, 0, gb=gb, mb=1)
+    it = iter(s5)
+    for _ in range(k * gb // 5):
         next(it)
-    for D in (24, 1):
-        cont = _global_batches([folder], D, m, state=s0.state_dict(), gb=gb)
+    assert s5.state_dict()["consumed_samples"] == k * gb
+    for D in (40, 1):
+        cont = _global_batches([folder], D, m, state=s5.state_dict(), gb=gb, mb=1)
         assert all(np.array_equal(a, b) for a, b in zip(cont, ref[k:])), D
 
 
-def test_readers_over_the_open_shard_cap_reopen_where_they_stopped(small_corpus, monkeypatch):
-    """With more streams than MAX_OPEN_SHARDS (as at DP 1 with the default 3072 streams), readers close
-    their shards between blocks and reopen them at the byte they stopped at: the same batches as
-    with no cap, never more than the cap open at once."""
-    import hippo.data_pipeline.stream as stream_mod
+def test_each_sample_is_one_positioned_read(small_corpus, monkeypatch):
+    """Reading is one `os.pread` per sample handed over, and a few descriptors stay open."""
+    import hippo.data_pipeline.sample_reader as reader_mod
 
     folder, _ = small_corpus
-    kw = dict(virtual_streams=64, window=4)  # streams of ~47 samples: a dozen blocks each
-    n = _stream([folder], **kw).order.batches_per_epoch
-    monkeypatch.setattr(stream_mod, "MAX_OPEN_SHARDS", 10**6)
-    uncapped = _global_batches([folder], 1, n, **kw)
-    opened, open_now, most = [], [0], [0]
-    real_open = stream_mod.open_url
-
-    def counting_open(url, **kw):
-        f = real_open(url, **kw)
-        opened.append(kw.get("offset", 0))
-        open_now[0] += 1
-        most[0] = max(most[0], open_now[0])
-        close = f.close
-
-        def closing():
-            if not f.closed:
-                open_now[0] -= 1
-            close()
-        f.close = closing
-        return f
-
-    monkeypatch.setattr(stream_mod, "open_url", counting_open)
-    monkeypatch.setattr(stream_mod, "MAX_OPEN_SHARDS", 3)
-    capped = _global_batches([folder], 1, n, **kw)
-    assert all(np.array_equal(a, b) for a, b in zip(uncapped, capped))
-    assert most[0] <= 3 + 1  # the cap, plus the reader being served while the oldest closes
-    assert sum(o > 0 for o in opened) > n  # it did reopen mid-shard, many times
+    reads, opened = [], []
+    real_pread, real_open = reader_mod.os.pread, reader_mod.os.open
+    monkeypatch.setattr(reader_mod.os, "pread", lambda fd, n, at: reads.append(n) or real_pread(fd, n, at))
+    monkeypatch.setattr(reader_mod.os, "open", lambda *a: opened.append(a[0]) or real_open(*a))
+    s = _stream([folder])
+    it = iter(s)
+    for _ in range(s.samples_per_epoch // MB):
+        next(it)
+    assert len(reads) == s.samples_per_epoch and max(reads) <= 2048  # one tar member (header + data) each
+    assert len(set(opened)) == len(_shard_names(folder))
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core machine
-@pytest.mark.parametrize("D,W", [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (2, 3)])  # (2, 3): 3 workers share 4 streams per rank
+@pytest.mark.parametrize("D,W", [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (2, 3)])
 def test_worker_layouts_give_identical_global_batches(small_corpus, D, W):
     folder, _ = small_corpus
     n = _stream([folder]).order.batches_per_epoch
@@ -229,7 +211,7 @@ def _take_until_exhausted(s):
 
 def test_one_pass_eval_round_trips_documents_in_order_and_is_capped(small_corpus):
     folder, docs = small_corpus
-    cfg = DataConfig(paths=[str(folder)], virtual_streams=1)
+    cfg = DataConfig(paths=[str(folder)])
     # Global batch 1: nothing is dropped, so the pass returns every window in manifest order.
     s = build_stream(cfg, dp_rank=0, dp_size=1, micro_batch_size=1, global_batch_size=1, one_pass=True)
     tokens = np.concatenate([b.numpy().reshape(-1) for b in s])
@@ -305,14 +287,8 @@ def damaged_copy(small_corpus, tmp_path):
     return dst
 
 
-def _damage_stream(paths, *args, **kw):
-    """The damage tests follow one stream's shards and replacements within shuffle blocks: with 8
-    streams each spans several shards of these small corpora (with the default 3072, a sample or two)."""
-    return _stream(paths, *args, **{"virtual_streams": 8, **kw})
-
-
 def _epoch_rows(folder, **kw):
-    s = _damage_stream([folder], **kw)
+    s = _stream([folder], **kw)
     it = iter(s)
     return [r for _ in range(s.samples_per_epoch // MB) for r in next(it).numpy()], s
 
@@ -340,14 +316,14 @@ def test_truncated_and_garbled_shards_never_hang_and_are_counted(small_corpus, d
     t1.write_bytes(t1.read_bytes()[: 1024 * 10 + 300])  # 10 samples survive, then a cut member
     t2 = damaged_copy / shards[4]["name"]
     raw = bytearray(t2.read_bytes())
-    raw[1024 * 20: 1024 * 20 + 512] = b"\x07" * 512  # the 21st member's header is garbage
+    raw[1024 * 20: 1024 * 20 + 512] = b"\x07" * 512  # the 21st member's header is garbage, the rest readable
     t2.write_bytes(bytes(raw))
     rows, s = _epoch_rows(damaged_copy, max_corrupt_fraction=1.0)  # far over the default budget
     assert len(rows) == len(clean)  # same number of batches: ranks stay in step
 
     def lost(g: int) -> bool:
         _, shard, idx = ref.order.locate(g)
-        return (shard == 2 and idx >= 10) or (shard == 4 and idx >= 20)
+        return (shard == 2 and idx >= 10) or (shard == 4 and idx == 20)
 
     used_lost = [g for g in range(len(rows)) if lost(g)]
     assert used_lost and all(np.array_equal(rows[g], clean[g]) for g in range(len(rows)) if not lost(g))
@@ -386,22 +362,22 @@ def _shard_names(folder) -> list[str]:
 
 
 def _shard_read(folder, nth: int = 0) -> tuple[str, int]:
-    """The nth shard virtual stream 0 reads (0: that of global sample 0), and the shard index of its first sample."""
-    s, names = _damage_stream([folder]), _shard_names(folder)
+    """The nth distinct shard the order reads (0: that of global sample 0), and the index of its first sample read."""
+    s, names = _stream([folder]), _shard_names(folder)
     seen: list[str] = []
-    for g in range(0, s.samples_per_epoch, s.order.V):  # stream 0's samples, in order
+    for g in range(s.samples_per_epoch):
         _, shard, idx = s.order.locate(g)
         name = names[shard]
         if name not in seen:
             seen.append(name)
             if len(seen) > nth:
                 return name, idx
-    raise AssertionError("stream 0 reads fewer shards")
+    raise AssertionError("the order reads fewer shards")
 
 
 def _bad_positions(folder, shard_name: str) -> list[bool]:
     """Per global sample of epoch 0: does it come from `shard_name` (independent of the stream's counting)."""
-    s, names = _damage_stream([folder]), _shard_names(folder)
+    s, names = _stream([folder]), _shard_names(folder)
     return [names[s.order.locate(g)[1]] == shard_name for g in range(s.samples_per_epoch)]
 
 
@@ -409,7 +385,7 @@ def _bad_positions(folder, shard_name: str) -> list[bool]:
 def test_unreadable_dataset_stops_within_the_first_global_batches(damaged_copy, D, gb, mb, batches_before):
     for shard in damaged_copy.glob("train-*.tar"):
         _garble(shard)
-    s = _damage_stream([damaged_copy], D, 0, mb=mb, gb=gb)
+    s = _stream([damaged_copy], D, 0, mb=mb, gb=gb)
     handed = 0
     per_rank = gb // D
     with pytest.raises(CorruptDataError) as err:
@@ -433,7 +409,7 @@ def test_damaged_shard_raises_exactly_when_over_budget_else_counts(damaged_copy,
     expected = next((k for k in range(len(bad) // B)
                      if sum(bad[:(k + 1) * B]) > max(1, int(fraction * (k + 1) * B))), None)
     assert (expected is None) == (fraction == 0.1) and not bad[0]  # the cases cover both outcomes
-    s = _damage_stream([damaged_copy], max_corrupt_fraction=fraction)
+    s = _stream([damaged_copy], max_corrupt_fraction=fraction)
     it = iter(s)
     try:
         for _ in range(s.samples_per_epoch // MB):
@@ -458,8 +434,8 @@ def test_resume_keeps_the_corrupt_count_exact(damaged_copy, W):
     name, _ = _shard_read(damaged_copy)
     _garble(damaged_copy / name)
     bad = _bad_positions(damaged_copy, name)
-    k, m = 3, 5  # 2 samples per stream and batch, shuffle window 16: the resume point is inside a block
-    ref = _damage_stream([damaged_copy], W=W, samples_per_transfer=5, max_corrupt_fraction=1.0)
+    k, m = 3, 5
+    ref = _stream([damaged_copy], W=W, samples_per_transfer=5, max_corrupt_fraction=1.0)
     it = iter(ref)
     for _ in range(k * B // MB):
         next(it)
@@ -468,7 +444,7 @@ def test_resume_keeps_the_corrupt_count_exact(damaged_copy, W):
     for _ in range(m * B // MB):
         next(it)
     del it  # its workers stop before the next stream's start
-    resumed = _damage_stream([damaged_copy], W=W, samples_per_transfer=5, max_corrupt_fraction=1.0)
+    resumed = _stream([damaged_copy], W=W, samples_per_transfer=5, max_corrupt_fraction=1.0)
     resumed.load_state_dict(state)
     it2 = iter(resumed)
     for _ in range(m * B // MB):
@@ -484,7 +460,7 @@ def test_manifest_that_disagrees_with_its_shards_is_refused(damaged_copy, key, v
     m[key] = value
     path.write_text(json.dumps(m))
     with pytest.raises(ManifestError) as err:
-        _damage_stream([damaged_copy])
+        _stream([damaged_copy])
     msg = str(err.value)
     ours = f"seq_len={m['seq_len']} ({m['dtype']})"
     shards = "seq_len=32 (uint16)"  # what small_corpus was prepared with
@@ -493,7 +469,7 @@ def test_manifest_that_disagrees_with_its_shards_is_refused(damaged_copy, key, v
     # Not the "no such split" error a caller may treat as optional (no validation data):
     assert not isinstance(err.value, MissingSplitError)
     with pytest.raises(MissingSplitError):
-        _damage_stream([damaged_copy], split="validation")
+        _stream([damaged_copy], split="validation")
 
 
 def test_dataloader_workers_start_from_a_fork_server_not_a_fork_of_the_trainer(small_corpus, monkeypatch):
@@ -513,3 +489,47 @@ def test_dataloader_workers_start_from_a_fork_server_not_a_fork_of_the_trainer(s
     monkeypatch.setattr(torch.utils.data, "DataLoader", Recording)
     next(iter(_stream([small_corpus[0]], W=1)))
     assert seen["context"] is not None and seen["context"].get_start_method() == "forkserver"
+
+
+# ---------------------------------------------------------------- the sample index
+
+
+def test_a_damaged_or_missing_index_is_refused_and_hippo_data_index_rebuilds_it(small_corpus, damaged_copy):
+    from hippo.data_pipeline.cli import main
+    from hippo.data_pipeline.inspection import verify
+
+    ref = _global_batches([small_corpus[0]], 1, 3)
+    index = damaged_copy / "train.index"
+    raw = bytearray(index.read_bytes())
+    raw[100] ^= 0xFF
+    index.write_bytes(bytes(raw))
+    with pytest.raises(ManifestError, match=rf"train.index: sha256 differs.*hippo data index {damaged_copy}"):
+        _stream([damaged_copy])
+    assert any("train.index: sha256 differs" in p for p in verify(str(damaged_copy)).problems)
+
+    manifest = damaged_copy / "manifest.json"  # as a folder prepared before the index existed
+    m = json.loads(manifest.read_text())
+    m["splits"]["train"].pop("index")
+    manifest.write_text(json.dumps(m))
+    index.unlink()
+    with pytest.raises(ManifestError, match=rf"no sample index.*run `hippo data index {damaged_copy}` once"):
+        _stream([damaged_copy])
+    assert main(["data", "index", str(damaged_copy), "--no-progress"]) == 0
+    assert verify(str(damaged_copy)).ok
+    assert all(np.array_equal(a, b) for a, b in zip(ref, _global_batches([damaged_copy], 1, 3)))
+
+
+def test_an_index_that_points_elsewhere_is_counted_as_damage_and_verify_names_it(damaged_copy):
+    """An index consistent with its manifest entry but not with the shard (rewritten after
+    indexing): the samples it misplaces do not decode, and are replaced and counted, never misread."""
+    from hippo.data_pipeline.inspection import verify
+
+    name, _ = _shard_read(damaged_copy)
+    members = _members(damaged_copy / name)
+    m0, data0 = members[0]
+    _rewrite(damaged_copy / name, [(m0, data0 + bytes(600))] + members[1:])  # every later member moves
+    problems = verify(str(damaged_copy)).problems
+    assert any(name in p and "sample index's offsets differ" in p for p in problems)
+    rows, s = _epoch_rows(damaged_copy, max_corrupt_fraction=1.0)
+    bad = _bad_positions(damaged_copy, name)
+    assert s.corrupt_samples == sum(bad) > 0 and s.corrupt_shards == [str(damaged_copy / name)]

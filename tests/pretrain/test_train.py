@@ -261,22 +261,19 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert mlrun.data.metrics["val_loss"] < 5.55  # below a uniform guess over 257 bytes
 
 
-def test_a_checkpoint_written_before_the_hippo_namespace_resumes_exactly(data, tmp_path):
-    """`fixtures/checkpoint_v0_1` was written by Hippo 0.1 as it was before `hippo.*` (modules
-    `pretrain`, `parallel`, ... at the top level): step 16 of the test config, and the losses
-    of that program's uninterrupted 24-step run. Resumed today, steps 17-24 are those losses."""
+def test_a_checkpoint_of_the_old_stream_order_is_refused_in_one_line(data, tmp_path):
+    """`fixtures/checkpoint_v0_1` was written by Hippo 0.1 (before `hippo.*`) with the 8-virtual-stream
+    sample order, which issue 24 replaced by a global permutation: resuming it is refused before any
+    work, in one line saying which Hippo reads it."""
     import shutil
 
-    fixture = ROOT / "tests" / "fixtures" / "checkpoint_v0_1"
     run = tmp_path / "run"
-    shutil.copytree(fixture / "run", run)
-    # Its MLflow store is not part of the fixture, and its data folder had another path.
-    hippo_train(run, data, "tracking.enabled=false", "--allow-config-change")
-    old = {json.loads(line)["step"]: json.loads(line)["loss"]
-           for line in (fixture / "uninterrupted_metrics.jsonl").read_text().splitlines()}
-    resumed = losses(run)
-    assert sorted(resumed) == list(range(17, STEPS + 1))
-    assert all(resumed[s] == pytest.approx(old[s], rel=1e-6) for s in resumed), (resumed, old)
+    shutil.copytree(ROOT / "tests" / "fixtures" / "checkpoint_v0_1" / "run", run)
+    proc = hippo_train(run, data, "tracking.enabled=false", "--allow-config-change", check=False)
+    assert proc.returncode != 0 and not (run / "metrics.jsonl").exists()
+    [line] = [x for x in proc.stderr.splitlines() if "sample order" in x]
+    assert "global_step16" in line and "8-virtual-stream sample order" in line
+    assert "Hippo 0.1.0 up to commit 9307dce" in line and "--run-dir" in line
 
 
 def test_a_wall_clock_limit_stops_with_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(data, reference,
