@@ -334,8 +334,9 @@ class EnsembleLM(nn.Module):
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, init_ratio: float, min_ratio: float) -> float:
     """The authors' schedule (timm CosineLRScheduler, t_in_epochs False, warmup_prefix False):
-    linear warmup from init_ratio, then the cosine of the *absolute* step over all steps, so at
-    the end of a 10% warmup the lr drops to 0.976 x lr (cos(0.1 pi)), and ends at min_ratio."""
+    linear warmup from init_ratio, then the cosine of the *absolute* step over all steps, so after
+    a 10% warmup it starts at 0.978 x lr (0.1 + 0.45 (1 + cos(0.1 pi))): the peak lr is never used.
+    It ends at min_ratio."""
     if step < warmup_steps:
         return init_ratio + step * (1.0 - init_ratio) / warmup_steps
     if step >= total_steps:
