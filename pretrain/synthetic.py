@@ -253,6 +253,23 @@ class EnsembleLM(nn.Module):
                 out[f"{path}.{name}"] = p.view(self.E, -1, *p.shape[1:])[e]
         return out
 
+    @torch.no_grad()
+    def select(self, members: Sequence[int], optimizer: torch.optim.Optimizer) -> None:
+        """Keep only `members` (indices, in this order), their AdamW moments with them: seeds that
+        have stopped leave the ensemble, so the rest train at the cost of fewer seeds."""
+        idx = torch.tensor(list(members))
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(self.E, -1)[idx].reshape(t.shape[0] // self.E * len(idx), *t.shape[1:])
+
+        for p in self.parameters():
+            state = optimizer.state.get(p, {})
+            for name in ("exp_avg", "exp_avg_sq"):
+                if name in state:
+                    state[name] = pick(state[name])
+            p.data, p.grad = pick(p.data), None
+        self.E = len(idx)
+
     def _p(self, name: str) -> torch.Tensor:
         return self.stacked[_key(name)]
 
@@ -394,6 +411,16 @@ class EnsembleTrainer:
         self.order_gens = [torch.Generator().manual_seed(s) for s in self.seeds]
         self.dropout_gens = [torch.Generator().manual_seed(parameter_seed(s, "synthetic dropout")) for s in self.seeds]
 
+    def select(self, members: Sequence[int]) -> None:
+        """Continue with `members` (indices into the current seeds) only."""
+        self.model.select(members, self.optimizer)
+        idx = torch.tensor(list(members))
+        self.train, self.val, self.test = self.train[idx], self.val[idx], self.test[idx]
+        self.seeds = [self.seeds[e] for e in members]
+        self.order_gens = [self.order_gens[e] for e in members]
+        self.dropout_gens = [self.dropout_gens[e] for e in members]
+        self.E = len(self.seeds)
+
     def step(self, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on seqs (E, b, L); returns (training loss (E,), answer-token
         cross-entropy summed over the batch (E,)), both on the device, not synced."""
@@ -457,37 +484,41 @@ def run_seeds(cfg: SyntheticConfig, seeds: Sequence[int], progress: bool = True,
     """Train one model per seed, all as one ensemble; per seed: test accuracy, the validation
     accuracy and epoch it stopped at, and the ensemble's seconds until then.
 
-    A member stops (its test accuracy is read) at the first epoch its validation accuracy reaches
-    `stop_accuracy`; it keeps training with the others, unread, until all have stopped. Every
-    `log_every` epochs logs each member's answer-token loss on the training batches and on the
-    validation set: a model stuck at chance shows both at ln(V - 2); one memorising the training
-    set shows the first falling while the second rises.
+    A seed stops (its test accuracy is read, and it leaves the ensemble) at the first epoch its
+    validation accuracy reaches `stop_accuracy`. Every `log_every` epochs logs each seed's
+    answer-token loss on the training batches and on the validation set: a model stuck at chance
+    shows both at ln(V - 2); one memorising the training set shows the first falling while the
+    second rises.
     """
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds repeat: {list(seeds)}")
     trainer = EnsembleTrainer(cfg, seeds)
-    results: list[dict[str, float] | None] = [None] * trainer.E
+    results: dict[int, dict[str, float]] = {}
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc=f"{cfg.task}/{cfg.mixer} x{trainer.E}", disable=not progress)
     for epoch in bar:
         answer = trainer.train_epoch()
-        val_acc, val_loss = trainer.evaluate(trainer.val)  # one host sync per epoch, below
-        val_acc_l = val_acc.tolist()
+        val_acc, val_loss = trainer.evaluate(trainer.val)
+        val_acc_l = val_acc.tolist()  # the one host sync of an epoch
         bar.set_postfix(val_acc=" ".join(f"{a:.3f}" for a in val_acc_l))
         if log_every and (epoch + 1) % log_every == 0:
             for e, seed in enumerate(trainer.seeds):
                 log.info("seed %d epoch %d: answer-token loss train %.3f val %.3f, val accuracy %.3f", seed, epoch + 1,
                          answer[e].item() / trainer.train.shape[1], val_loss[e].item(), val_acc_l[e])
-        stopping = [e for e in range(trainer.E) if results[e] is None and val_acc_l[e] >= cfg.stop_accuracy]
         last = epoch + 1 == cfg.epochs
-        if last:
-            stopping = [e for e in range(trainer.E) if results[e] is None]
-        if stopping:
-            test_acc = trainer.evaluate(trainer.test)[0].tolist()
-            for e in stopping:
-                results[e] = {"seed": trainer.seeds[e], "test_accuracy": test_acc[e], "val_accuracy": val_acc_l[e],
-                              "epochs": epoch + 1, "seconds": time.perf_counter() - t0}
-        if all(r is not None for r in results):
+        stopping = [e for e in range(trainer.E) if last or val_acc_l[e] >= cfg.stop_accuracy]
+        if not stopping:
+            continue
+        test_acc = trainer.evaluate(trainer.test)[0].tolist()
+        for e in stopping:
+            results[trainer.seeds[e]] = {"seed": trainer.seeds[e], "test_accuracy": test_acc[e],
+                                         "val_accuracy": val_acc_l[e], "epochs": epoch + 1,
+                                         "seconds": time.perf_counter() - t0}
+        staying = [e for e in range(trainer.E) if e not in stopping]
+        if not staying:
             break
-    return results  # type: ignore[return-value]
+        trainer.select(staying)
+    return [results[s] for s in seeds]
 
 
 def run(cfg: SyntheticConfig, progress: bool = True, log_every: int = 10) -> dict[str, float]:

@@ -18,6 +18,7 @@ from hippo.pretrain.synthetic import (
     build_optimizer,
     induction_head,
     make_split,
+    run_seeds,
     special_tokens,
     warmup_steps,
 )
@@ -169,6 +170,36 @@ def test_ensemble_of_three_seeds_equals_three_one_seed_runs(mixer, clip):
         assert mine.keys() == theirs.keys()
         for name in mine:
             torch.testing.assert_close(mine[name], theirs[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_a_seed_leaving_the_ensemble_leaves_the_others_unchanged():
+    """A stopped seed leaves (its rows of every parameter and AdamW moment are dropped); the
+    others go on exactly as their one-seed runs."""
+    together = _trainer("h3", [1, 2, 3])
+    for i in range(2):
+        together.step(together.train[:, i * 16 : (i + 1) * 16])
+    together.select([2, 0])
+    assert together.seeds == [3, 1] and together.model.E == 2
+    for i in range(2, 4):
+        together.step(together.train[:, i * 16 : (i + 1) * 16])
+    for e, seed in enumerate([3, 1]):
+        alone = _trainer("h3", [seed])
+        for i in range(4):
+            alone.step(alone.train[:, i * 16 : (i + 1) * 16])
+        mine, theirs = alone.model.member_parameters(0), together.model.member_parameters(e)
+        for name in mine:
+            torch.testing.assert_close(mine[name], theirs[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_run_seeds_equals_one_seed_runs_through_early_stops():
+    """Seeds stopping at epochs 4, 7, 8 and 12 (each leaving the ensemble then): every seed's
+    stopping epoch and accuracies are those of its one-seed run."""
+    cfg = SyntheticConfig(task="induction_head", mixer="attention", loss="last", lr=3e-3, seq_len=12, num_train=256,
+                          num_val=64, num_test=64, epochs=12, stop_accuracy=0.14)
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    together = [drop(r) for r in run_seeds(cfg, [1, 2, 3, 4], progress=False)]
+    assert sorted(r["epochs"] for r in together) == [4, 7, 8, 12]
+    assert together == [drop(run_seeds(cfg, [s], progress=False)[0]) for s in [1, 2, 3, 4]]
 
 
 def test_dropout_acts_in_training_only():
