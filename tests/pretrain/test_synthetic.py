@@ -120,7 +120,7 @@ def test_optimizer_decays_all_but_the_ssm_dynamics():
     assert any("norm1__bias" in n for n in names) and any("q_proj__bias" in n for n in names)
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler:UserWarning")
 def test_schedule_is_the_authors_timm_cosine():
     """Warmup from 1e-6 over div_up(epochs, 10) epochs, then the cosine of the absolute step
     (it starts at 0.978 x lr, so lr itself is never reached), ending at 0.1 x lr."""
