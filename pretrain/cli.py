@@ -32,17 +32,34 @@ FILE_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, IsADirect
 
 
 def _cmd_synthetic(args: argparse.Namespace) -> int:
-    from hippo.pretrain.synthetic import SyntheticConfig, run
+    from hippo.pretrain.synthetic import SyntheticConfig, run_seeds, summarize
 
     fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
     cfg = SyntheticConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    result = run(cfg, progress=not args.no_progress)
-    print(
-        f"task={cfg.task} mixer={cfg.mixer} loss={cfg.loss} epochs={result['epochs']} "
-        f"val_accuracy={result['val_accuracy']:.3f} seconds={result['seconds']:.1f}"
-    )
-    print(f"test_accuracy={result['test_accuracy']:.3f}")
+    seeds = _parse_seeds(args.seeds) if args.seeds else [cfg.seed]
+    results = run_seeds(cfg, seeds, progress=not args.no_progress)
+    for r in results:
+        print(
+            f"task={cfg.task} mixer={cfg.mixer} loss={cfg.loss} seed={r['seed']} epochs={r['epochs']} "
+            f"val_accuracy={r['val_accuracy']:.3f} test_accuracy={r['test_accuracy']:.3f} seconds={r['seconds']:.1f}"
+        )
+    if len(results) > 1:
+        s = summarize(results)
+        print(f"seeds={len(results)} mean_test_accuracy={s['mean']:.3f} min_test_accuracy={s['min']:.3f}")
+    else:
+        print(f"test_accuracy={results[0]['test_accuracy']:.3f}")
     return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    """'1,2,3' or '1-5' (or a mix: '1-3,7')."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r} repeats a seed")
+    return seeds
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
@@ -285,7 +302,13 @@ def _add_synthetic(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-layer", dest="n_layer", type=int)
     p.add_argument("--loss", choices=["all", "last"], help="next-token loss on every position (default) or the answer only")
     p.add_argument("--stop-accuracy", dest="stop_accuracy", type=float, help="early stop on validation accuracy")
+    p.add_argument("--grad-clip", dest="grad_clip", type=float, help="per-seed gradient-norm clip (default 0: none, as the authors)")
+    p.add_argument("--embed-dropout", dest="embed_dropout", type=float, help="embedding dropout (default 0.1, as the authors)")
+    p.add_argument("--attn-dropout", dest="attn_dropout", type=float, help="attention-probability dropout (default 0.1)")
+    p.add_argument("--s4d-glu", dest="s4d_glu", action="store_true", default=None,
+                   help="S4D baseline with Hippo's GLU output map instead of the authors' plain one")
     p.add_argument("--seed", type=int)
+    p.add_argument("--seeds", help="several seeds trained together as one batched ensemble: '1,2,3' or '1-5'")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_synthetic)
 

@@ -16,13 +16,18 @@ from hippo.pretrain.models.ssm import DiagonalSSM
 
 
 class S4D(nn.Module):
-    def __init__(self, d_model: int, d_state: int = 64, *, layer_idx: int, linears: Linears = SINGLE_PROCESS):
+    def __init__(
+        self, d_model: int, d_state: int = 64, *, layer_idx: int, linears: Linears = SINGLE_PROCESS, glu: bool = True
+    ):
+        """`glu=False` gives the authors' synthetic-task S4D (safari `S4D` with `postact=None`): a plain
+        d -> d output map, so the layer has no multiplicative interaction at all."""
         super().__init__()
         if linears.tp_size != 1:
             raise ValueError("the S4D baseline mixer does not support tensor parallelism")
         self.layer_idx = layer_idx
         self.ssm = DiagonalSSM(d_model, d_state)
-        self.out_proj = nn.Linear(d_model, 2 * d_model)
+        self.glu = glu
+        self.out_proj = nn.Linear(d_model, 2 * d_model if glu else d_model)
         self.sequence = linears.sequence
 
     def forward(self, u: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
@@ -43,4 +48,5 @@ class S4D(nn.Module):
                 # The discretized SSM is kept with the state, as H3 keeps its own.
                 state = self.ssm.decode_state(self.ssm.state_from_prefix(x, discrete), discrete)
                 inference_params.states[self.layer_idx] = (state, self.ssm.decoder(discrete))
-        return F.glu(self.out_proj(F.gelu(y)), dim=-1)
+        out = self.out_proj(F.gelu(y))
+        return F.glu(out, dim=-1) if self.glu else out
