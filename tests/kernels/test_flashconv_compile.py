@@ -48,7 +48,7 @@ _CASES = [
 
 
 def _param(case):
-    marks = [pytest.mark.slow]
+    marks = [pytest.mark.compile]
     if case in KNOWN_SPILLS:
         marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_SPILLS[case]))
     return pytest.param(*case, marks=marks, id="-".join(map(str, case)))

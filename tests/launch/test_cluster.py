@@ -172,7 +172,7 @@ def _wait(job: subprocess.Popen, timeout: float = 300) -> str:
     return output_within(job, timeout, "job")
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_the_early_signal_gives_a_worker_longer_than_torchruns_default_grace(tmp_path):
     linger = _torchrun_grace_default() + 5
     worker = tmp_path / "slow_stop_worker.py"
@@ -185,7 +185,7 @@ def test_the_early_signal_gives_a_worker_longer_than_torchruns_default_grace(tmp
     assert (tmp_path / "stopped_cleanly").exists(), f"the worker was killed before it finished stopping:\n{out[-4000:]}"
 
 
-@pytest.mark.slow
+@pytest.mark.dist
 def test_the_early_signal_reaches_the_trainer_which_checkpoints_and_stops(train_data, tmp_path):
     run = tmp_path / "run"
     script = tmp_path / "written.sbatch"

@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import ROOT, torchrun
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.dist  # several ranks under torchrun (counted as slow)
 
 
 @pytest.fixture(scope="module")

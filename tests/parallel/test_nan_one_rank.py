@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers import ROOT, torchrun
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.dist  # several ranks under torchrun (counted as slow)
 
 LAYOUTS = {"dp2": ["parallel.pipeline=1"], "pp2": ["parallel.pipeline=2"],
            "pp2_zero0": ["parallel.pipeline=2", "parallel.zero_stage=0"]}

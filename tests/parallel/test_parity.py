@@ -19,7 +19,7 @@ from hippo.pretrain.optim import build_optimizer, build_scheduler
 from tests.helpers import ROOT, torchrun
 from tests.parallel.common import config, global_batches
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.dist  # several ranks under torchrun (counted as slow)
 
 # (tensor, pipeline, data, extra options): each layout also exercises one other feature.
 LAYOUTS = {
