@@ -64,10 +64,17 @@ def test_torchrun_and_deepspeed_command_lines(tmp_path):
     spec = TorchrunSpec(nnodes=2, nproc_per_node=4, rdzv_endpoint="10.0.0.1:29400", max_restarts=2)
     cmd = torchrun_command(spec, ["-m", "hippo.pretrain.cli", "train", "c.yaml"], python="py")
     assert cmd == ["py", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend",
-                   "c10d", "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "hippo", "--max-restarts", "2",
-                   "-m", "hippo.pretrain.cli", "train", "c.yaml"]
+                   "c10d", "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "hippo-10-0-0-1-29400",
+                   "--max-restarts", "2", "-m", "hippo.pretrain.cli", "train", "c.yaml"]
     with pytest.raises(ConfigError, match="HOST:PORT"):
         TorchrunSpec(nnodes=1, nproc_per_node=1, rdzv_endpoint="nohost")
+    # The job id (TORCHELASTIC_RUN_ID, the run lock's job): once every job's was "hippo", so a second
+    # job took a live first job's lock over as "the same job". One node: fresh per job, kept by the spec.
+    one = TorchrunSpec(nnodes=1, nproc_per_node=2, rdzv_endpoint="127.0.0.1:29500")
+    other = TorchrunSpec(nnodes=1, nproc_per_node=2, rdzv_endpoint="127.0.0.1:29500")
+    assert one.rdzv_id.startswith("hippo-") and one.rdzv_id != other.rdzv_id
+    assert torchrun_command(one, ["x"]) == torchrun_command(one, ["x"])
+    assert TorchrunSpec(nnodes=2, nproc_per_node=1, rdzv_endpoint="h:1", rdzv_id="job-9").rdzv_id == "job-9"
     hosts = tmp_path / "hosts"
     hosts.write_text("a slots=2\nb slots=2\n")
     cmd = deepspeed_command(hosts, ["-m", "hippo.pretrain.cli", "train", "c.yaml"], no_ssh=True, node_rank=1,

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hippo.pretrain.checkpoint import MARKER, CheckpointManager, file_sha256
+from hippo.pretrain.checkpoint import MARKER, CheckpointManager
+from hippo.pretrain.models.file_record import file_sha256
 from hippo.pretrain.run_lock import LOCK_FILE, RunLock, RunLockedError
 from tests.helpers import ROOT, STEPS, hippo_train, latest_step, losses, train_flags
 
