@@ -23,22 +23,29 @@ def _run(cmd: list[str], *, dry_run: bool, env: dict[str, str] | None = None, si
 
     The child gets its own process group, so a Ctrl-C at the terminal reaches it once, through
     the launcher: SIGTERM/SIGINT to the launcher are passed on and the launcher waits for the
-    job to checkpoint and stop. `signal_group`: to the child's whole group (the DeepSpeed runner
-    dies of a SIGTERM without passing it on to its workers), else to the child alone (torchrun
-    passes it to its workers and waits for them)."""
+    job to checkpoint and stop, then exits 128 + N like `hippo train` (torchrun itself exits 1
+    after a signal). `signal_group`: to the child's whole group (the DeepSpeed runner dies of a
+    SIGTERM without passing it on to its workers), else to the child alone (torchrun passes it to
+    its workers and waits for them)."""
     print(f"hippo launch: {show(cmd)}", flush=True)
     if dry_run:
         print("hippo launch: --dry-run: nothing started")
         return 0
     child = subprocess.Popen(cmd, env=worker_env() if env is None else env, process_group=0)
-    with _signals_passed_to(child, group=signal_group):
+    with _signals_passed_to(child, group=signal_group) as received:
         code = child.wait()
+    if received and code != 0:
+        return 128 + received[0]
     return 128 - code if code < 0 else code
 
 
 @contextlib.contextmanager
-def _signals_passed_to(child: subprocess.Popen, *, group: bool) -> Iterator[None]:
+def _signals_passed_to(child: subprocess.Popen, *, group: bool) -> Iterator[list[int]]:
+    """Yields the signals passed on so far."""
+    received: list[int] = []
+
     def forward(signum: int, frame) -> None:
+        received.append(signum)
         print(f"hippo launch: passing {signal.Signals(signum).name} to the job (pid {child.pid}); waiting for it "
               "to checkpoint and stop", flush=True)
         with contextlib.suppress(ProcessLookupError):
@@ -46,7 +53,7 @@ def _signals_passed_to(child: subprocess.Popen, *, group: bool) -> Iterator[None
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
-        yield
+        yield received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

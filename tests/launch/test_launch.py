@@ -6,6 +6,7 @@ reference: a single-node torchrun with 2 processes, same config, uninterrupted.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,9 @@ from hippo.launch.env import train_argv
 from hippo.launch.slurm import SlurmSpec, sbatch_script
 from hippo.launch.torchrun import TorchrunSpec, torchrun_command
 from hippo.pretrain.config import ConfigError
-from tests.helpers import ROOT, STEPS, free_port, latest_step, losses, output_within, train_flags
+from hippo.pretrain.run_lock import LOCK_FILE
+from tests.helpers import (ROOT, STEPS, free_port, latest_step, losses, output_within, processes_of, train_flags,
+                           wait_for_steps)
 
 
 # ------------------------------------------------------------------ fast: commands and scripts
@@ -130,26 +133,87 @@ def test_two_torchrun_agents_on_one_machine_equal_one_node(train_data, single_no
     assert losses(tmp_path / "run") == pytest.approx(single_node, rel=1e-6)
 
 
+def torchrun_args(*extra: str) -> list[str]:
+    return ["torchrun", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *extra]
+
+
+def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process | None:
+    """The worker of `rank` among the launcher's descendants (None between restarts)."""
+    for p in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if "hippo.pretrain.cli" in p.cmdline() and p.environ().get("RANK") == str(rank):
+                return p
+        except psutil.NoSuchProcess:
+            pass
+    return None
+
+
 @pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(train_data, single_node, tmp_path):
+    """Rank 0, the holder of the run lock, is killed: the restart (same job) takes the lock over
+    at once, since its holder is gone."""
     run = tmp_path / "run"
-    agent = _launch(["torchrun", "--nproc-per-node", "2", "--max-restarts", "1",
-                     "--rdzv-endpoint", f"127.0.0.1:{free_port()}"], run, train_data)
+    agent = _launch(torchrun_args("--max-restarts", "1"), run, train_data)
     deadline = time.time() + 300
     killed = None
     while time.time() < deadline and agent.poll() is None and killed is None:
         metrics = run / "metrics.jsonl"
         if (run / "checkpoints" / "latest").exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
-            workers = [p for p in psutil.Process(agent.pid).children(recursive=True) if "hippo.pretrain.cli" in " ".join(p.cmdline())
-                       and "train" in p.cmdline() and "LOCAL_RANK" in p.environ()]
-            if workers:
-                killed = workers[-1]
+            if killed := rank_process(agent, 0):
                 killed.send_signal(signal.SIGKILL)
         time.sleep(0.05)
     out = _finish(agent)
     assert killed is not None, "the run ended before a worker could be killed"
-    assert "resumed from" in out
+    assert "resumed from" in out and "taking over the run folder's lock from pid" in out
     assert losses(run) == single_node  # every step, including those redone after the restart
+
+
+@pytest.mark.slow
+def test_a_second_launch_on_a_run_folder_in_use_is_refused_in_one_line(train_data, single_node, tmp_path):
+    """Every job's torchrun id was "hippo", so a second job's rank 0 took the live first job's lock
+    over as "the same job" and both trained (583 metrics rows for 300 steps)."""
+    run = tmp_path / "run"
+    first = _launch(torchrun_args(), run, train_data)
+    wait_for_steps(run, 2, first)
+    second = _launch(torchrun_args(), run, train_data)
+    out = output_within(second, 120, "second launcher")
+    [line] = out.splitlines()
+    assert second.returncode == 1, out
+    assert line.startswith(f"hippo: error: run folder {run} is in use by hippo train pid {rank_process(first, 0).pid}")
+    _finish(first)
+    rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, STEPS + 1)) and losses(run) == single_node
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_sigterm_to_the_launcher_checkpoints_stops_the_job_and_the_resume_is_bitwise(train_data, single_node,
+                                                                                     tmp_path, launcher):
+    """SIGTERM to `hippo launch torchrun` once left torchrun and its ranks training (to step 300,
+    11 minutes later) with no signal checkpoint; it is passed on now, and waited for."""
+    run = tmp_path / "run"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+
+    def args() -> list[str]:
+        return (torchrun_args() if launcher == "torchrun" else
+                ["deepspeed", "--hostfile", str(hostfile), "--master-port", str(free_port())])
+
+    job = _launch(args(), run, train_data)
+    wait_for_steps(run, 3, job)
+    job.send_signal(signal.SIGTERM)
+    out = output_within(job, 120, "launcher")
+    assert job.returncode == 128 + signal.SIGTERM, out[-6000:]
+    assert "hippo launch: passing SIGTERM to the job" in out and "received SIGTERM" in out
+    stopped = latest_step(run)
+    state = json.loads((run / "checkpoints" / f"global_step{stopped}" / "hippo" / "state.json").read_text())
+    assert 3 <= stopped < STEPS and state["reason"] == "signal", out[-6000:]
+    assert not processes_of(run) and not (run / LOCK_FILE).exists()
+    _finish(_launch(args(), run, train_data))
+    if launcher == "torchrun":
+        assert losses(run) == single_node
+    else:  # the DeepSpeed launcher's runs differ from torchrun's in the last bits from step 1 on
+        assert losses(run) == pytest.approx(single_node, rel=1e-6)
 
 
 @pytest.mark.slow
