@@ -67,8 +67,12 @@ class RunLock:
             except FileExistsError:
                 self._take_over_if_stale()
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(asdict(self.holder), f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(asdict(self.holder), f)
+            except OSError:  # a full disk: an empty lock file would block the folder as "unreadable"
+                self.path.unlink(missing_ok=True)
+                raise
             atexit.register(self.release)  # also when the run fails before it could release
             self._thread = threading.Thread(target=self._beat, name="hippo-run-lock", daemon=True)
             self._thread.start()

@@ -6,8 +6,11 @@ reference: a single-node torchrun with 2 processes, same config, uninterrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,10 +101,14 @@ def test_a_layout_the_world_cannot_run_is_refused_before_launching(tmp_path):
 
 
 # ------------------------------------------------------------------ slow: real launches
-def _launch(args: list[str], run: Path, data: Path, *, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "hippo.pretrain.cli", "launch", *args, "tiny_hybrid", "--run-dir", str(run), *train_flags(data)]
+def _launch(args: list[str], run: Path, data: Path, *overrides: str, env: dict | None = None,
+            log=subprocess.PIPE) -> subprocess.Popen:
+    """`hippo launch ARGS tiny_hybrid` with the test config (and `overrides`); its output to a pipe or
+    the open file `log` (a long job would fill a pipe nobody reads)."""
+    cmd = [sys.executable, "-m", "hippo.pretrain.cli", "launch", *args, "tiny_hybrid", "--run-dir", str(run),
+           *train_flags(data, *overrides)]
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
@@ -292,3 +299,105 @@ def test_two_nodes_in_network_namespaces_over_a_veth_pair(train_data, single_nod
             if agent.poll() is None:
                 os.killpg(agent.pid, signal.SIGKILL)
     assert losses(tmp_path / "run") == pytest.approx(single_node, rel=1e-6)
+
+
+# ------------------------------------------------------------------ slow: faults at random steps
+FAULT_SEED = 23
+KILL_WORKER, STOP_AGENT, FILL_DISK = "SIGKILL to a worker", "SIGTERM to the torchrun agent", "a full disk"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs to fill, or None where this machine cannot mount one (no root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True).returncode:
+        yield None
+        return
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)])
+
+
+def _last_step(run: Path) -> int:
+    """The newest step in metrics.jsonl (0 before the first; a torn last line is skipped)."""
+    steps = [0]
+    if (run / "metrics.jsonl").exists():
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                steps.append(json.loads(line)["step"])
+    return max(steps)
+
+
+def _wait_until(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "a fault was not taken in"
+        time.sleep(0.05)
+
+
+def _inject(kind: str, job: subprocess.Popen, disk: Path | None, rng: random.Random) -> None:
+    """Cause the fault and return once the job has taken it in (a dead worker gone, a full disk
+    failed a write: the job restarted its workers or ended)."""
+    if kind == STOP_AGENT:
+        [agent] = [c for c in psutil.Process(job.pid).children() if "torch.distributed.run" in c.cmdline()]
+        agent.send_signal(signal.SIGTERM)
+        return
+    _wait_until(lambda: rank_process(job, 0) is not None and rank_process(job, 1) is not None)
+    before = rank_process(job, 0).pid
+    if kind == KILL_WORKER:
+        victim = rank_process(job, rng.randrange(2))
+        victim.kill()
+        victim.wait(60)
+        return
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free - 16 * 1024)
+    try:
+        _wait_until(lambda: job.poll() is not None or getattr(rank_process(job, 0), "pid", before) != before, 300)
+    finally:
+        filler.unlink()
+
+
+@pytest.mark.slow
+def test_faults_at_seeded_random_steps_lose_no_step_and_change_no_loss(train_data, single_node, small_disk, tmp_path):
+    """A 2-rank `hippo launch torchrun` job takes, at steps a seed draws, a SIGKILL to one of its
+    workers (torchrun restarts them), a SIGTERM to its agent (a signal checkpoint; the job ends and
+    is launched again) and a disk filled to the last 16 KiB (a failed write; the space is freed and
+    the job restarts); at the end metrics.jsonl holds every step once, every loss equals the
+    uninterrupted run's bit for bit, and no process of the job is left."""
+    rng = random.Random(FAULT_SEED)
+    kinds = [KILL_WORKER, STOP_AGENT] + ([FILL_DISK] if small_disk else [])
+    plan = sorted((rng.randint(3, STEPS - 4), kind) for kind in rng.sample(kinds, len(kinds)))
+    run = (small_disk or tmp_path) / "run"
+    log = (tmp_path / "job.log").open("w")
+    launches, survived, t0 = 1, [], time.monotonic()
+
+    def launch() -> subprocess.Popen:
+        return _launch(torchrun_args("--max-restarts", "1"), run, train_data, "tracking.enabled=false", log=log)
+
+    job = launch()
+    try:
+        while job.poll() is None or job.returncode != 0:
+            if job.poll() is not None:  # ended by a fault: nothing of it may be left, then launch again
+                assert not processes_of(run) and launches < 2 * len(kinds) + 2, (tmp_path / "job.log").read_text()[-6000:]
+                job, launches = launch(), launches + 1
+            elif plan and _last_step(run) >= plan[0][0]:
+                step, kind = plan.pop(0)
+                _inject(kind, job, small_disk, rng)
+                survived.append(f"{kind} at step {step}")
+            assert time.monotonic() - t0 < 900, (tmp_path / "job.log").read_text()[-6000:]
+            time.sleep(0.05)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        log.close()
+    print(f"faults survived ({time.monotonic() - t0:.0f} s, {launches} launches): {'; '.join(survived)}")
+    assert len(survived) == len(kinds), survived
+    out = (tmp_path / "job.log").read_text()
+    felt = {KILL_WORKER: "will restart worker group", STOP_AGENT: "received SIGTERM",
+            FILL_DISK: "no space left on"}
+    assert all(felt[kind] in out for kind in kinds) and out.count("resumed from") >= len(kinds), out[-6000:]
+    rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, STEPS + 1))
+    assert losses(run) == single_node
+    assert not processes_of(run)
