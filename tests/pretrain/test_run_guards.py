@@ -302,3 +302,25 @@ def test_export_and_conversion_leave_no_marker_or_temporary_name_in_the_run(base
     ckpt = CheckpointManager(run / "checkpoints").resolve()
     CheckpointManager.convert_to_universal(ckpt)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted([*before, "global_step24_universal"])
+
+
+def test_a_full_disk_leaves_neither_a_torn_metrics_line_nor_an_empty_lock(tmp_path, monkeypatch):
+    """Seen under the fault-injection test's full disk: a metrics line cut short made every later
+    resume fail to parse metrics.jsonl, and a lock file created but not written blocked the folder
+    as "unreadable holder" for 90 s."""
+    import errno
+
+    from hippo.pretrain.metrics import MetricsFile
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
+    MetricsFile(path, enabled=True, resume_step=2)
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n'
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("hippo.pretrain.run_lock.json.dump", full)
+    with pytest.raises(OSError):
+        RunLock(tmp_path).acquire()
+    assert not (tmp_path / LOCK_FILE).exists()
