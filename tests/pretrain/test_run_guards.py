@@ -324,3 +324,16 @@ def test_a_full_disk_leaves_neither_a_torn_metrics_line_nor_an_empty_lock(tmp_pa
     with pytest.raises(OSError):
         RunLock(tmp_path).acquire()
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_under_torchrun_a_refused_trainer_is_reported_once(train_data, tmp_path):
+    """Each rank printed the refusal's traceback; now rank 0 prints one line for the job."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "job": None,
+                                             "started": time.time()}))
+    proc = hippo_train(run, train_data, nproc=2, check=False)
+    out = proc.stdout + proc.stderr
+    lines = [line for line in out.splitlines() if line.startswith("hippo: error:")]
+    assert proc.returncode != 0 and len(lines) == 1, out[-4000:]
+    assert f"in use by hippo train pid {os.getpid()}" in lines[0] and "RunLockedError" not in out
