@@ -49,6 +49,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     for name, s in m.splits.items():
         if s.shards:
             print(f"{name}: {s.samples} samples ({s.tokens} tokens) in {len(s.shards)} shards")
+    if (args.val_fraction or args.val_inputs) and not m.splits["validation"].samples:
+        print(f"validation: empty: the held-out records (--val-fraction {args.val_fraction}) fill no window of "
+              f"seq_len {args.seq_len}; raise --val-fraction (or pass --val-inputs) to have a validation split")
     skipped = m.skipped()
     print("skipped: " + (", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"))
     print(f"manifest: {Path(args.output) / 'manifest.json'}")

@@ -3,28 +3,73 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 from hippo.launch.env import HOST_DECIDED, forwarded_env, job_env, train_argv, worker_env
 from hippo.launch.torchrun import show
 
 
-def _run(cmd: list[str], *, dry_run: bool, env: dict[str, str] | None = None) -> int:
-    """Print the command, then run it (unless `dry_run`: the layout is checked, nothing starts)."""
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _run(cmd: list[str], *, dry_run: bool, env: dict[str, str] | None = None, signal_group: bool = False) -> int:
+    """Print the command, then run it (unless `dry_run`: the layout is checked, nothing starts) and
+    return its exit code (128 + N for a child ended by signal N, as a shell reports it).
+
+    The child gets its own process group, so a Ctrl-C at the terminal reaches it once, through
+    the launcher: SIGTERM/SIGINT to the launcher are passed on and the launcher waits for the
+    job to checkpoint and stop, then exits 128 + N like `hippo train` (torchrun itself exits 1
+    after a signal). `signal_group`: to the child's whole group (the DeepSpeed runner dies of a
+    SIGTERM without passing it on to its workers), else to the child alone (torchrun passes it to
+    its workers and waits for them)."""
     print(f"hippo launch: {show(cmd)}", flush=True)
     if dry_run:
         print("hippo launch: --dry-run: nothing started")
         return 0
-    return subprocess.call(cmd, env=worker_env() if env is None else env)
+    child = subprocess.Popen(cmd, env=worker_env() if env is None else env, process_group=0)
+    with _signals_passed_to(child, group=signal_group) as received:
+        code = child.wait()
+    if received and code != 0:
+        return 128 + received[0]
+    return 128 - code if code < 0 else code
 
 
-def _validated_train_args(args: argparse.Namespace, world_size: int) -> list[str]:
-    """Refuse a config that cannot run on the launcher's world size before anything starts."""
-    from hippo.pretrain.config import load_config
+@contextlib.contextmanager
+def _signals_passed_to(child: subprocess.Popen, *, group: bool) -> Iterator[list[int]]:
+    """Yields the signals passed on so far."""
+    received: list[int] = []
+
+    def forward(signum: int, frame) -> None:
+        received.append(signum)
+        print(f"hippo launch: passing {signal.Signals(signum).name} to the job (pid {child.pid}); waiting for it "
+              "to checkpoint and stop", flush=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signum) if group else child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _validated_train_args(args: argparse.Namespace, world_size: int, *, starts_now: bool = False) -> list[str]:
+    """Refuse, before anything starts, a config that cannot run on the launcher's world size, a
+    run folder that is a file, and (for a job that `starts_now`) one a live trainer holds: a second
+    job is refused once, here, not once per rank and restart."""
+    from hippo.pretrain.config import load_config, run_folder
+    from hippo.pretrain.run_lock import RunLock
 
     load_config(args.config, args.set).layout(world_size)
+    run_dir = run_folder(args.config, args.run_dir)
+    if starts_now:
+        RunLock(run_dir).check_free()
     return train_argv(args.config, args.run_dir, args.set)
 
 
@@ -33,7 +78,8 @@ def _cmd_torchrun(args: argparse.Namespace) -> int:
 
     spec = TorchrunSpec(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.max_restarts, args.rdzv_id,
                         args.local_addr, args.rdzv_host)
-    cmd = torchrun_command(spec, _validated_train_args(args, spec.nnodes * spec.nproc_per_node))
+    argv = _validated_train_args(args, spec.nnodes * spec.nproc_per_node, starts_now=not args.dry_run)
+    cmd = torchrun_command(spec, argv)
     return _run(cmd, dry_run=args.dry_run)
 
 
@@ -41,7 +87,8 @@ def _cmd_deepspeed(args: argparse.Namespace) -> int:
     from hippo.launch.deepspeed_launcher import deepspeed_command, parse_hostfile
 
     world_size = sum(parse_hostfile(args.hostfile).values())
-    cmd = deepspeed_command(args.hostfile, _validated_train_args(args, world_size), master_port=args.master_port,
+    cmd = deepspeed_command(args.hostfile, _validated_train_args(args, world_size, starts_now=not args.dry_run),
+                            master_port=args.master_port,
                             no_ssh=args.no_ssh, node_rank=args.node_rank, master_addr=args.master_addr)
     # DeepSpeed's runner adds the exports of the file DS_ENV_FILE names to its ssh command.
     forwarded = forwarded_env()
@@ -52,7 +99,7 @@ def _cmd_deepspeed(args: argparse.Namespace) -> int:
             env_file.parent.mkdir(parents=True, exist_ok=True)
             env_file.write_text("".join(f"{k}={v}\n" for k, v in sorted(forwarded.items())))
     return _run(cmd, dry_run=args.dry_run, env={**worker_env(), "DS_ENV_FILE": str(env_file.resolve())}
-                if forwarded else None)
+                if forwarded else None, signal_group=True)
 
 
 def _cmd_slurm(args: argparse.Namespace) -> int:
@@ -89,7 +136,8 @@ def register(subparsers) -> None:
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--nproc-per-node", type=int, required=True)
     p.add_argument("--rdzv-endpoint", default="127.0.0.1:29500", help="HOST:PORT on the first node")
-    p.add_argument("--rdzv-id", default="hippo")
+    p.add_argument("--rdzv-id", help="the job's id, the same on every node (default: a fresh one on one node; "
+                   "on several, one from the endpoint: pass the scheduler's job id there)")
     p.add_argument("--local-addr", help="address this node's ranks are reached at (default: its hostname's)")
     p.add_argument("--rdzv-host", action="store_true",
                    help="this node hosts the rendezvous (when the endpoint is not its hostname)")

@@ -19,7 +19,6 @@ counts only good checkpoints (none written during a run of non-finite steps).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hippo.pretrain.models.file_record import file_entry, listing_problem
+
 log = logging.getLogger(__name__)
 
 MARKER = "hippo_checkpoint.json"
@@ -51,11 +52,6 @@ _TAG = re.compile(r"^global_step(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit this run; the message names the path."""
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _no_space(error: BaseException, folder: Path) -> bool:
@@ -307,16 +303,8 @@ class CheckpointManager:
         marker = path / MARKER
         if not marker.exists():
             raise CheckpointError(f"{path} is incomplete: no {MARKER} (interrupted while writing?)")
-        listing = json.loads(marker.read_text())["files"]
-        for i, (rel, recorded) in enumerate(sorted(listing.items())):
-            size, digest = (recorded, None) if isinstance(recorded, int) else (recorded["bytes"], recorded["sha256"])
-            f = path / rel
-            if not f.exists():
-                raise CheckpointError(f"{path}: {rel} is missing")
-            if f.stat().st_size != size:
-                raise CheckpointError(f"{path}: {rel} has {f.stat().st_size} bytes, the marker says {size}")
-            if digest is not None and i % parts == part and file_sha256(f) != digest:
-                raise CheckpointError(f"{path}: {rel} does not match its SHA-256 (damaged after it was written)")
+        if problem := listing_problem(path, json.loads(marker.read_text())["files"], part=part, parts=parts):
+            raise CheckpointError(f"{path}: {problem}")
         state_file = path / "hippo" / "state.json"
         return Checkpoint(path, SavedState.from_json(json.loads(state_file.read_text()), state_file))
 
@@ -334,8 +322,10 @@ class CheckpointManager:
             hash_seconds = self._write(engine, state, path)
         except (OSError, RuntimeError) as e:
             if _no_space(e, self.folder):
-                raise CheckpointError(f"no space left on {self.folder} while writing {path.name}; the previous "
-                                      f"checkpoint ({self._latest_name()}) is kept: free space and run again") from e
+                shutil.rmtree(path, ignore_errors=True)  # the part that fit: give the disk its room back
+                raise CheckpointError(f"no space left on {self.folder} while writing {path.name} (the partial "
+                                      f"checkpoint is deleted); the previous checkpoint ({self._latest_name()}) is "
+                                      "kept: free space and run again") from e
             raise
         self.last_save_seconds = time.perf_counter() - t0
         if self.rank == 0:
@@ -374,7 +364,7 @@ class CheckpointManager:
         files right after they are written (complete on rank 0)."""
         names = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
         world, rank = dist.get_world_size(), dist.get_rank()
-        mine = {n: {"bytes": (path / n).stat().st_size, "sha256": file_sha256(path / n)} for n in names[rank::world]}
+        mine = {n: file_entry(path / n) for n in names[rank::world]}
         parts: list[dict | None] = [None] * world
         dist.all_gather_object(parts, mine)
         return {n: part[n] for part in parts for n in part}
@@ -464,29 +454,42 @@ class CheckpointManager:
         return ckpt.state
 
     @staticmethod
-    def convert_to_universal(ckpt: Checkpoint) -> Path:
-        """DeepSpeed's universal checkpoint (full fp32 tensors and moments per parameter) next to
-        `ckpt`, so a run can continue with other TP, PP or DP sizes. One process; idempotent."""
-        out = ckpt.universal_path
+    def convert_to_universal(ckpt: Checkpoint, out: Path | None = None) -> Path:
+        """DeepSpeed's universal checkpoint (full fp32 tensors and moments per parameter), so a run
+        can continue with other TP, PP or DP sizes: `out`, by default next to `ckpt` (where pruning
+        deletes it with its checkpoint). One process; idempotent.
+
+        The converter writes a `latest_universal` beside its output folder naming it, so it writes
+        into a scratch folder of its own, which goes once the result is renamed into place: no
+        marker of a temporary name is left where the checkpoints are."""
+        out = ckpt.universal_path if out is None else Path(out)
         if (out / MARKER).exists():
             return out
-        tmp = ckpt.folder / f".{out.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        scratch = out.with_name(f".{out.name}.scratch")
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        tmp = scratch / out.name
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt.path),
                "--output_folder", str(tmp), "--num_extract_workers", "2", "--num_merge_workers", "1"]
         log.info("converting %s to a universal checkpoint (new parallel layout)", ckpt.path)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-        if proc.returncode != 0:
-            raise CheckpointError(f"converting {ckpt.path} to a universal checkpoint failed:\n{proc.stderr[-4000:]}")
-        (tmp / MARKER).write_text(json.dumps({"source": ckpt.tag}))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            if proc.returncode != 0:
+                raise CheckpointError(f"converting {ckpt.path} to a universal checkpoint failed:\n{proc.stderr[-4000:]}")
+            (tmp / MARKER).write_text(json.dumps({"source": ckpt.tag}))
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         return out
 
     @classmethod
-    def universal_parameters(cls, ckpt: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
-        """Full fp32 tensors of parameters `names` (DeepSpeed's names) from the universal form."""
-        universal = cls.convert_to_universal(ckpt)
+    def universal_parameters(cls, ckpt: Checkpoint, names: list[str], scratch: Path) -> dict[str, torch.Tensor]:
+        """Full fp32 tensors of parameters `names` (DeepSpeed's names) from the universal form: the
+        one beside `ckpt` if a layout change made it, else one converted into `scratch` (the
+        caller's folder: reading a run never writes into it)."""
+        universal = ckpt.universal_path if (ckpt.universal_path / MARKER).exists() else cls.convert_to_universal(
+            ckpt, Path(scratch) / ckpt.universal_path.name)
         params = {}
         for name in names:
             path = universal / "zero" / name / "fp32.pt"

@@ -25,6 +25,8 @@ USER_ERRORS = {
     "hippo.pretrain.checkpoint": ("CheckpointError",),
     "hippo.pretrain.tracking": ("TrackingError",),
     "hippo.pretrain.lm_eval_model": ("TaskDataError",),
+    "hippo.pretrain.run_lock": ("RunLockedError",),
+    "hippo.pretrain.models.pretrained": ("ModelFolderError",),
     "hippo.data_pipeline.errors": ("ManifestError", "ShardFetchError", "CorruptShardError", "BadRecordError",
                                    "DataExhaustedError", "CorruptDataError", "EmptyDatasetError"),
 }
@@ -73,14 +75,16 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from hippo.pretrain.config import load_config
+    from hippo.pretrain.config import load_config, run_folder
     from hippo.pretrain.stopping import StopReason
     from hippo.pretrain.trainer import train
 
     cfg = load_config(args.config, args.set)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
-    result = train(cfg, run_dir, resume=args.resume, allow_config_change=args.allow_config_change,
+    result = train(cfg, run_folder(args.config, args.run_dir), resume=args.resume,
+                   allow_config_change=args.allow_config_change,
                    init_from=Path(args.init_from) if args.init_from else None)
+    if result.stopped_by is StopReason.SIGNAL:
+        return 128 + result.signal  # after its checkpoint: 130 for Ctrl-C, 143 for SIGTERM, as a shell reports
     return 1 if result.stopped_by is StopReason.NON_FINITE else 0
 
 
@@ -92,6 +96,8 @@ def _require_export(folder: Path) -> None:
         return
     if (folder / "export" / CONFIG).is_file():
         hint = f"pass its export folder, {folder / 'export'}"
+    elif (folder / "checkpoints").is_dir():
+        hint = f"it is a training run without an export: make one with `hippo export {folder} -o {folder / 'export'}`"
     else:
         hint = "make one from a training run with `hippo export RUN_DIR -o DIR` and pass DIR"
     raise FileNotFoundError(f"{folder} holds no {WEIGHTS}, so it is not an exported model: {hint}")
@@ -432,6 +438,11 @@ def _user_error(e: BaseException) -> tuple[str, int] | None:
     return None
 
 
+def _reported_by_another_rank(e: BaseException) -> bool:
+    """An error every rank of a job raises alike (the run lock's refusal) is printed by rank 0 only."""
+    return getattr(e, "same_on_every_rank", False) and os.environ.get("RANK", "0") != "0"
+
+
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
@@ -448,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         if reported is None or args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         message, code = reported
-        print(f"hippo: error: {_one_line(message)}", file=sys.stderr)
+        if not _reported_by_another_rank(e):
+            print(f"hippo: error: {_one_line(message)}", file=sys.stderr)
         return code
 
 

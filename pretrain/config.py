@@ -439,6 +439,14 @@ def resume_changes(saved: dict[str, Any], cfg: HippoConfig) -> tuple[list[str], 
     return never, flagged
 
 
+def run_folder(config: str, run_dir: str | None) -> Path:
+    """`--run-dir`, else `runs/<config name>`; a regular file there is refused (mkdir would fail later)."""
+    folder = Path(run_dir) if run_dir else Path("runs") / Path(config).stem
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--run-dir {folder} is a file, not a folder: name a folder (it is created if missing)")
+    return folder
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> HippoConfig:
     """YAML file (or shipped config name) + `key=value` overrides -> validated HippoConfig."""
     data = apply_overrides(load_yaml(path), overrides or [])

@@ -4,6 +4,7 @@ weights under `HippoLM` names, and a copy of the tokenizer, so the folder alone 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -13,9 +14,12 @@ from hippo.pretrain.checkpoint import Checkpoint, CheckpointManager
 from hippo.pretrain.config import ConfigError, HippoConfig, ModelConfig, from_dict
 from hippo.pretrain.models import SINGLE_PROCESS, HippoLM
 from hippo.pretrain.models.lm import save_pretrained
-from hippo.pretrain.models.pretrained import CONFIG, WEIGHTS, read_config, save_shard, shard_name, write_config, write_index
+from hippo.pretrain.models.pretrained import (CONFIG, TOKENIZER_FILE, WEIGHTS, read_config, save_shard, shard_name,
+                                              write_config, write_index, write_record)
 
-TOKENIZER_FILE = "tokenizer.json"
+UNIVERSAL_SCRATCH = ".universal"
+"""Inside the folder being written: where a checkpoint's universal form is made, then deleted."""
+
 __all__ = ["CONFIG", "WEIGHTS", "TOKENIZER_FILE", "save_export", "checkpoint_parameters", "export_checkpoint",
            "load_export", "export_tokenizer"]
 
@@ -54,6 +58,7 @@ def save_export_by_stage(folder: Path, stage_params: dict[str, torch.Tensor] | N
         total = sum(dict(writers)[s][k] for k, s in owner.items())
         write_index(folder, {k: shard_name(s, stages) for k, s in owner.items()}, total)
         write_config(folder, model_cfg, step=step, **_copy_tokenizer(folder, tokenizer))
+        write_record(folder)
     dist.barrier()
     return folder
 
@@ -71,21 +76,27 @@ def _copy_tokenizer(folder: Path, tokenizer: Tokenizer | str) -> dict:
     return {"tokenizer": spec, "tokenizer_info": identity}
 
 
-def checkpoint_parameters(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], HippoConfig]:
+def checkpoint_parameters(ckpt: Checkpoint, out: Path) -> tuple[dict[str, torch.Tensor], HippoConfig]:
     """Full tensors of a training checkpoint of any layout under `HippoLM` names, and its config:
-    DeepSpeed's universal conversion gives full fp32 tensors under pipeline names, mapped here."""
+    DeepSpeed's universal conversion gives full fp32 tensors under pipeline names, mapped here. The
+    conversion is made in a scratch folder inside `out` (the folder being written) and deleted:
+    the source run is only read."""
     from hippo.parallel.pipeline import SequentialLM, canonical_names
 
     cfg = from_dict(HippoConfig, ckpt.state.config)
     with torch.device("meta"):
         names = canonical_names(SequentialLM(cfg.model, SINGLE_PROCESS, None, seed=cfg.train.seed))
-    universal = CheckpointManager.universal_parameters(ckpt, list(names))
+    scratch = Path(out) / UNIVERSAL_SCRATCH
+    try:
+        universal = CheckpointManager.universal_parameters(ckpt, list(names), scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return {names[pipe_name]: tensor for pipe_name, tensor in universal.items()}, cfg
 
 
 def export_checkpoint(ckpt: Checkpoint, out: Path) -> Path:
     """Consolidate a training checkpoint of any layout into an export folder."""
-    params, cfg = checkpoint_parameters(ckpt)
+    params, cfg = checkpoint_parameters(ckpt, out)
     return save_export(out, params, cfg.model, tokenizer=cfg.data.paths[0], step=ckpt.step)
 
 

@@ -431,24 +431,25 @@ def h3_model_args(cfg: ModelConfig) -> dict[str, Any]:
             "attn_layer_idx": cfg.attn_layer_idx, "attn_cfg": attn_cfg, "layer_norm_epsilon": cfg.layer_norm_eps}
 
 
-def _hippo_parameters(source: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """Tensors under HippoLM names and the model config, of an export folder or a training checkpoint."""
+def _hippo_parameters(source: Path, out: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Tensors under HippoLM names and the model config, of an export folder or a training checkpoint
+    (converted in a scratch folder inside `out`)."""
     from hippo.pretrain.checkpoint import CheckpointManager
     from hippo.pretrain.export import checkpoint_parameters
     from hippo.pretrain.models.pretrained import INDEX, WEIGHTS, load_weights, read_config
 
     if (source / WEIGHTS).is_file() or (source / INDEX).is_file():  # a run folder has a config.json too
         return load_weights(source), from_dict(ModelConfig, read_config(source)["model"], "model")
-    params, cfg = checkpoint_parameters(CheckpointManager(source).resolve(source))
+    params, cfg = checkpoint_parameters(CheckpointManager(source).resolve(source), out)
     return params, cfg.model
 
 
 def export_h3(source: str | Path, out: str | Path) -> Path:
     """`out`/model.pt (the authors' layout, a plain state dict) and `out`/h3_config.json (their
     model's arguments) from a Hippo export folder or training checkpoint."""
-    params, cfg = _hippo_parameters(Path(source))
-    sd = to_h3_state_dict(params, cfg)
     out = Path(out)
+    params, cfg = _hippo_parameters(Path(source), out)
+    sd = to_h3_state_dict(params, cfg)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{H3_WEIGHTS}.tmp{os.getpid()}"
     torch.save(sd, tmp)

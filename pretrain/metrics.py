@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,18 +76,29 @@ def console_line(step: int, total: int, m: dict[str, float], skipped: bool) -> s
 
 class MetricsFile:
     """`metrics.jsonl` in the run folder (rank 0); on resume, lines past the checkpoint are dropped
-    (the resumed run recomputes those steps)."""
+    (the resumed run recomputes those steps), and so is a line torn by a crash or a full disk. The
+    file is replaced whole (a temporary file renamed), so a failed rewrite leaves it as it was."""
 
     def __init__(self, path: Path, *, enabled: bool, resume_step: int):
         self.path = path if enabled else None
         if self.path is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(f"{line}\n" for line in kept))
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _step_of(line: str) -> float:
+    """A record's step; infinity (never kept) for an empty or torn line."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
 
 
 class StepReporter:

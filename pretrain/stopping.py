@@ -30,22 +30,28 @@ class StopRequest:
     """SIGTERM/SIGINT set a flag; ranks agree on it every step, so all stop after the same one."""
 
     def __init__(self) -> None:
-        self.signalled = False
+        self.signum = 0
+        """The signal received (0: none); once agreed, the job's (the highest any rank received)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+
+    @property
+    def signalled(self) -> bool:
+        return self.signum != 0
 
     def _handle(self, signum: int, frame: Any) -> None:
         if not self.signalled:
             log.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
-        self.signalled = True
+            self.signum = signum
 
     def agreed(self, device: torch.device, *, time_up: bool = False) -> StopReason | None:
-        """Collective: SIGNAL once any rank was signalled, else TIME_LIMIT once any rank's clock
-        says so, else None; the same answer on every rank."""
-        flags = torch.tensor([float(self.signalled), float(time_up)], device=device)
+        """Collective: SIGNAL once any rank was signalled (every rank then exits with the same
+        code), else TIME_LIMIT once any rank's clock says so, else None; the same answer on every rank."""
+        flags = torch.tensor([float(self.signum), float(time_up)], device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        signalled, out_of_time = flags.tolist()
-        if signalled:
+        signum, out_of_time = flags.tolist()
+        if signum:
+            self.signum = int(signum)
             return StopReason.SIGNAL
         return StopReason.TIME_LIMIT if out_of_time else None
 

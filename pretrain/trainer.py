@@ -46,6 +46,8 @@ class TrainResult:
     val_loss: float | None
     stopped_by: StopReason
     checkpoint: Path | None
+    signal: int = 0
+    """The signal that stopped the run (SIGNAL), the same on every rank; 0 otherwise."""
 
 
 def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None, allow_config_change: bool = False,
@@ -110,7 +112,7 @@ def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None, allow_c
             lock.release()
     tracker.close("FAILED" if stopped_by is StopReason.NON_FINITE else "FINISHED")
     destroy_parallel()
-    return TrainResult(step, losses, val_loss, stopped_by, last_ckpt)
+    return TrainResult(step, losses, val_loss, stopped_by, last_ckpt, stop.signum if stopped_by is StopReason.SIGNAL else 0)
 
 
 def train_step(engine: TrainEngine, batches: Iterator[torch.Tensor], grad_accum_steps: int) -> tuple[float, float]:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 from hippo.pretrain.checkpoint import LATEST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,3 +95,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def processes_of(run_dir: Path) -> list[psutil.Process]:
+    """Live processes whose command line names `run_dir`: a job's launcher, agents and ranks."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and str(run_dir) in " ".join(p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+def wait_for_steps(run_dir: Path, steps: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until `metrics.jsonl` of `run_dir` holds `steps` rows (the job must still run)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert proc.poll() is None, f"the job ended before step {steps}"
+        assert time.monotonic() < deadline, f"no step {steps} after {timeout} s"
+        time.sleep(0.05)

@@ -17,7 +17,7 @@ from hippo.pretrain.models.embedding import TokenEmbedding
 from hippo.pretrain.models.inference import InferenceParams
 from hippo.pretrain.models.init import init_parameters
 from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
-from hippo.pretrain.models.pretrained import load_weights, read_config, save_weights, write_config
+from hippo.pretrain.models.pretrained import check_files, load_weights, read_config, save_weights, write_config, write_record
 
 
 class HippoLM(nn.Module):
@@ -60,9 +60,10 @@ class HippoLM(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu") -> HippoLM:
         """The model of a folder written by `save_pretrained` (or `hippo export`), in eval mode."""
+        check_files(folder)
         meta = read_config(folder)
         model = cls(ModelConfig(**meta["model"]), init=False)
-        weights = load_weights(folder)
+        weights = load_weights(folder, checked=True)
         expected = dict(model.named_parameters())
         missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
         wrong = [k for k in expected.keys() & weights.keys() if weights[k].shape != expected[k].shape]
@@ -80,6 +81,7 @@ def save_pretrained(folder: str | Path, params: dict[str, torch.Tensor], cfg: Mo
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(folder, params)
     write_config(folder, cfg, **meta)
+    write_record(folder)
     return folder
 
 

@@ -1,11 +1,13 @@
 """A model folder: `config.json` (the model config under "model", plus what the caller adds) and its
 weights as safetensors, one file or shards with an index (the Hugging Face layout), so a folder
-moves, and loads, as a unit."""
+moves, and loads, as a unit. `hippo_files.json`, written last, records each file's size and SHA-256;
+loading checks them first, so a damaged or truncated file is refused by name, never used."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -15,12 +17,60 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hippo.pretrain.models.config import ModelConfig
+from hippo.pretrain.models.file_record import file_entry, listing_problem
 from hippo.pretrain.models.hf_config import from_hf_config, is_hf_config
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.json"
+RECORD = "hippo_files.json"
 MAX_SHARD_BYTES = 4 * 2**30
+_unrecorded_warned: set[Path] = set()
+
+
+class ModelFolderError(RuntimeError):
+    """A model folder's file is missing, truncated or damaged against its record; names the file."""
+
+    same_on_every_rank = True
+    """Every rank of a job reads the same folder: the CLI reports it once (rank 0)."""
+
+
+def model_files(folder: Path) -> list[str]:
+    """The files a model folder is made of: config, weights (one file, or the index and its shards), tokenizer."""
+    folder = Path(folder)
+    if (folder / INDEX).exists():
+        weights = [INDEX, *sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))]
+    else:
+        weights = [WEIGHTS]
+    return [CONFIG, *weights, *([TOKENIZER_FILE] if (folder / TOKENIZER_FILE).exists() else [])]
+
+
+def write_record(folder: Path) -> None:
+    """`hippo_files.json`: size and SHA-256 of each of the folder's files, written once they all are."""
+    folder = Path(folder)
+    _write_json(folder / RECORD, {"files": {name: file_entry(folder / name) for name in model_files(folder)}})
+
+
+def check_files(folder: Path) -> None:
+    """Refuse a folder whose files differ from its record; a folder written before records existed
+    loads with one warning (per process)."""
+    folder = Path(folder)
+    if not (folder / RECORD).exists():
+        if folder.resolve() not in _unrecorded_warned:
+            _unrecorded_warned.add(folder.resolve())
+            log.warning("%s has no %s (written before exports were checksummed): its files are not verified; "
+                        "export it again to add the record", folder, RECORD)
+        return
+    try:
+        listing = json.loads((folder / RECORD).read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelFolderError(f"{folder / RECORD} is damaged ({e}): write the export again") from None
+    if problem := listing_problem(folder, listing):
+        raise ModelFolderError(f"{folder}: {problem}; the model folder is damaged: write the export again "
+                               "(`hippo export RUN_DIR -o DIR`) or copy it again")
 
 
 def save_weights(folder: Path, tensors: dict[str, torch.Tensor], *, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
@@ -61,8 +111,11 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> No
     (Path(folder) / WEIGHTS).unlink(missing_ok=True)
 
 
-def load_weights(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_weights(folder: Path, device: str | torch.device = "cpu", *, checked: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder, after `check_files` (unless the caller has just `checked`)."""
     folder = Path(folder)
+    if not checked:
+        check_files(folder)
     if (folder / INDEX).exists():
         weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
         out: dict[str, torch.Tensor] = {}
@@ -78,6 +131,7 @@ def weight_reader(folder: Path) -> Callable[[str], torch.Tensor]:
     """`read(name)` -> that one tensor, read from its file on demand (safetensors maps the file):
     a rank of a large job takes only the tensors of its own stage."""
     folder = Path(folder)
+    check_files(folder)
     if (folder / INDEX).exists():
         files = {name: folder / file for name, file in json.loads((folder / INDEX).read_text())["weight_map"].items()}
     elif (folder / WEIGHTS).exists():

@@ -52,6 +52,13 @@ def test_prepare_inspect_verify_through_the_cli(tmp_path, capsys):
     assert "PROBLEM train-000001.tar: sample 0" in text and "sha256" in text
 
 
+def test_a_val_fraction_that_holds_out_nothing_says_so(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "d.jsonl", make_docs(20, seed=31), ["Pile-CC"])
+    assert _run(["data", "prepare", str(src), "--output", str(tmp_path / "out"), "--seq-len", "32",
+                 "--val-fraction", "0.0001", "--no-progress"]) == 0
+    assert "validation: empty: the held-out records (--val-fraction 0.0001)" in capsys.readouterr().out
+
+
 def test_cli_reports_bad_input_with_file_and_line(tmp_path, capsys):
     src = tmp_path / "bad.jsonl"
     src.write_text('{"text": "ok"}\n{"no": "text"}\n')

@@ -25,6 +25,7 @@ from hippo.pretrain.cli import main
 from hippo.pretrain.export import save_export
 from hippo.pretrain.models import HippoLM
 from hippo.pretrain.models.config import ModelConfig
+from hippo.pretrain.models.pretrained import RECORD
 from tests.helpers import ROOT, text_document
 
 BAD_YAML = ["model:", "  d_model: 64", "    n_layer: 2", "train:", "  steps: 3"]
@@ -50,12 +51,13 @@ def _export(folder: Path, vocab_size: int, tokenizer: str) -> Path:
     model = HippoLM(ModelConfig(vocab_size=vocab_size, d_model=16, n_layer=1, n_head=1, d_state=4))
     if Path(tokenizer).exists():
         return save_export(folder, model.state_dict(), model.cfg, tokenizer=tokenizer, step=0)
-    # As exports were written before they held a copy of their tokenizer: a reference to the
-    # training data folder, here one that no longer exists.
+    # As exports were written before they held a copy of their tokenizer (or a record of their
+    # files): a reference to the training data folder, here one that no longer exists.
     save_export(folder, model.state_dict(), model.cfg, tokenizer="byte", step=0)
     meta = json.loads((folder / "config.json").read_text())
     meta.pop("tokenizer_info")
     (folder / "config.json").write_text(json.dumps({**meta, "tokenizer": tokenizer}))
+    (folder / RECORD).unlink()
     return folder
 
 
@@ -98,6 +100,34 @@ def _missing_shard(i: Inputs) -> str:
     return shard
 
 
+def _unexported_run(i: Inputs) -> Path:
+    """A training run folder that has checkpoints but no export (stopped before its end)."""
+    run = i.root / "unexported_run"
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def _damaged_export(i: Inputs) -> Path:
+    """A copy of an export with 100 bytes of its weights flipped in place (the size is unchanged)."""
+    folder = i.root / "damaged_export"
+    if not folder.exists():
+        shutil.copytree(i.bpe_model, folder)
+        data = bytearray((folder / "model.safetensors").read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 100] = bytes(255 - b for b in data[middle:middle + 100])
+        (folder / "model.safetensors").write_bytes(bytes(data))
+    return folder
+
+
+def _truncated_export(i: Inputs) -> Path:
+    folder = i.root / "truncated_export"
+    if not folder.exists():
+        shutil.copytree(i.byte_model, folder)
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    return folder
+
+
 # (id, argv, exit code, what the line must name); argv and names are built from the inputs.
 CASES = [
     ("yaml-syntax", lambda i: ["params", str(i.bad_yaml)], 2,
@@ -108,6 +138,14 @@ CASES = [
      lambda i: [str(i.byte_data), "hippo export RUN_DIR -o DIR"]),
     ("generate-run-folder", lambda i: ["generate", str(i.byte_model.parent)], 1,
      lambda i: [str(i.byte_model)]),
+    ("generate-run-without-export", lambda i: ["generate", str(_unexported_run(i))], 1,
+     lambda i: [f"hippo export {_unexported_run(i)} -o {_unexported_run(i) / 'export'}"]),
+    ("damaged-export", lambda i: ["generate", str(_damaged_export(i))], 1,
+     lambda i: [str(_damaged_export(i)), "model.safetensors does not match its SHA-256"]),
+    ("truncated-export", lambda i: ["eval", str(_truncated_export(i)), "--data", str(i.byte_data)], 1,
+     lambda i: [str(_truncated_export(i)), "model.safetensors has 100 bytes"]),
+    ("run-dir-is-a-file", lambda i: ["train", "tiny_hybrid", "--run-dir", str(i.bad_yaml)], 2,
+     lambda i: [f"--run-dir {i.bad_yaml} is a file"]),
     ("eval-data-folder", lambda i: ["eval", str(i.byte_data), "--data", str(i.byte_data)], 1,
      lambda i: [str(i.byte_data), "hippo export"]),
     ("top-p", lambda i: ["generate", str(i.byte_model), "--top-p", "2"], 2, lambda i: ["--top-p", "2"]),
@@ -200,3 +238,14 @@ def test_quickstart_line_puts_each_figure_beside_its_uniform_guess():
     loss, vocab, uniform_loss, ppl, uniform_ppl = (float(g) for g in m.groups())
     assert loss == 1.74 and vocab == uniform_ppl == tok.vocab_size
     assert uniform_loss == pytest.approx(math.log(vocab), abs=1e-3) and ppl == pytest.approx(math.exp(loss), abs=1e-2)
+
+
+def test_a_run_dir_that_is_a_file_is_the_only_line_on_stderr(inputs):
+    """In a fresh process: the one error line, and none of megatron's three "Transformer Engine and
+    Apex are not installed" warnings that every command importing it used to print."""
+    proc = subprocess.run([sys.executable, "-m", "hippo.pretrain.cli", "train", "tiny_hybrid", "--run-dir",
+                           str(inputs.bad_yaml)], cwd=ROOT, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "HIPPO_DEBUG"})
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"hippo: error: --run-dir {inputs.bad_yaml} is a file, not a folder: name a "
+                                        "folder (it is created if missing)"], proc.stderr

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hippo.pretrain.checkpoint import MARKER, CheckpointManager, file_sha256
+from hippo.pretrain.checkpoint import MARKER, CheckpointManager
+from hippo.pretrain.models.file_record import file_sha256
 from hippo.pretrain.run_lock import LOCK_FILE, RunLock, RunLockedError
 from tests.helpers import ROOT, STEPS, hippo_train, latest_step, losses, train_flags
 
@@ -174,8 +175,10 @@ def test_a_second_trainer_on_one_run_folder_is_refused_and_a_killed_owner_does_n
             assert owner.poll() is None and time.monotonic() < deadline, (tmp_path / "owner.log").read_text()[-3000:]
             time.sleep(0.5)
         second = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert second.returncode != 0
-        assert f"in use by hippo train pid {owner.pid} on host {socket.gethostname()}" in second.stderr
+        assert second.returncode == 1
+        [line] = [line for line in second.stderr.splitlines() if line.startswith("hippo: error: ")]
+        assert "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert f"in use by hippo train pid {owner.pid} on host {socket.gethostname()}" in line
         assert owner.poll() is None  # the owner is untouched
     finally:
         owner.send_signal(signal.SIGKILL)
@@ -188,12 +191,29 @@ def test_a_second_trainer_on_one_run_folder_is_refused_and_a_killed_owner_does_n
 
 
 def test_a_lock_held_on_another_host_is_stale_only_without_heartbeat(tmp_path, monkeypatch):
+    import threading
+
     lock_file = tmp_path / LOCK_FILE
     lock_file.write_text(json.dumps({"host": "node-b", "pid": 1234, "job": "job-7", "started": time.time()}))
     with pytest.raises(RunLockedError, match="pid 1234 on host node-b"):
         RunLock(tmp_path).acquire()
-    monkeypatch.setenv("SLURM_JOB_ID", "job-7")  # a requeue of the same job takes it at once
-    RunLock(tmp_path).acquire().release()
+    monkeypatch.setenv("SLURM_JOB_ID", "job-7")
+    # The same job id with a live heartbeat (two jobs sharing an id) was once taken over at once.
+    beating = threading.Event()
+
+    def beat() -> None:
+        while not beating.wait(0.05):
+            os.utime(lock_file)
+
+    threading.Thread(target=beat, daemon=True).start()
+    try:
+        with pytest.raises(RunLockedError, match="pid 1234 on host node-b"):
+            RunLock(tmp_path, heartbeat_s=0.2).acquire()
+    finally:
+        beating.set()
+    t0 = time.monotonic()  # its heartbeat stopped (a restart or requeue of this job): taken after two beats
+    RunLock(tmp_path, heartbeat_s=0.2).acquire().release()
+    assert time.monotonic() - t0 < 1.0
     monkeypatch.delenv("SLURM_JOB_ID")
     lock_file.write_text(json.dumps({"host": "node-b", "pid": 1234, "job": None, "started": time.time()}))
     old = time.time() - 600
@@ -202,6 +222,13 @@ def test_a_lock_held_on_another_host_is_stale_only_without_heartbeat(tmp_path, m
     assert json.loads(lock_file.read_text())["pid"] == os.getpid()
     lock.release()
     assert not lock_file.exists()
+
+    lock_file.write_text(json.dumps({"host": "node-b", "pid": 1234, "job": "job-7", "started": time.time()}))
+    monkeypatch.setenv("SLURM_JOB_ID", "job-7")
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-b")  # same host: the pid decides, never the job
+    monkeypatch.setattr("hippo.pretrain.run_lock._pid_alive", lambda pid: True)
+    with pytest.raises(RunLockedError, match="pid 1234 on host node-b"):
+        RunLock(tmp_path, heartbeat_s=0.2).acquire()
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(train_data, tmp_path):
@@ -216,6 +243,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(train_data, tmp_
         assert proc.returncode != 0 and len(lines) == 1 and f"no space left on {disk}" in lines[0], proc.stderr[-3000:]
         assert latest_step(disk / "run") == 8
         CheckpointManager.verify(disk / "run" / "checkpoints" / "global_step8")
+        assert not (disk / "run" / "checkpoints" / "global_step16").exists()  # the part that fit is deleted
     finally:
         subprocess.run(["umount", str(disk)])
 
@@ -257,3 +285,55 @@ def test_ranks_wait_for_a_slow_universal_conversion_outside_any_collective(tmp_p
     with pytest.raises(CheckpointError, match="out of memory"):
         CheckpointManager(folder, rank=1).prepare_load(ckpt, new_layout)
 
+
+
+def test_export_and_conversion_leave_no_marker_or_temporary_name_in_the_run(base_run, tmp_path, capsys):
+    """`hippo export` once wrote global_step24_universal/ into the source run, and every conversion
+    a `latest_universal` naming a temporary folder, which pruning left dangling: the export converts
+    in its own scratch folder (deleted), a layout change's conversion beside its checkpoint."""
+    from hippo.pretrain.cli import main
+
+    run = copy_run(base_run, tmp_path)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert main(["export", str(run), "-o", str(tmp_path / "export")]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "hippo_files.json",
+                                                                     "model.safetensors"]
+    ckpt = CheckpointManager(run / "checkpoints").resolve()
+    CheckpointManager.convert_to_universal(ckpt)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted([*before, "global_step24_universal"])
+
+
+def test_a_full_disk_leaves_neither_a_torn_metrics_line_nor_an_empty_lock(tmp_path, monkeypatch):
+    """Seen under the fault-injection test's full disk: a metrics line cut short made every later
+    resume fail to parse metrics.jsonl, and a lock file created but not written blocked the folder
+    as "unreadable holder" for 90 s."""
+    import errno
+
+    from hippo.pretrain.metrics import MetricsFile
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
+    MetricsFile(path, enabled=True, resume_step=2)
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n'
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("hippo.pretrain.run_lock.json.dump", full)
+    with pytest.raises(OSError):
+        RunLock(tmp_path).acquire()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_under_torchrun_a_refused_trainer_is_reported_once(train_data, tmp_path):
+    """Each rank printed the refusal's traceback; now rank 0 prints one line for the job."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "job": None,
+                                             "started": time.time()}))
+    proc = hippo_train(run, train_data, nproc=2, check=False)
+    out = proc.stdout + proc.stderr
+    lines = [line for line in out.splitlines() if line.startswith("hippo: error:")]
+    assert proc.returncode != 0 and len(lines) == 1, out[-4000:]
+    assert f"in use by hippo train pid {os.getpid()}" in lines[0] and "RunLockedError" not in out
