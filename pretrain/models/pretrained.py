@@ -59,6 +59,8 @@ def check_files(folder: Path) -> None:
     loads with one warning (per process)."""
     folder = Path(folder)
     if not (folder / RECORD).exists():
+        if _is_hf_folder(folder):  # transformers' format: its own tools rewrite config.json, no record to keep
+            return
         if folder.resolve() not in _unrecorded_warned:
             _unrecorded_warned.add(folder.resolve())
             log.warning("%s has no %s (written before exports were checksummed): its files are not verified; "
@@ -71,6 +73,13 @@ def check_files(folder: Path) -> None:
     if problem := listing_problem(folder, listing):
         raise ModelFolderError(f"{folder}: {problem}; the model folder is damaged: write the export again "
                                "(`hippo export RUN_DIR -o DIR`) or copy it again")
+
+
+def _is_hf_folder(folder: Path) -> bool:
+    try:
+        return is_hf_config(json.loads((folder / CONFIG).read_text()))
+    except (OSError, ValueError):
+        return False
 
 
 def save_weights(folder: Path, tensors: dict[str, torch.Tensor], *, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
