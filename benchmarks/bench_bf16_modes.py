@@ -83,9 +83,15 @@ def measure(precision: str, zero: int, steps: int, state) -> dict:
     def at_step(optimizer, args, kwargs) -> None:
         calls[0] += 1
         if calls[0] == 2:
-            found: dict[int, int] = {}
-            storages([list(engine.module.parameters()), engine.optimizer], found)
-            held.update(found)
+            weights: dict[int, int] = {}
+            storages([p.detach() for p in engine.module.parameters()], weights)
+            grads: dict[int, int] = {}
+            storages([p.grad for p in engine.module.parameters() if p.grad is not None], grads)
+            rest: dict[int, int] = {}
+            storages(engine.optimizer, rest)
+            held["weights"] = sum(weights.values())
+            held["grads"] = sum(v for k, v in grads.items() if k not in weights)
+            held["optimizer_state"] = sum(v for k, v in rest.items() if k not in weights and k not in grads)
 
     hook = inner_optimizer(engine.optimizer).register_step_pre_hook(at_step)
     gen = torch.Generator().manual_seed(0)
@@ -98,7 +104,7 @@ def measure(precision: str, zero: int, steps: int, state) -> dict:
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     hook.remove()
-    return {"bytes_per_param": sum(held.values()) / n_params, "wall_s": statistics.median(wall[1:]),
+    return {"bytes_per_param": sum(held.values()) / n_params, **{k: v / n_params for k, v in held.items()}, "wall_s": statistics.median(wall[1:]),
             "cpu_s": statistics.median(cpu[1:]), "optimizer": type(engine.optimizer).__name__, "params": n_params}
 
 
@@ -128,11 +134,12 @@ def main() -> None:
     r0 = rows[0][2]
     print(f"tiny hybrid (d_model 64, 4 layers, {r0['params']:,} parameters), 8 x 32 tokens per step, one process, "
           f"{r0['threads']} threads; step times: median of {args.steps} after a warm-up step\n")
-    print("| mode | ZeRO | DeepSpeed optimizer | bytes per parameter (weights + grads + optimizer) | s/step (wall) "
-          "| s/step (process CPU) |")
-    print("|---|---:|---|---:|---:|---:|")
+    print("| mode | ZeRO | DeepSpeed optimizer | bytes per parameter: total = module weights + module grads + "
+          "optimizer (masters, moments, flat grad buffers) | s/step (wall) | s/step (process CPU) |")
+    print("|---|---:|---|---|---:|---:|")
     for name, zero, r in rows:
-        print(f"| {name} | {zero} | {r['optimizer']} | {r['bytes_per_param']:.1f} | {r['wall_s']:.3f} | {r['cpu_s']:.3f} |")
+        print(f"| {name} | {zero} | {r['optimizer']} | {r['bytes_per_param']:.1f} = {r['weights']:.1f} + "
+              f"{r['grads']:.1f} + {r['optimizer_state']:.1f} | {r['wall_s']:.3f} | {r['cpu_s']:.3f} |")
 
 
 def _free_port() -> str:

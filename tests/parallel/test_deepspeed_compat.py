@@ -104,3 +104,12 @@ def test_quiet_drops_the_untested_optimizer_warning_only():
 
     assert not shown("**** You are using ZeRO with an untested optimizer, proceed with caution *****")
     assert shown("something that matters")
+
+
+def test_precision_configs():
+    """fp32 and bf16 are DeepSpeed's modes; BF16_AUTOCAST is its torch_autocast (benchmarks only)."""
+    from hippo.parallel.deepspeed_compat import BF16_AUTOCAST, precision_config
+
+    assert precision_config("fp32") == {"bf16": {"enabled": False}}
+    assert precision_config("bf16") == {"bf16": {"enabled": True}}
+    assert precision_config(BF16_AUTOCAST)["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
