@@ -8,12 +8,13 @@ config: `build_train_engine` composes one from those.
 Precision bf16 is DeepSpeed's bf16 mode (bf16 weights, gradients and activations, fp32 master
 weights in the optimizer), except for the parameters tagged as SSM dynamics
 (`pretrain.models.ssm.mark_ssm_dynamics`): they stay fp32 tensors in the module, so the SSM
-kernels run on the fp32 values the optimizer updates (see `ssm_dynamics_kept_in_fp32`).
+kernels run on the fp32 values the optimizer updates (see `deepspeed_compat.ssm_dynamics_kept_in_fp32`).
+`deepspeed_compat.BF16_AUTOCAST` is DeepSpeed's torch_autocast mode instead (not a run-config value:
+see `deepspeed_compat`'s docstring, item 2).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import re
@@ -24,15 +25,17 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from hippo.parallel.context_parallel import chunk_of, sequence_split
+from hippo.parallel.deepspeed_compat import (initialize_args, precision_config, quiet,
+                                             skip_single_replica_allreduce, ssm_dynamics_kept_in_fp32)
 from hippo.parallel.gather import load_full_parameters
 from hippo.parallel.groups import ParallelState
 from hippo.parallel.layout import ParallelLayout
+from hippo.parallel.megatron_compat import cpu_current_device
 from hippo.parallel.pipeline import SequentialLM, build_pipeline
 from hippo.parallel.runtime import import_deepspeed
 from hippo.parallel.tensor_parallel import mark_sequence_parallel_norms, megatron_linears, sequence_parallel_grad_hooks
 from hippo.pretrain.models.config import ModelConfig
 from hippo.pretrain.models.linear import Linears, partition_dim
-from hippo.pretrain.models.ssm import is_ssm_dynamics
 
 OptimizerFactory = Callable[[nn.Module, type[torch.optim.AdamW]], tuple[torch.optim.Optimizer, Any]]
 """(module, optimizer class) -> (optimizer over the module's parameters, its LR scheduler)."""
@@ -54,7 +57,7 @@ def deepspeed_config(layout: ParallelLayout, *, precision: str, grad_clip: float
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": layout.zero_stage, "contiguous_gradients": contiguous_gradients},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": precision == "bf16"},
+        **precision_config(precision),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -88,23 +91,25 @@ def build_train_engine(cfg: ModelConfig, state: ParallelState, optimizer_factory
     """Model, optimizer and DeepSpeed engine for this rank. `load_universal`: the engine will
     load a universal checkpoint (one written under another layout). `initial_weights(name)`: the
     single-process tensor of each parameter to start from (a pretrained model) instead of the
-    seeded initialization; loaded before DeepSpeed copies the weights into its optimizer."""
+    seeded initialization; loaded before DeepSpeed copies the weights into its optimizer.
+    `precision`: "fp32", "bf16" or `deepspeed_compat.BF16_AUTOCAST`."""
     deepspeed = import_deepspeed()
     layout = state.layout
     linears = dataclasses.replace(
         megatron_linears(state.tp_rank, layout.tensor, layout.pipeline, sequence_parallel=layout.sequence_parallel),
         sequence=sequence_split(state.cp_group, state.cp_rank, layout.context),
     )
-    module = build_module(cfg, state, linears, seed=seed)
+    with quiet():
+        module = build_module(cfg, state, linears, seed=seed)
     if initial_weights is not None:
         load_full_parameters(module, state, initial_weights)
     optimizer, scheduler = optimizer_factory(module, FiniteStepAdamW)
     client_optimizer = optimizer
     keep_fp32 = ssm_dynamics_kept_in_fp32(module, optimizer) if precision == "bf16" else contextlib.nullcontext()
-    with keep_fp32:
+    with keep_fp32, quiet():
         engine, optimizer, _, _ = deepspeed.initialize(
             # DeepSpeed would set_device(LOCAL_RANK): wrong where each task sees one GPU (SLURM).
-            args=argparse.Namespace(device_rank=state.device.index or 0),
+            args=initialize_args(state.device.index or 0),
             model=module, optimizer=optimizer, lr_scheduler=scheduler,
             mpu=None if layout.pipelined else state.mpu,  # a pipeline module brings its own grid (same topology)
             config=deepspeed_config(layout, precision=precision, grad_clip=grad_clip, load_universal=load_universal,
@@ -117,60 +122,11 @@ def build_train_engine(cfg: ModelConfig, state: ParallelState, optimizer_factory
         # buckets, "reduce" them over that one rank and copy them back (~8% of a 125M model's step on
         # CPU) for the same values. Tied weights are summed over stages by their own instruction, and
         # ZeRO (>= 1) needs its reduce for its partitions, so only this case skips it.
-        engine.pipeline_enable_backward_allreduce = False
+        skip_single_replica_allreduce(engine)
     with torch.device("meta"):  # every stage's parameter names, without allocating
         whole_model = SequentialLM(cfg, linears, None, seed=seed)
     set_universal_checkpoint_info(module, whole_model)
     return TrainEngine(engine, module, optimizer, linears, state)
-
-
-@contextlib.contextmanager
-def ssm_dynamics_kept_in_fp32(module: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Inside: DeepSpeed's bf16 mode casts every parameter of `module` to bf16 except the SSM
-    dynamics, which stay fp32 (checked on the way out).
-
-    bf16 cannot hold them: `A_imag` ~ pi n reaches ~97, where bf16 values are 0.5 apart, and
-    `log_dt` ~ -4.6 keeps dt to ~3%, so the model would run on rounded dynamics and lose updates
-    of ~lr per step (the authors and mamba_ssm keep these in fp32 too). Left fp32, they get fp32
-    gradients from autograd, an exact fp32 master copy in DeepSpeed's optimizer (which flattens
-    each parameter group in its own dtype) and the master's updates unrounded. One bf16 rounding
-    remains: DeepSpeed's gradient buffers (BF16 optimizer accumulation, ZeRO reduction buckets and
-    partitions) have one dtype for all parameters, so these gradients reach the master rounded to
-    bf16 (relative 2^-9, like every other gradient); 0.19 has no per-parameter way around it.
-
-    DeepSpeed 0.19 has no per-parameter exception to its cast (`data_types.keep_in_fp32_modules`
-    covers buffers only), so its cast method is wrapped while the engine is built; the check after
-    the build fails loudly should a DeepSpeed upgrade move the cast elsewhere. Each optimizer group
-    must be all SSM dynamics or none: a mixed group would be flattened into one fp32 tensor.
-    """
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    dynamics = [p for p in module.parameters() if is_ssm_dynamics(p)]
-    ids = {id(p) for p in dynamics}
-    for group in optimizer.param_groups:
-        if len({id(p) in ids for p in group["params"]}) > 1:
-            raise ValueError(
-                f"optimizer parameter group {group.get('name', '?')!r} mixes SSM-dynamics parameters (kept in fp32 "
-                "under bf16) with others; DeepSpeed flattens a group into one tensor of one dtype: give them a "
-                "group of their own (as pretrain.optim.parameter_groups does)"
-            )
-    cast = DeepSpeedEngine._cast_module_mixed_precision
-
-    def cast_all_but_ssm_dynamics(engine, *args, **kwargs):
-        kept = [(p, p.data) for p in engine.module.parameters() if id(p) in ids]
-        cast(engine, *args, **kwargs)
-        for p, data in kept:
-            p.data = data
-
-    DeepSpeedEngine._cast_module_mixed_precision = cast_all_but_ssm_dynamics
-    try:
-        yield
-    finally:
-        DeepSpeedEngine._cast_module_mixed_precision = cast
-    if lowered := sorted({str(p.dtype) for p in dynamics} - {"torch.float32"}):
-        raise RuntimeError(f"SSM-dynamics parameters are {lowered} in the bf16 engine, not fp32: DeepSpeed no longer "
-                           "casts through DeepSpeedEngine._cast_module_mixed_precision; update "
-                           "ssm_dynamics_kept_in_fp32")
 
 
 class TrainEngine:
@@ -181,6 +137,9 @@ class TrainEngine:
     def __init__(self, engine, module: nn.Module, optimizer, linears: Linears, state: ParallelState):
         self.engine, self.module, self.optimizer, self.linears, self.state = engine, module, optimizer, linears, state
         self.pipelined = state.layout.pipelined
+        # Megatron's sequence-parallel buffers go to torch.cuda.current_device(): the CPU, during steps.
+        self._device_scope = (cpu_current_device if state.layout.sequence_parallel and state.device.type == "cpu"
+                              else contextlib.nullcontext)
 
     def train_batch(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Forward/backward over this rank's micro-batches, then one optimizer step (skipped,
@@ -188,6 +147,10 @@ class TrainEngine:
 
         Returns the mean loss over the global batch (the same on every rank).
         """
+        with self._device_scope():
+            return self._train_batch(micro_batches)
+
+    def _train_batch(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
         skipped_before = self.engine.skipped_steps
         it: Iterator = iter(micro_batches)
         if self.pipelined:
@@ -208,6 +171,10 @@ class TrainEngine:
     @torch.no_grad()
     def eval_batch(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Mean loss over one global batch, no update (the same on every rank)."""
+        with self._device_scope():
+            return self._eval_batch(micro_batches)
+
+    def _eval_batch(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
         it: Iterator = iter(micro_batches)
         if self.pipelined:
             return self.engine.eval_batch(data_iter=self._this_rank(it)).item()

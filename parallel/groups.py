@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hippo.parallel.deepspeed_compat import quiet
 from hippo.parallel.runtime import backend, bind_device, configure_cpu_threads, import_deepspeed
 from hippo.parallel.layout import ParallelLayout
 
@@ -32,7 +33,7 @@ class MegatronMPU:
     """
 
     def __init__(self) -> None:
-        from megatron.core import parallel_state
+        from hippo.parallel.megatron_compat import parallel_state
 
         self.ps = parallel_state
 
@@ -125,14 +126,15 @@ def init_parallel(layout: ParallelLayout, seed: int) -> ParallelState:
     """Join the job (env:// rendezvous from the launcher), build the groups, seed the RNGs."""
     deepspeed = import_deepspeed()
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-    from megatron.core import parallel_state as ps
+    from hippo.parallel.megatron_compat import parallel_state as ps
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     configure_cpu_threads()
     rank_device = bind_device(local_rank)
     if not dist.is_initialized():
         _init_process_group()
-        deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
+        with quiet():
+            deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
     if dist.get_world_size() != layout.world_size:
         raise RuntimeError(f"layout is for {layout.world_size} ranks, but the job has {dist.get_world_size()}")
     ps.initialize_model_parallel(
@@ -175,22 +177,19 @@ def seed_tensor_parallel_rng(mpu: MegatronMPU, seed: int) -> None:
     """Seed the default generator (same on every rank) and a tensor-parallel one (per TP rank).
 
     Megatron's own tracker only works on CUDA; DeepSpeed's uses its accelerator's generator (the
-    CPU one here), so it is installed as Megatron's: every `get_cuda_rng_tracker().fork()`
-    (attention dropout on this rank's heads) then draws from the TP-rank stream on CPU and GPU,
-    and DeepSpeed's activation checkpointing replays it exactly.
+    CPU one here). Hippo's layers fork DeepSpeed's directly (`tensor_parallel.tensor_parallel_rng`),
+    so attention dropout on this rank's heads draws from the TP-rank stream on CPU and GPU, and
+    DeepSpeed's activation checkpointing replays it exactly. Megatron's tracker is left alone: no
+    Megatron code Hippo runs forks it (its layers are built with `use_cpu_initialization`).
     """
-    import megatron.core.tensor_parallel.random as megatron_random
-
     deepspeed = import_deepspeed()
     deepspeed.checkpointing.configure(mpu)
     deepspeed.checkpointing.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
-    megatron_random._CUDA_RNG_STATE_TRACKER = deepspeed.checkpointing.get_cuda_rng_tracker()
-    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
 def destroy_parallel() -> None:
-    from megatron.core import parallel_state as ps
+    from hippo.parallel.megatron_compat import parallel_state as ps
 
     ps.destroy_model_parallel()
     if dist.is_initialized():

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from hippo.parallel.deepspeed_compat import deepspeed_partition, explicit_stages_pipeline
 from hippo.parallel.layout import ParallelLayout
 from hippo.pretrain.models.block import Block
 from hippo.pretrain.models.config import ModelConfig
@@ -76,12 +77,9 @@ def stage_bounds(cfg: ModelConfig, layout: ParallelLayout) -> list[int]:
             bounds.append(bounds[-1] + blocks + (1 if s == 0 else 0))
         bounds[-1] = n_layers
         return bounds
-    from deepspeed.runtime import utils as ds_utils
-
     if layout.pipeline_partition == "uniform":
-        return ds_utils.partition_uniform(num_items=n_layers, num_parts=layout.pipeline)
-    counts = layer_parameter_counts(cfg, shard_shaped_linears(layout.tensor))
-    return ds_utils.partition_balanced(weights=counts, num_parts=layout.pipeline)
+        return deepspeed_partition(layout.pipeline, items=n_layers)
+    return deepspeed_partition(layout.pipeline, weights=layer_parameter_counts(cfg, shard_shaped_linears(layout.tensor)))
 
 
 def shard_shaped_linears(tp: int) -> Linears:
@@ -120,15 +118,7 @@ def build_pipeline(cfg: ModelConfig, layout: ParallelLayout, linears: Linears, t
     )
     if not layout.stage_layers:
         return PipelineModule(partition_method=layout.pipeline_partition, **common)
-
-    class ExplicitStagesPipeline(PipelineModule):
-        # Kept: DeepSpeed has no public hook for explicit stage bounds (deepspeedai/DeepSpeed#2974).
-        def _partition_layers(self, method: str = "uniform") -> None:
-            self.parts = stage_bounds(cfg, layout)
-            stage = self._topo.get_coord(self.global_rank).pipe
-            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
-    return ExplicitStagesPipeline(**common)
+    return explicit_stages_pipeline(lambda: stage_bounds(cfg, layout), **common)
 
 
 class SequentialLM(nn.Module):

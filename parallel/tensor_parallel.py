@@ -25,8 +25,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from megatron.core import ModelParallelConfig, tensor_parallel
-
+from hippo.parallel.megatron_compat import ModelParallelConfig, tensor_parallel
+from hippo.parallel.runtime import import_deepspeed
 from hippo.pretrain.models.linear import Linears, mark_tensor_parallel
 
 
@@ -39,11 +39,9 @@ def _sequence_first(f, x: torch.Tensor) -> torch.Tensor:
     return f(x.transpose(0, 1).contiguous()).transpose(0, 1)
 
 
-def _single_rank(layer) -> bool:
-    """A layer of a one-rank tensor-parallel group, where Megatron's linear is a plain matmul plus bias."""
-    import torch.distributed as dist
-
-    return dist.get_world_size(layer.tp_group) == 1 and not layer.sequence_parallel
+def _single_rank(config: ModelParallelConfig) -> bool:
+    """Layers of a one-rank tensor-parallel group, where Megatron's linear is a plain matmul plus bias."""
+    return config.tensor_model_parallel_size == 1 and not config.sequence_parallel
 
 
 def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -66,7 +64,7 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
             gather_output=False, skip_bias_add=False,
         )
         mark_tensor_parallel(self.weight, 0)
-        self.single_rank = _single_rank(self)
+        self.single_rank = _single_rank(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.single_rank:
@@ -86,7 +84,7 @@ class RowLinear(tensor_parallel.RowParallelLinear):
             input_is_parallel=True, skip_bias_add=False,
         )
         mark_tensor_parallel(self.weight, 1)
-        self.single_rank = _single_rank(self)
+        self.single_rank = _single_rank(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.single_rank:
@@ -153,17 +151,10 @@ def vocab_parallel_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tor
     return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
 
 
-def allow_megatron_sequence_parallel_on_cpu() -> None:
-    """Megatron allocates SP communication buffers on `torch.cuda.current_device()`; without a GPU
-    that must name the CPU. Only patched where there is no GPU."""
-    from hippo.parallel.runtime import has_gpu
-
-    if not has_gpu():
-        torch.cuda.current_device = lambda: torch.device("cpu")
-
-
-def _tensor_parallel_rng():
-    return tensor_parallel.get_cuda_rng_tracker().fork()
+def tensor_parallel_rng():
+    """The TP-rank dropout stream: DeepSpeed's tracker (seeded by `groups.seed_tensor_parallel_rng`),
+    which works on CPU and GPU and which DeepSpeed's activation checkpointing replays."""
+    return import_deepspeed().checkpointing.get_cuda_rng_tracker().fork()
 
 
 def megatron_linears(tp_rank: int, tp_size: int, pp_size: int, *, sequence_parallel: bool = False) -> Linears:
@@ -171,8 +162,6 @@ def megatron_linears(tp_rank: int, tp_size: int, pp_size: int, *, sequence_paral
 
     Parameters are fp32 masters whatever the training precision: DeepSpeed casts for bf16.
     """
-    if sequence_parallel:
-        allow_megatron_sequence_parallel_on_cpu()
     config = ModelParallelConfig(
         sequence_parallel=sequence_parallel,
         tensor_model_parallel_size=tp_size,
@@ -188,8 +177,8 @@ def megatron_linears(tp_rank: int, tp_size: int, pp_size: int, *, sequence_paral
         embedding=functools.partial(VocabEmbedding, config=config),
         lm_logits=sequence_parallel_logits if sequence_parallel else vocab_parallel_logits,
         cross_entropy=vocab_parallel_token_loss,
-        tp_rng=_tensor_parallel_rng,
-        sequence_rng=_tensor_parallel_rng if sequence_parallel else contextlib.nullcontext,
+        tp_rng=tensor_parallel_rng,
+        sequence_rng=tensor_parallel_rng if sequence_parallel else contextlib.nullcontext,
         tp_rank=tp_rank,
         tp_size=tp_size,
     )

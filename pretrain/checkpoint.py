@@ -116,46 +116,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _bf16_without_zero(engine) -> bool:
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-
-    return isinstance(engine.optimizer, BF16_Optimizer) and not engine.zero_optimization()
-
-
-def _bf16_zero_metadata(engine) -> dict[str, Any]:
-    """What DeepSpeed 0.19 leaves out of `mp_rank_*_model_states.pt` for bf16 at ZeRO stage 0 (see
-    `load_deepspeed_checkpoint`): the parameter shapes and shared parameters it writes there when
-    ZeRO is on, which the universal converter (`param_shapes`) needs to read the bf16 ZeRO files.
-    Empty in every other mode."""
-    if not _bf16_without_zero(engine):
-        return {}
-    return {"param_shapes": engine._get_zero_param_shapes(), "shared_params": engine._get_shared_params()}
-
-
 def load_deepspeed_checkpoint(engine, folder: Path, tag: str, what: Path) -> None:
-    """`engine.load_checkpoint(folder, tag)`, with the optimizer state of bf16 without ZeRO restored.
+    """`engine.load_checkpoint(folder, tag)`, through `deepspeed_compat.load_checkpoint` (which also
+    restores the optimizer of bf16 without ZeRO, where DeepSpeed 0.19 does not)."""
+    from hippo.parallel.deepspeed_compat import MissingOptimizerState, load_checkpoint
 
-    DeepSpeed 0.19 runs bf16 at ZeRO stage 0 through `BF16_Optimizer`, which partitions its fp32
-    master weights and moments over DP like ZeRO-1 and is saved like it: one
-    `bf16_zero_pp_rank_<dp>_mp_rank_<mp>_optim_states.pt` per DP rank (`save_zero_checkpoint` holds
-    for any optimizer with a DP group). `load_checkpoint` reads those files only when ZeRO is on; at
-    stage 0 it hands `BF16_Optimizer.load_state_dict` the one state dict of
-    `mp_rank_*_model_states.pt` where that expects the per-DP-rank list of the ZeRO files
-    (`KeyError: 0` in `_load_legacy_checkpoint`). So the engine loads all but the optimizer here
-    (module, scheduler, counters), then the optimizer from the ZeRO files through DeepSpeed's own
-    ZeRO loader, with the saved fp32 masters (`zero_optimization.load_from_fp32_weights`, default
-    true) as at ZeRO-1: the run continues bit for bit. A universal checkpoint goes the same way.
-    """
-    bf16_without_zero = _bf16_without_zero(engine)
-    load_path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=not bf16_without_zero)
-    if load_path is None:
+    try:
+        loaded = load_checkpoint(engine, folder, tag)
+    except MissingOptimizerState as e:
+        raise CheckpointError(f"{what}: {e}") from e
+    if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load {what}")
-    if not bf16_without_zero:
-        return
-    if not engine._load_zero_checkpoint(str(folder), tag, load_optimizer_states=True):
-        raise CheckpointError(f"{what}: DeepSpeed found no bf16 optimizer state (bf16_zero_pp_rank_* files) to load")
-    if engine.load_universal_checkpoint():  # the bf16 weights come from the loaded fp32 masters
-        engine.optimizer.update_lp_params()
 
 
 @dataclass(frozen=True)
@@ -340,8 +311,10 @@ class CheckpointManager:
             if path.exists():  # a stale, incomplete attempt at this step
                 shutil.rmtree(path)
         dist.barrier()
+        from hippo.parallel.deepspeed_compat import bf16_zero0_client_state
+
         engine.save_checkpoint(str(self.folder), tag=path.name, save_latest=False,
-                               client_state=_bf16_zero_metadata(engine))
+                               client_state=bf16_zero0_client_state(engine))
         (path / "hippo").mkdir(parents=True, exist_ok=True)
         _save_atomic(rng_state(), path / "hippo" / f"rank{self.rank}.pt")
         if self.rank == 0:

@@ -322,7 +322,8 @@ def _add_synthetic(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hippo", description="Pretraining for H3 and hybrid SSM language models")
     parser.add_argument("--debug", action="store_true",
-                        help=f"show the traceback of a failure instead of one line (also: {DEBUG_ENV}=1)")
+                        help=f"show the traceback of a failure instead of one line, and the libraries' own start-up "
+                        f"output (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_synthetic(sub)
     p = sub.add_parser("params", help="parameter counts of configs, without allocating them")
@@ -447,16 +448,28 @@ def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def configure_logging(debug: bool) -> None:
+    """Hippo's own lines at INFO; the libraries' (Megatron, MLflow, DeepSpeed) only from WARNING,
+    and DeepSpeed's start-up prints not at all (`parallel.deepspeed_compat.quiet`). With `debug`,
+    everything: Hippo at DEBUG (which shows what DeepSpeed printed), the libraries at INFO."""
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hippo").setLevel(logging.DEBUG if debug else logging.INFO)
+    # MLflow installs its own handler at import, at the level this variable names (its public knob).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if debug else "WARNING")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one subcommand. A failure the user can fix ends in one `hippo: error:` line on stderr
     (every rank under torchrun prints its own); --debug or HIPPO_DEBUG=1 shows the traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    configure_logging(debug)
     try:
         return args.func(args)
     except Exception as e:
         reported = _user_error(e)
-        if reported is None or args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if reported is None or debug:
             raise
         message, code = reported
         if not _reported_by_another_rank(e):

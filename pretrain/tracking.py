@@ -1,8 +1,9 @@
 """MLflow tracking for training runs: one run per training run, continued on resume.
 
 Training must never wait on, or die because of, the tracking server. Params, metrics and tags go
-through MLflow's own asynchronous `log_batch(..., synchronous=False)`; each record is kept until its
-operation is known to have succeeded (checked on every call, waited for at close). Metrics of
+through `log_batch` on a thread of Hippo's own (MLflow's asynchronous mode hides why a request
+failed, and can report merged-in records as logged when it did); each record is kept until its
+request is known to have succeeded (checked on every call, waited for at close). Metrics of
 consecutive steps share one request, at most one per METRICS_INTERVAL_S (see there). If the server
 cannot be reached (or answers but is not MLflow), or fails mid-run, records go to
 `<run_dir>/mlflow_pending.jsonl` and `upload_pending` (`hippo mlflow upload RUN_DIR`) replays them later.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import logging
 import os
@@ -26,9 +28,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hippo.pretrain.mlflow_compat import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH, system_metrics_monitor
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.utils.async_logging.run_operations import RunOperations
 
 __all__ = ["PENDING_FILE", "UPLOADED_FILE", "Tracker", "TrackingError", "upload_pending"]
 
@@ -46,14 +49,11 @@ AUTH_STATUS = (401, 403, 407)
 # MLflow's defaults (7 retries with exponential backoff, 120 s timeout) would let a dead server
 # stall `close()` for minutes; these apply unless the user set them.
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-# One MLflow request (sqlite store or server) costs ~6 ms of CPU whatever it holds, in MLflow's
-# worker thread: per step, ~4% of a tiny model's step on 2 cores (benchmarks/bench_train_overhead.py).
+# One MLflow request (sqlite store or server) costs ~6 ms of CPU whatever it holds, in the sending
+# thread: per step, ~4% of a tiny model's step on 2 cores (benchmarks/bench_train_overhead.py).
 # Metrics records wait up to this long to share a request with the next steps' (a timer sends the
 # last ones; another kind of record, and close, send them at once); a step slower than this goes alone.
 METRICS_INTERVAL_S = 1.0
-# With this set, MLflow's async queue merges queued batches into one request and, if that request
-# fails, still reports the merged-in batches as logged (AsyncLoggingQueue._log_run_data): records lost.
-ASYNC_MERGE_ENV = "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"
 
 
 class TrackingError(RuntimeError):
@@ -84,7 +84,6 @@ class Tracker:
             return
         from mlflow import MlflowClient
 
-        _disable_async_merging()
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self._pending = run_dir / PENDING_FILE
@@ -93,8 +92,11 @@ class Tracker:
         self._experiment, self._run_name = experiment, run_name
         self._offline = False
         self._remote = self._uri.startswith(("http://", "https://"))
-        # Records handed to MLflow's async queue, kept until their operation is known to have succeeded.
-        self._inflight: list[tuple[RunOperations, list[dict[str, Any]]]] = []
+        # Records handed to the sending thread, kept until their request is known to have succeeded.
+        # One thread: requests reach MLflow in the order they were made.
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hippo-mlflow")
+        self._inflight: list[tuple[Future, list[dict[str, Any]]]] = []
+        self._outage_seen = False  # set by the sending thread: later requests fail at once
         # Metrics records not sent yet (METRICS_INTERVAL_S); the timer thread sends them too, hence the lock.
         self._metrics: list[dict[str, Any]] = []
         self._metrics_sent_at = -float("inf")
@@ -144,9 +146,7 @@ class Tracker:
         if importlib.util.find_spec("psutil") is None:
             log.warning("psutil is not installed: MLflow system metrics are off")
             return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self._uri)
+        self._monitor = system_metrics_monitor(self.run_id, resume_logging=resumed, tracking_uri=self._uri)
         self._monitor.start()
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -186,8 +186,6 @@ class Tracker:
         """MLflow sends queued operations in parallel: of two quick values for one key, either may stay."""
         if not self._enabled:
             return
-        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
-
         self._submit({"kind": "tags", "data": {k: str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items()}})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
@@ -220,6 +218,7 @@ class Tracker:
             self._monitor.finish()
         while self._inflight:  # a rejected request comes back as one request per record
             self._settle(wait=True)
+        self._sender.shutdown(wait=True)
         end = {"kind": "end", "status": status}
         if self._offline:
             self._append_pending([end])
@@ -258,31 +257,36 @@ class Tracker:
                 self._send_metrics()
 
     def _send(self, records: list[dict[str, Any]]) -> None:
-        """One async operation for `records`; should MLflow reject it, `_settle` sends them again one
-        per operation, so that the rejection names exactly the record to drop."""
-        try:
-            operation = self._client.log_batch(self.run_id, **_entities(records), synchronous=False)
-        except Exception as e:  # training must not die in MLflow's client either
-            self._failed_batch(records, e)
+        """One request for `records`, made by the sending thread; should MLflow reject it, `_settle`
+        sends them again one per request, so that the rejection names exactly the record to drop."""
+        entities = _entities(records)
+        if not any(entities.values()):  # nothing to send
             return
-        if operation is not None:  # None: the records held nothing to send
-            self._inflight.append((operation, records))
+        self._inflight.append((self._sender.submit(self._log_batch, entities), records))
+
+    def _log_batch(self, entities: dict[str, list[Any]]) -> None:
+        """On the sending thread. The client splits a batch to MLflow's per-request limits: records
+        split over several requests, of which some arrived, are kept whole on a failure, and
+        upload_pending skips what did arrive. After an outage, queued requests fail at once instead
+        of each waiting out the HTTP timeouts."""
+        if self._outage_seen:
+            raise ConnectionError(f"MLflow at {self._uri} failed an earlier request")
+        try:
+            self._client.log_batch(self.run_id, **entities)
+        except Exception as e:
+            if not _is_rejection(e, remote=self._remote):
+                self._outage_seen = True
+            raise
 
     def _settle(self, *, wait: bool) -> None:
-        """Forgets records MLflow has stored and hands failed ones to `_failed`. Without `wait`,
-        operations still running are kept for a later call."""
+        """Forgets records MLflow has stored and hands failed ones to `_failed_batch`. Without
+        `wait`, requests still running are kept for a later call."""
         running, inflight, self._inflight = [], self._inflight, []
-        for operation, records in inflight:
-            # RunOperations offers only wait(), which blocks and re-raises every error as HTTP 500
-            # (hiding rejections); its futures give the store's own exception.
-            futures = operation._operation_futures
-            if not wait and not all(f.done() for f in futures):
-                running.append((operation, records))
-            elif errors := [e for f in futures if (e := f.exception()) is not None]:
-                # Records split over several requests: an outage outweighs a rejection, so they are
-                # kept, and upload_pending skips what did arrive.
-                outage = next((e for e in errors if not _is_rejection(e, remote=self._remote)), errors[0])
-                self._failed_batch(records, outage)
+        for future, records in inflight:
+            if not wait and not future.done():
+                running.append((future, records))
+            elif (error := future.exception()) is not None:
+                self._failed_batch(records, error)
         self._inflight = running + self._inflight
 
     def _failed_batch(self, records: list[dict[str, Any]], error: Exception) -> None:
@@ -427,12 +431,6 @@ def _log_path(client: MlflowClient, run_id: str, path: Path, artifact_path: str 
         client.log_artifact(run_id, str(path), artifact_path)
 
 
-def _disable_async_merging() -> None:
-    """See ASYNC_MERGE_ENV; the queue reads it on every pass, so removing it takes effect at once."""
-    if os.environ.pop(ASYNC_MERGE_ENV, "0") not in ("", "0"):
-        log.warning("%s is unset: with it MLflow can report failed records as logged", ASYNC_MERGE_ENV)
-
-
 def _resolve_uri(run_dir: Path, tracking_uri: str | None) -> str:
     """Explicit URI, else $MLFLOW_TRACKING_URI, else a store inside the run folder (no server, and
     never MLflow's default ./mlflow.db in whatever the current directory happens to be)."""
@@ -492,8 +490,6 @@ def _is_rejection(error: Exception, *, remote: bool) -> bool:
 
 
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
-
     flat = {}
     for key, value in params.items():
         if isinstance(value, Mapping) and value:

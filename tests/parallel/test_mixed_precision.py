@@ -7,7 +7,7 @@ keeps dt only to ~3%, so updates of ~1e-3 per step are rounded away. The paramet
 optimizer's fp32 master equal to them, updates kept below bf16's resolution), the SSM kernels are
 fed exactly those values, and every other parameter is bf16 as before. (Not checked, because not
 so: DeepSpeed's gradient buffers are bf16 for all parameters, so these gradients reach the master
-rounded to bf16; see `parallel.engine.ssm_dynamics_kept_in_fp32`.)
+rounded to bf16; see `parallel.deepspeed_compat.ssm_dynamics_kept_in_fp32`.)
 
 One worker process (`mixed_precision_worker.py`) builds the engines of the three optimizer paths a
 bf16 run can take and reports on all of them: ZeRO-0 (pipeline engine, DeepSpeed's BF16
@@ -93,7 +93,7 @@ def test_an_h3_layer_runs_on_fp32_dynamics_with_bf16_weights(conv_impl):
 
 def test_an_optimizer_group_mixing_ssm_dynamics_with_other_parameters_is_refused():
     """DeepSpeed flattens each group into one tensor: a mixed one would turn its bf16 members fp32."""
-    from hippo.parallel.engine import ssm_dynamics_kept_in_fp32
+    from hippo.parallel.deepspeed_compat import ssm_dynamics_kept_in_fp32
 
     layer = H3(16, 64, layer_idx=0)
     with pytest.raises(ValueError, match="mixes SSM-dynamics parameters"):

@@ -259,9 +259,33 @@ def test_quickstart_runs_end_to_end(tmp_path):
                         "--set", "tracking.system_metrics=false"])
     out = proc.stdout
     assert "trained 6 steps; validation (" in out and out.count("--- sample from") == 3
+    assert not library_internals(proc.stdout + proc.stderr)
     assert (run / "train" / "export" / "model.safetensors").exists() and latest_step(run / "train") == 6
     [(_, mlrun)] = mlflow_runs(run / "train")
     assert mlrun.data.metrics["val_loss"] < 5.55  # below a uniform guess over 257 bytes
+
+
+# What DeepSpeed, Megatron and MLflow print on their own while a run starts (issue 22 §5).
+LIBRARY_INTERNALS = ["SEED_LAYERS=", "BASE_SEED=", "Using topology", "stage=0 layers=", "BlockLayer", "  loss: loss",
+                     "untested optimizer", "built successfully", "Transformer Engine", "Megatron-FSDP",
+                     "Creating initial MLflow database tables", "[WARNING]", "[INFO]"]
+
+
+def library_internals(output: str) -> list[str]:
+    return [s for s in LIBRARY_INTERNALS if s in output]
+
+
+def test_a_run_prints_hippo_lines_only(data, tmp_path):
+    """Two pipeline stages (each with its layer list, DeepSpeed's topology and seed lines to hide):
+    stdout stays empty and stderr holds Hippo's log lines only."""
+    proc = hippo_train(tmp_path / "run", data, "parallel.pipeline=2", "train.steps=2", "train.eval_interval=2",
+                       "checkpoint.interval=2", nproc=2)
+    assert not library_internals(proc.stdout + proc.stderr), proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "", proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert any("step 2/2" in line for line in lines), proc.stderr
+    foreign = [line for line in lines if " hippo." not in line]
+    assert not foreign, "\n".join(foreign)
 
 
 def test_a_checkpoint_of_the_old_stream_order_is_refused_in_one_line(data, tmp_path):
