@@ -78,9 +78,10 @@ def _write_tokenizer(folder: Path, tok: Tokenizer, model_max_length: int) -> Non
     (folder / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=1))
 
 
-def _source(source: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, Tokenizer, int]:
+def _source(source: Path, out: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, Tokenizer, int]:
     """Weights under HippoLM names, model config, tokenizer and step of an export folder (an HF
-    folder included), a run folder or a training checkpoint of any layout."""
+    folder included), a run folder or a training checkpoint of any layout (converted in a scratch
+    folder inside `out`, the folder being written: the source run is only read)."""
     from hippo.pretrain.checkpoint import CheckpointManager
     from hippo.pretrain.config import from_dict
     from hippo.pretrain.export import checkpoint_parameters, export_tokenizer
@@ -90,7 +91,7 @@ def _source(source: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, Tokeniz
         cfg = from_dict(ModelConfig, meta["model"], "model")
         return load_weights(source), cfg, export_tokenizer(source, meta), int(meta.get("step", 0))
     ckpt = CheckpointManager(source).resolve(source)
-    params, run_cfg = checkpoint_parameters(ckpt)
+    params, run_cfg = checkpoint_parameters(ckpt, out)
     return params, run_cfg.model, load_tokenizer(run_cfg.data.paths[0]), ckpt.step
 
 
@@ -110,7 +111,7 @@ def _in_model_order(params: dict[str, torch.Tensor], cfg: ModelConfig, where: Pa
 def export_hf(source: str | Path, out: str | Path) -> Path:
     """Write the Hugging Face folder `out` of an export, run folder or checkpoint."""
     source, out = Path(source), Path(out)
-    params, cfg, tok, step = _source(source)
+    params, cfg, tok, step = _source(source, out)
     params = _in_model_order(params, cfg, source)
     out.mkdir(parents=True, exist_ok=True)
     for name in HF_CODE:
