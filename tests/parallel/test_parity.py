@@ -37,6 +37,13 @@ LAYOUTS = {
     "pp2_cp2": (1, 2, 1, ["parallel.context=2"]),
     "dp2_cp2_zero2": (1, 1, 2, ["parallel.context=2", "parallel.zero_stage=2"]),
 }
+# Largest parameter difference after the steps. Sequence parallelism sums the gradients of the
+# replicated parameters (norms, row-parallel biases) from each rank's half of the sequence, then
+# across ranks: another summation order than one process, which Adam's per-element normalization
+# amplifies where a gradient is tiny. Measured 1.02e-5 (2026-12-07, deepspeed 0.19.8, megatron-core
+# 0.16.1, torch 2.13.0; the 9307dce tree gives the same 1.0218e-5, so the drift is the libraries'
+# resolution, not Hippo's); an error of the layout (a missed reduction) moves weights by > 1e-3.
+PARAM_TOL = {"tp2_sequence_parallel": 2e-5}
 
 
 def context_size(extra: list[str]) -> int:
@@ -87,11 +94,11 @@ def test_layout_matches_single_process(name, reference, tmp_path):
         got = torch.tensor(rep["losses"])
         assert torch.allclose(got, ref, rtol=1e-5, atol=0), (rep["rank"], got.tolist(), ref.tolist())
 
-    # Parameters after the steps, gathered to full tensors, match within 1e-5.
+    # Parameters after the steps, gathered to full tensors, match within 1e-5 (PARAM_TOL).
     params = torch.load(tmp_path / "params.pt")
     assert set(params) == set(reference["params"])
     worst = max((params[n] - p.detach()).abs().max().item() for n, p in reference["params"].items())
-    assert worst <= 1e-5, worst
+    assert worst <= PARAM_TOL.get(name, 1e-5), worst
 
     # Each TP rank holds 1/TP of every H3 and attention parameter; only the row-parallel output
     # bias is replicated.
