@@ -22,6 +22,7 @@ so its wheel is built here (`pip wheel --no-build-isolation`, no ops prebuilt: a
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -128,7 +129,7 @@ def download(dest: Path) -> None:
                    "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--abi", "abi3",
                    "--abi", "none", *(a for p in PLATFORMS for a in ("--platform", p)), "-d", str(dest), spec]
         print("hippo: fetching", spec, flush=True)
-        subprocess.run(cmd, check=True, env={"DS_BUILD_OPS": "0", **__import__("os").environ})
+        subprocess.run(cmd, check=True, env={"DS_BUILD_OPS": "0", **os.environ})
 
 
 def wheel_metadata(path: Path):
