@@ -249,3 +249,17 @@ def test_a_run_dir_that_is_a_file_is_the_only_line_on_stderr(inputs):
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"hippo: error: --run-dir {inputs.bad_yaml} is a file, not a folder: name a "
                                         "folder (it is created if missing)"], proc.stderr
+
+
+def test_eval_data_takes_a_device(inputs, capsys, monkeypatch):
+    """`--device` serves both eval modes (the GPU tier evaluates on CUDA): the same loss as the
+    default device here, and a CUDA device that is not there refused in one line."""
+    argv = ["eval", str(inputs.byte_model), "--data", str(inputs.byte_data), "--batches", "1"]
+    assert main(argv) == 0
+    default = capsys.readouterr().out
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == default and "loss" in default
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main([*argv, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hippo: error: --device cuda") and len(err.splitlines()) == 1, err
