@@ -1,9 +1,11 @@
 """The language model as a list of layers, for DeepSpeed's pipeline (and, unsplit, for ZeRO-2).
 
-Layer list: [embedding (tied), block 0 .. block n-1, final norm, head (tied to the embedding)].
-Each layer module knows its prefix in the single-process `HippoLM` (`canonical_prefix`), so it is
-initialized with exactly the single-process weights and its parameters can be gathered back
-under `HippoLM`'s names (`canonical_named_parameters`).
+The list is `HippoLM`'s own (`pretrain.models.lm.lm_layers`): [embedding (tied), block 0 ..
+block n-1, final norm, head (tied to the embedding)]; each stage builds only its entries. The one
+mapping between DeepSpeed's parameter names (`tied_modules.embedding.*`, `1.*`, ...: a tied entry
+under its `HippoLM` name, any other under its index in the list) and `HippoLM`'s is the
+`canonical_prefix` each built layer carries (`build_layer`): the layer is initialized with exactly
+the single-process weights under it, and `canonical_named_parameters` gathers them back.
 """
 
 from __future__ import annotations
@@ -18,48 +20,46 @@ from hippo.parallel.deepspeed_compat import deepspeed_partition, explicit_stages
 from hippo.parallel.layout import ParallelLayout
 from hippo.pretrain.models.block import Block
 from hippo.pretrain.models.config import ModelConfig
-from hippo.pretrain.models.embedding import TokenEmbedding
 from hippo.pretrain.models.init import init_parameters
 from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
-
-TIED_KEY = "embedding"
-
-
-class EmbeddingLayer(TokenEmbedding):
-    canonical_prefix = "embedding."
-
-    def __init__(self, cfg: ModelConfig, linears: Linears, seed: int):
-        super().__init__(cfg, linears)
-        init_parameters(self, cfg, seed=seed, prefix=self.canonical_prefix, tp_rank=linears.tp_rank, tp_size=linears.tp_size)
+from hippo.pretrain.models.lm import LMLayer, lm_layers
 
 
-def lm_head(embedding: EmbeddingLayer, h: torch.Tensor) -> torch.Tensor:
-    return embedding.logits(h)
-
-
-class BlockLayer(Block):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, linears: Linears, seed: int):
-        super().__init__(cfg, layer_idx, linears)
-        self.canonical_prefix = f"layers.{layer_idx}."
-        init_parameters(self, cfg, seed=seed, prefix=self.canonical_prefix, tp_rank=linears.tp_rank, tp_size=linears.tp_size)
-
-
-class FinalNormLayer(nn.LayerNorm):
-    canonical_prefix = "norm_f."
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg.d_model, eps=cfg.layer_norm_eps)
+def build_layer(layer: LMLayer, cfg: ModelConfig, linears: Linears, seed: int) -> nn.Module:
+    """One entry's module, with the weights it has in the single-process `HippoLM` of `seed`."""
+    module = layer.build()
+    module.canonical_prefix = layer.name + "."
+    init_parameters(module, cfg, seed=seed, prefix=module.canonical_prefix, tp_rank=linears.tp_rank,
+                    tp_size=linears.tp_size)
+    return module
 
 
 def layer_specs(cfg: ModelConfig, linears: Linears, seed: int) -> list:
+    """`lm_layers` as DeepSpeed `LayerSpec`s: a stage builds (`build_layer`) only its own entries."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-    return [
-        TiedLayerSpec(TIED_KEY, EmbeddingLayer, cfg, linears, seed, tied_weight_attr=["word.weight"]),
-        *(LayerSpec(BlockLayer, cfg, i, linears, seed) for i in range(cfg.n_layer)),
-        LayerSpec(FinalNormLayer, cfg),
-        TiedLayerSpec(TIED_KEY, EmbeddingLayer, cfg, linears, seed, forward_fn=lm_head, tied_weight_attr=["word.weight"]),
-    ]
+    class Entry:
+        layer: LMLayer
+
+        def build(self, log: bool = False) -> nn.Module:
+            return build_layer(self.layer, cfg, linears, seed)
+
+        def __repr__(self) -> str:  # DeepSpeed lists each stage's layers (at DEBUG: `quiet`)
+            return self.layer.name
+
+    class Spec(Entry, LayerSpec):
+        pass
+
+    class TiedSpec(Entry, TiedLayerSpec):
+        pass
+
+    specs = []
+    for layer in lm_layers(cfg, linears):
+        spec = (TiedSpec(layer.name, nn.Module, forward_fn=layer.forward, tied_weight_attr=list(layer.tied_weights))
+                if layer.tied_weights else Spec(nn.Module))
+        spec.layer = layer
+        specs.append(spec)
+    return specs
 
 
 def stage_bounds(cfg: ModelConfig, layout: ParallelLayout) -> list[int]:
@@ -70,7 +70,7 @@ def stage_bounds(cfg: ModelConfig, layout: ParallelLayout) -> list[int]:
     per-layer counts (one TP rank's trainable parameters, tied layers counted at both ends)
     counted on the meta device, so memory estimates and the running pipeline agree.
     """
-    n_layers = cfg.n_layer + 3
+    n_layers = len(lm_layers(cfg))
     if layout.stage_layers:
         bounds = [0]
         for s, blocks in enumerate(layout.stage_layers):
@@ -96,10 +96,7 @@ def layer_parameter_counts(cfg: ModelConfig, linears: Linears = SINGLE_PROCESS) 
     """Parameters of each entry of the layer list (the tied head counted like the embedding),
     with `linears`' shard shapes; built on the meta device, nothing allocated."""
     with torch.device("meta"):
-        embedding = sum(x.numel() for x in TokenEmbedding(cfg, linears).parameters())
-        blocks = [sum(x.numel() for x in Block(cfg, i, linears).parameters()) for i in range(cfg.n_layer)]
-        norm = sum(x.numel() for x in FinalNormLayer(cfg).parameters())
-    return [embedding, *blocks, norm, embedding]
+        return [sum(x.numel() for x in layer.build().parameters()) for layer in lm_layers(cfg, linears)]
 
 
 def build_pipeline(cfg: ModelConfig, layout: ParallelLayout, linears: Linears, topology, loss_fn: Callable, *,
@@ -114,7 +111,7 @@ def build_pipeline(cfg: ModelConfig, layout: ParallelLayout, linears: Linears, t
         activation_checkpoint_interval=1 if layout.activation_checkpointing else 0,
         # Only blocks: the embedding's input is token ids, and a reentrant checkpoint of a
         # layer whose inputs need no gradient returns an output that has none.
-        checkpointable_layers=[BlockLayer.__name__],
+        checkpointable_layers=[Block.__name__],
     )
     if not layout.stage_layers:
         return PipelineModule(partition_method=layout.pipeline_partition, **common)
@@ -131,29 +128,26 @@ class SequentialLM(nn.Module):
     def __init__(self, cfg: ModelConfig, linears: Linears, loss_fn: Callable | None, *, seed: int,
                  activation_checkpointing: bool = False):
         super().__init__()
-        from deepspeed.pipe import TiedLayerSpec
-
         self.loss_fn = loss_fn
         self.checkpoint_blocks = activation_checkpointing
         self.tied_modules = nn.ModuleDict()
         self._funcs: list[Callable] = []
-        for idx, spec in enumerate(layer_specs(cfg, linears, seed)):
-            if isinstance(spec, TiedLayerSpec):
-                if spec.key not in self.tied_modules:
-                    self.tied_modules[spec.key] = spec.build()
-                module = self.tied_modules[spec.key]
-                self._funcs.append(partial(spec.forward_fn, module) if spec.forward_fn else module)
+        for idx, layer in enumerate(lm_layers(cfg, linears)):
+            if layer.tied_weights:
+                if layer.name not in self.tied_modules:
+                    self.tied_modules[layer.name] = build_layer(layer, cfg, linears, seed)
+                module = self.tied_modules[layer.name]
             else:
-                module = spec.build()
+                module = build_layer(layer, cfg, linears, seed)
                 self.add_module(str(idx), module)
-                self._funcs.append(module)
+            self._funcs.append(partial(layer.forward, module) if layer.forward else module)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from hippo.parallel.runtime import import_deepspeed
 
         x = input_ids
         for f in self._funcs:
-            if self.checkpoint_blocks and self.training and isinstance(f, BlockLayer):
+            if self.checkpoint_blocks and self.training and isinstance(f, Block):
                 x = import_deepspeed().checkpointing.checkpoint(f, x)
             else:
                 x = f(x)

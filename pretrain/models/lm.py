@@ -5,8 +5,10 @@ LayerNorm, and an LM head tied to the embedding. No position embeddings unless c
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -20,15 +22,50 @@ from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
 from hippo.pretrain.models.pretrained import check_files, load_weights, read_config, save_weights, write_config, write_record
 
 
+@dataclass(frozen=True)
+class LMLayer:
+    """One entry of the LM's layer list: a submodule of `HippoLM` and how to build it."""
+
+    name: str
+    """Its name in `HippoLM` ("embedding", "layers.3", "norm_f"); an entry that repeats an earlier
+    name reuses that module (the tied LM head)."""
+    build: Callable[[], nn.Module]
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    """How the layer list calls the module, where not its own `forward` (the head: `TokenEmbedding.logits`)."""
+    tied_weights: tuple[str, ...] = field(default=())
+    """Parameters shared between the entries of this name (summed over pipeline stages)."""
+
+
+def lm_layers(cfg: ModelConfig, linears: Linears = SINGLE_PROCESS) -> list[LMLayer]:
+    """The LM in forward order: embedding, blocks, final norm, head tied to the embedding.
+
+    The one place the LM is composed: `HippoLM` builds its submodules from it, and the pipeline
+    (`hippo.parallel.pipeline`) its layer list, each stage only its own entries. A new mixer or a
+    block change lives in `Block`; a new top-level layer is one entry here (and `HippoLM.forward`).
+    """
+    tied = ("word.weight",)
+    embedding = partial(TokenEmbedding, cfg, linears)
+    return [
+        LMLayer("embedding", embedding, tied_weights=tied),
+        *(LMLayer(f"layers.{i}", partial(Block, cfg, i, linears)) for i in range(cfg.n_layer)),
+        LMLayer("norm_f", partial(nn.LayerNorm, cfg.d_model, eps=cfg.layer_norm_eps)),
+        LMLayer("embedding", embedding, forward=TokenEmbedding.logits, tied_weights=tied),
+    ]
+
+
 class HippoLM(nn.Module):
     def __init__(self, cfg: ModelConfig, linears: Linears = SINGLE_PROCESS, *, seed: int = 0, init: bool = True):
         super().__init__()
         self.cfg = cfg
         self.linears = linears
-        self.embedding = TokenEmbedding(cfg, linears)
-        # ModuleDict keyed by layer index: names survive pipeline splits and checkpoints.
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i, linears) for i in range(cfg.n_layer)})
-        self.norm_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        for layer in lm_layers(cfg, linears):
+            parent, _, child = layer.name.rpartition(".")
+            if parent and not hasattr(self, parent):
+                # `layers`: a ModuleDict keyed by layer index, so names survive pipeline splits and checkpoints.
+                self.add_module(parent, nn.ModuleDict())
+            owner = self.get_submodule(parent) if parent else self
+            if not hasattr(owner, child):  # the tied head: the embedding already built
+                owner.add_module(child, layer.build())
         if init:
             init_parameters(self, cfg, seed=seed, tp_rank=linears.tp_rank, tp_size=linears.tp_size)
 

@@ -49,19 +49,22 @@ PRIVATE = [
      "skip_single_replica_allreduce",
      lambda: "self.pipeline_enable_backward_allreduce" in _source(PipelineEngine.__init__)
      and "self.pipeline_enable_backward_allreduce" in _source(PipelineEngine._exec_reduce_grads)),
-    ("5", "DeepSpeedEngine._set_distributed_vars reads args.device_rank", "initialize_args",
-     lambda: "args.device_rank" in _source(DeepSpeedEngine._set_distributed_vars)),
 ]
 
 CONTRACTS = [
+    ("the engine binds the accelerator device numbered by LOCAL_RANK (tests/parallel/test_device.py runs it)",
+     "engine_device",
+     lambda: "os.environ['LOCAL_RANK']" in _source(DeepSpeedEngine._configure_with_arguments)
+     and "set_device(device_rank)" in _source(DeepSpeedEngine._set_distributed_vars)),
     ("the client optimizer's `overflow` decides a skipped step at ZeRO-0", "parallel.engine.FiniteStepAdamW",
      lambda: "overflow" in _source(DeepSpeedEngine._take_model_step) and "skipped_steps" in _source(DeepSpeedEngine)),
     ("deepspeed.runtime.utils.partition_uniform / partition_balanced", "deepspeed_partition",
      lambda: {"num_items", "num_parts"} <= set(inspect.signature(ds_utils.partition_uniform).parameters)
      and {"weights", "num_parts"} <= set(inspect.signature(ds_utils.partition_balanced).parameters)),
-    ("TiedLayerSpec.key / forward_fn / build()", "parallel.pipeline.SequentialLM",
-     lambda: {"key", "forward_fn"} <= set(vars(TiedLayerSpec("k", __import__("torch").nn.Identity)))
-     and callable(TiedLayerSpec.build)),
+    ("PipelineModule builds a stage's (Tied)LayerSpec entries by calling their build(); TiedLayerSpec takes key, "
+     "forward_fn and tied_weight_attr", "parallel.pipeline.layer_specs",
+     lambda: "layer.build()" in _source(PipelineModule._build)
+     and {"key", "forward_fn", "tied_weight_attr"} <= set(inspect.signature(TiedLayerSpec).parameters)),
 ]
 
 
