@@ -23,25 +23,27 @@ document, or a patch of its classes), each with why no public route exists:
 4. `PipelineEngine.pipeline_enable_backward_allreduce` set to False (`skip_single_replica_allreduce`):
    with one data-parallel rank DeepSpeed still flattens, "reduces" and copies back every gradient
    (~8% of a 125M model's CPU step); no config key turns it off.
-5. `argparse.Namespace(device_rank=...)` as `deepspeed.initialize(args=...)` (`initialize_args`):
-   DeepSpeed otherwise binds the GPU of index LOCAL_RANK, wrong where each task sees one GPU (SLURM
-   `--gpus-per-task`); `device_rank` is read by `DeepSpeedEngine._set_distributed_vars` only.
+
+Gone since issue 22: `argparse.Namespace(device_rank=...)` as `deepspeed.initialize(args=...)`
+(`engine_device` sets DeepSpeed's documented input, LOCAL_RANK, while the engine is built).
 
 Public but undocumented contracts Hippo relies on (checked by the same test, not counted above):
 the client optimizer's `overflow` attribute read after `step` at ZeRO-0 (`engine.skipped_steps`),
 `deepspeed.runtime.utils.partition_uniform/partition_balanced` (stage bounds as DeepSpeed computes
-them), `TiedLayerSpec.key/forward_fn/build()`, the `PipelineModule` parameter names, and
-`ds_to_universal`'s output layout `zero/<name>/fp32.pt`.
+them), `PipelineModule` building a stage's `LayerSpec`s through their `build()` (`pipeline.layer_specs`
+builds `HippoLM`'s own entries), the `PipelineModule` parameter names, the device numbered by
+LOCAL_RANK, and `ds_to_universal`'s output layout `zero/<name>/fp32.pt`.
 
-Also here, not private: `quiet`, which keeps DeepSpeed's start-up prints off a user's terminal.
+Also here, not private: `quiet`, which keeps DeepSpeed's start-up prints off a user's terminal, and
+`engine_device`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -199,10 +201,28 @@ def skip_single_replica_allreduce(engine) -> None:
     engine.pipeline_enable_backward_allreduce = False
 
 
-# ---------------------------------------------------------------------------------------- item 5
-def initialize_args(device_index: int) -> argparse.Namespace:
-    """`deepspeed.initialize(args=...)` that binds the engine to GPU `device_index` (ignored on CPU)."""
-    return argparse.Namespace(device_rank=device_index)
+# ---------------------------------------------------------------------------------------- device
+@contextlib.contextmanager
+def engine_device(device: torch.device) -> Iterator[None]:
+    """Inside: a DeepSpeed engine built binds `device` (not private; no effect on CPU).
+
+    DeepSpeed binds the accelerator device numbered by the LOCAL_RANK environment variable (its
+    documented input, read by `deepspeed.initialize`). Where each task sees one GPU (SLURM
+    `--gpus-per-task`) a rank's LOCAL_RANK of 5 names a device it cannot see: LOCAL_RANK then names
+    the rank's own device while the engine is built, and is restored after. Not re-entrant (the
+    process environment)."""
+    saved = os.environ.get("LOCAL_RANK")
+    if device.type != "cuda" or saved == str(device.index or 0):
+        yield
+        return
+    os.environ["LOCAL_RANK"] = str(device.index or 0)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["LOCAL_RANK"]
+        else:
+            os.environ["LOCAL_RANK"] = saved
 
 
 # ---------------------------------------------------------------------------------------- output

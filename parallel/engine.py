@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from hippo.parallel.context_parallel import chunk_of, sequence_split
-from hippo.parallel.deepspeed_compat import (initialize_args, precision_config, quiet,
-                                             skip_single_replica_allreduce, ssm_dynamics_kept_in_fp32)
+from hippo.parallel.deepspeed_compat import (engine_device, precision_config, quiet, skip_single_replica_allreduce,
+                                             ssm_dynamics_kept_in_fp32)
 from hippo.parallel.gather import load_full_parameters
 from hippo.parallel.groups import ParallelState
 from hippo.parallel.layout import ParallelLayout
@@ -106,10 +106,9 @@ def build_train_engine(cfg: ModelConfig, state: ParallelState, optimizer_factory
     optimizer, scheduler = optimizer_factory(module, FiniteStepAdamW)
     client_optimizer = optimizer
     keep_fp32 = ssm_dynamics_kept_in_fp32(module, optimizer) if precision == "bf16" else contextlib.nullcontext()
-    with keep_fp32, quiet():
+    # DeepSpeed would bind the GPU numbered LOCAL_RANK: wrong where each task sees one GPU (SLURM).
+    with keep_fp32, quiet(), engine_device(state.device):
         engine, optimizer, _, _ = deepspeed.initialize(
-            # DeepSpeed would set_device(LOCAL_RANK): wrong where each task sees one GPU (SLURM).
-            args=initialize_args(state.device.index or 0),
             model=module, optimizer=optimizer, lr_scheduler=scheduler,
             mpu=None if layout.pipelined else state.mpu,  # a pipeline module brings its own grid (same topology)
             config=deepspeed_config(layout, precision=precision, grad_clip=grad_clip, load_universal=load_universal,

@@ -59,3 +59,37 @@ def test_init_parallel_binds_a_visible_gpu_when_each_task_sees_one(monkeypatch):
     with pytest.raises(_Stop):
         groups.init_parallel(ParallelLayout(8, 1, 1, 8, 1, 1), seed=0)
     assert chosen == [torch.device("cuda", 0)]
+
+
+@pytest.mark.parametrize("local_rank", [None, "0", "5"])
+def test_deepspeed_binds_the_rank_device_when_each_task_sees_one(monkeypatch, local_rank):
+    """LOCAL_RANK 5 in a task that sees one GPU: DeepSpeed's engine binds cuda:0 inside
+    `engine_device` (DeepSpeed's own device code runs; the accelerator is mocked), and LOCAL_RANK
+    is what it was afterwards."""
+    import_deepspeed()
+    from types import SimpleNamespace
+
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime import engine as ds_engine
+
+    from hippo.parallel.deepspeed_compat import engine_device
+
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    chosen: list[int] = []
+    accelerator = type(get_accelerator())
+    monkeypatch.setattr(accelerator, "set_device", lambda self, index: chosen.append(index))
+    monkeypatch.setattr(accelerator, "device_name", lambda self, index=None: "cpu")
+    monkeypatch.setattr(ds_engine.dist, "get_world_size", lambda *a, **k: 8)
+    monkeypatch.setattr(ds_engine.dist, "get_rank", lambda *a, **k: 5)
+    engine = SimpleNamespace()
+    with engine_device(torch.device("cuda", 0)):
+        # What DeepSpeedEngine.__init__ does with args=None: the local rank from the environment, then the device.
+        ds_engine.DeepSpeedEngine._configure_with_arguments(engine, None, None)
+        ds_engine.DeepSpeedEngine._set_distributed_vars(engine, None)
+    assert chosen == [0]
+    import os
+
+    assert os.environ.get("LOCAL_RANK") == local_rank
