@@ -28,7 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hippo.pretrain.mlflow_compat import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH, system_metrics_monitor
+from hippo.pretrain.mlflow_compat import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+from hippo.pretrain.system_metrics import SystemMetricsSampler
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -102,7 +103,7 @@ class Tracker:
         self._metrics_sent_at = -float("inf")
         self._timer: threading.Timer | None = None
         self._lock = threading.RLock()
-        self._monitor = None
+        self._sampler: SystemMetricsSampler | None = None
         # Resumed runs recompute steps that were already logged: these guard against duplicates.
         self._last_step: dict[str, int] = {}
         self._params: dict[str, str] = {}
@@ -123,7 +124,7 @@ class Tracker:
         if self._pending.exists():
             log.warning("%s holds records not yet in MLflow; add them with `%s`", self._pending, self._upload_command())
         if system_metrics:
-            self._start_system_metrics(resumed=run_id is not None)
+            self._start_system_metrics()
 
     def _start_run(self) -> None:
         if self.run_id is None:
@@ -134,20 +135,17 @@ class Tracker:
         self._client.update_run(self.run_id, status="RUNNING")
         self._params = dict(run.data.params)
         for key in run.data.metrics:
-            if not key.startswith("system/"):  # the system metrics monitor resumes its own steps
-                self._last_step[key] = max(m.step for m in self._client.get_metric_history(self.run_id, key))
+            self._last_step[key] = max(m.step for m in self._client.get_metric_history(self.run_id, key))
 
-    def _start_system_metrics(self, *, resumed: bool) -> None:
-        """MLflow's own CPU/memory/disk/network (and NVIDIA GPU, with pynvml) sampler, bound to our URI.
-
-        `mlflow.start_run(log_system_metrics=True)` would start the same monitor, but only for the
-        process-global tracking URI and active run, which this class deliberately leaves alone.
-        """
+    def _start_system_metrics(self) -> None:
+        """Hippo's CPU/memory/GPU-memory sampler (`system_metrics`), logging through this tracker; a
+        resumed run's samples continue its step count."""
         if importlib.util.find_spec("psutil") is None:
             log.warning("psutil is not installed: MLflow system metrics are off")
             return
-        self._monitor = system_metrics_monitor(self.run_id, resume_logging=resumed, tracking_uri=self._uri)
-        self._monitor.start()
+        last = max((step for key, step in self._last_step.items() if key.startswith("system/")), default=-1)
+        self._sampler = SystemMetricsSampler(self.log_metrics, first_step=last + 1)
+        self._sampler.start()
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Nested dicts are flattened with dots ("model.d_model"). MLflow params are immutable, so
@@ -168,11 +166,11 @@ class Tracker:
         if not self._enabled:
             return
         step = int(step)  # a numpy or tensor step would not survive json.dumps in the pending file
-        data = {k: float(v) for k, v in metrics.items() if step > self._last_step.get(k, -1)}
-        if not data:
-            return
-        self._last_step.update(dict.fromkeys(data, step))
-        with self._lock:
+        with self._lock:  # the system-metrics sampler calls this from its own thread
+            data = {k: float(v) for k, v in metrics.items() if step > self._last_step.get(k, -1)}
+            if not self._enabled or not data:
+                return
+            self._last_step.update(dict.fromkeys(data, step))
             self._metrics.append({"kind": "metrics", "data": data, "step": step, "timestamp": int(time.time() * 1000)})
             wait = self._metrics_sent_at + METRICS_INTERVAL_S - time.monotonic()
             if wait <= 0:
@@ -211,11 +209,11 @@ class Tracker:
         failed go to the pending file), and ends the run."""
         if not self._enabled:
             return
+        if self._sampler is not None:
+            self._sampler.stop()  # its last sample is sent below
         with self._lock:
             self._send_metrics()
             self._enabled = False  # later calls (and a second close) are no-ops; the timer too
-        if self._monitor is not None:
-            self._monitor.finish()
         while self._inflight:  # a rejected request comes back as one request per record
             self._settle(wait=True)
         self._sender.shutdown(wait=True)

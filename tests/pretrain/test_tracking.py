@@ -155,15 +155,43 @@ def test_metrics_of_quick_steps_share_a_request_and_all_arrive_before_close(tmp_
     assert history(client, tracker.run_id, "loss") == [(s, float(s)) for s in range(1, 21)]
 
 
-def test_system_metrics(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+def test_system_metrics_go_through_the_tracker_and_a_resumed_run_continues_their_steps(tmp_path, monkeypatch):
+    """Hippo's sampler (not MLflow's monitor): MLflow's metric names, consecutive steps, the last
+    sample sent by close, and a resumed run's samples after the first run's."""
+    from hippo.pretrain import system_metrics
+
+    monkeypatch.setattr(system_metrics, "SAMPLE_INTERVAL_S", 0.1)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracker = Tracker(tmp_path, enabled=True, tracking_uri=uri)
-    time.sleep(1.0)
-    tracker.close()
-    metrics = MlflowClient(tracking_uri=uri).get_run(tracker.run_id).data.metrics
-    assert "system/cpu_utilization_percentage" in metrics
-    assert metrics["system/system_memory_usage_megabytes"] > 0
+    client = MlflowClient(tracking_uri=uri)
+    first = Tracker(tmp_path, enabled=True, tracking_uri=uri)
+    time.sleep(0.6)
+    first.close()
+    cpu = history(client, first.run_id, "system/cpu_utilization_percentage")
+    assert [step for step, _ in cpu] == list(range(len(cpu))) and len(cpu) >= 2, cpu
+    memory = history(client, first.run_id, "system/system_memory_usage_megabytes")
+    assert len(memory) == len(cpu) and all(value > 0 for _, value in memory)
+    second = Tracker(tmp_path, enabled=True, tracking_uri=uri, run_id=first.run_id)
+    time.sleep(0.4)
+    second.close()
+    steps = [step for step, _ in history(client, first.run_id, "system/cpu_utilization_percentage")]
+    assert steps == list(range(len(steps))) and len(steps) > len(cpu), steps
+
+
+def test_system_metrics_sample_and_sampler():
+    from hippo.pretrain.system_metrics import SystemMetricsSampler, sample
+
+    values = sample()
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+            "system/system_memory_usage_percentage", "system/process_memory_rss_megabytes"} <= set(values)
+    assert values["system/process_memory_rss_megabytes"] > 0
+    logged: list[int] = []
+    sampler = SystemMetricsSampler(lambda metrics, step: logged.append(step), first_step=5, interval_s=0.05)
+    sampler.start()
+    time.sleep(0.3)
+    sampler.stop()
+    count = len(logged)
+    time.sleep(0.1)
+    assert logged == list(range(5, 5 + count)) and count >= 2 and len(logged) == count  # nothing after stop
 
 
 def test_missing_psutil_warns_and_continues(tmp_path, monkeypatch, caplog):
