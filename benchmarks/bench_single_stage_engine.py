@@ -2,6 +2,7 @@
 
     python benchmarks/bench_single_stage_engine.py                      # tiny_hybrid, ZeRO 1 and 0
     python benchmarks/bench_single_stage_engine.py --model hybrid_125m --rounds 6
+    torchrun --nproc_per_node 2 benchmarks/bench_single_stage_engine.py --pipeline 2 --zero 0   # item 4 at PP 2
 
 One process, fp32. For each ZeRO stage the engines are built side by side from the same seed
 (`hippo.parallel.engine.build_train_engine`, the engine a run gets except for the choice forced
@@ -12,7 +13,8 @@ a shared machine; run with OMP_NUM_THREADS=1 so both count one core). Engines:
   uses), with its gradient all-reduce skipped at ZeRO-0 as Hippo does (private item 4);
 - `pipeline_allreduce` (ZeRO-0 only): the same without that skip;
 - `plain`: `DeepSpeedEngine` over the same layer list unsplit (`SequentialLM`, ZeRO-2's path).
-The losses of the first step are printed too: the engines must agree.
+The losses of the first step are printed too: the engines must agree. With `--pipeline N` (under
+torchrun, N ranks, one replica) only the two pipeline engines run: what item 4 saves there.
 """
 
 from __future__ import annotations
@@ -51,21 +53,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--zero", type=int, nargs="+", default=[1, 0])
+    parser.add_argument("--pipeline", type=int, default=1, help="stages (run under torchrun with as many ranks)")
     args = parser.parse_args()
     import os
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", "29577"))
+    if "WORLD_SIZE" not in os.environ:  # not under torchrun
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29577"))
     for zero in args.zero:
         cfg = load_config(args.model, [f"train.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}",
                                        f"train.global_batch_size={args.micro_batch * args.grad_accum}",
-                                       f"parallel.zero_stage={zero}", "train.precision=fp32", "model.dropout=0.0"])
-        layout = cfg.layout(1)
+                                       f"parallel.zero_stage={zero}", "train.precision=fp32", "model.dropout=0.0",
+                                       f"parallel.pipeline={args.pipeline}"])
+        layout = cfg.layout(args.pipeline)
         state = init_parallel(layout, seed=cfg.train.seed)
         engines = {"pipeline": build(cfg, state, pipelined=True, skip_allreduce=True)}
         if zero == 0:
             engines["pipeline_allreduce"] = build(cfg, state, pipelined=True, skip_allreduce=False)
-        engines["plain"] = build(cfg, state, pipelined=False, skip_allreduce=False)
+        if args.pipeline == 1:
+            engines["plain"] = build(cfg, state, pipelined=False, skip_allreduce=False)
         gen = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, cfg.model.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
                    for _ in range(args.grad_accum)]
@@ -83,13 +89,18 @@ def main() -> None:
                 if r >= args.warmup:
                     times[name].append(elapsed)
                     cpu_times[name].append(cpu)
-        print(f"{args.model} ZeRO-{zero} seq {args.seq_len} mb {args.micro_batch} x {args.grad_accum}, "
+        if state.rank != 0:
+            del engines
+            destroy_parallel()
+            continue
+        print(f"{args.model} PP {args.pipeline} ZeRO-{zero} seq {args.seq_len} mb {args.micro_batch} x {args.grad_accum}, "
               f"{torch.get_num_threads()} threads, {args.rounds} steps each:")
-        base, cpu_base = statistics.median(times["plain"]), statistics.median(cpu_times["plain"])
+        ref = "plain" if "plain" in times else "pipeline_allreduce"
+        base, cpu_base = statistics.median(times[ref]), statistics.median(cpu_times[ref])
         for name, ts in times.items():
             med, cpu = statistics.median(ts), statistics.median(cpu_times[name])
-            print(f"  {name:20s} wall median {med * 1e3:8.1f} ms (min {min(ts) * 1e3:8.1f}, {med / base:5.3f}x plain)  "
-                  f"CPU median {cpu * 1e3:8.1f} ms ({cpu / cpu_base:5.3f}x plain)  first loss {first[name]:.6f}")
+            print(f"  {name:20s} wall median {med * 1e3:8.1f} ms (min {min(ts) * 1e3:8.1f}, {med / base:5.3f}x {ref})  "
+                  f"CPU median {cpu * 1e3:8.1f} ms ({cpu / cpu_base:5.3f}x {ref})  first loss {first[name]:.6f}")
         del engines
         destroy_parallel()
 
