@@ -31,7 +31,9 @@ class LMLayer:
     name reuses that module (the tied LM head)."""
     build: Callable[[], nn.Module]
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
-    """How the layer list calls the module, where not its own `forward` (the head: `TokenEmbedding.logits`)."""
+    """How the layer list calls the module, where not its own `forward` (the head: `TokenEmbedding.logits`).
+    What one entry returns the next one takes, across pipeline stages too: one hidden-state tensor
+    today; a tuple (hidden, side tensors) would pass the same way."""
     tied_weights: tuple[str, ...] = field(default=())
     """Parameters shared between the entries of this name (summed over pipeline stages)."""
 
@@ -60,11 +62,11 @@ class HippoLM(nn.Module):
         self.linears = linears
         for layer in lm_layers(cfg, linears):
             parent, _, child = layer.name.rpartition(".")
-            if parent and not hasattr(self, parent):
+            if parent and parent not in dict(self.named_children()):
                 # `layers`: a ModuleDict keyed by layer index, so names survive pipeline splits and checkpoints.
                 self.add_module(parent, nn.ModuleDict())
             owner = self.get_submodule(parent) if parent else self
-            if not hasattr(owner, child):  # the tied head: the embedding already built
+            if child not in dict(owner.named_children()):  # else the tied head: the embedding, built
                 owner.add_module(child, layer.build())
         if init:
             init_parameters(self, cfg, seed=seed, tp_rank=linears.tp_rank, tp_size=linears.tp_size)
