@@ -2,7 +2,14 @@
 
 from hippo.kernels.documents import after_last_start, before_first_start, check_doc_start
 from hippo.kernels.fftconv import fft_size, fftconv, fftconv_ref
-from hippo.kernels.h3_core import H3_CORE_IMPLS, diagonal_conv, TritonUnavailableError, h3_core, h3_core_ref, select_impl
+from hippo.kernels.h3_core import (
+    H3_CORE_IMPLS,
+    TritonUnavailableError,
+    diagonal_conv,
+    h3_core,
+    h3_core_ref,
+    select_impl,
+)
 from hippo.kernels.ssm import (
     DiscreteDiagonalSSM,
     dA_powers,

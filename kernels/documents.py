@@ -3,13 +3,13 @@
 `doc_start` (B, L) bool marks the positions whose token begins a new document (the token after an
 EOS); position 0 needs no mark. With it, the output at t may depend only on the inputs in
 [s(t), t], s(t) the last start <= t. For an LTI system that is exactly the output without
-isolation minus the free response of the state just before s(t) over [s(t), t]:
+isolation minus the free response of the state just before s(t) over [s(t), t]. The chunked
+path (`kernels.h3_core`) subtracts exactly that, from the indices of `ChunkPlan`:
   - shift SSM (taps of lags < N <= P): its state is the P inputs before a start p; their response
-    reaches p .. p + N - 2 only (`shift_correction`);
-  - diagonal SSM: the state restarts at each start. The chunked path (`kernels.h3_core`) does it
-    per chunk of P with the masks of `ChunkPlan`: the incoming state's response stops at a chunk's
-    first start, the carry into the next chunk comes only from after its last start, and the few
-    in-chunk products that cross a start are subtracted (one P x P product per start).
+    (the "previous chunk" band S1) reaches p .. p + N - 2 only: one (1 x P) @ (P x P) per start;
+  - diagonal SSM: the state restarts at each start: the incoming state's response stops at a
+    chunk's first start, the carry into the next chunk comes only from after its last start, and
+    the in-chunk Toeplitz products that cross a start are subtracted (one P x P product per start).
 Nothing here reads token ids or configs. Imports only torch.
 """
 
@@ -26,7 +26,6 @@ __all__ = [
     "before_first_start",
     "check_doc_start",
     "document_spans",
-    "shift_correction",
 ]
 
 
@@ -57,52 +56,45 @@ def document_spans(starts_row: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def shift_correction(k: torch.Tensor, S1: torch.Tensor, doc_start: torch.Tensor) -> torch.Tensor:
-    """What the shift SSM's output must lose so that no tap crosses a start: (B, C, L), stored
-    channels-last, differentiable in k and S1.
-
-    S1 (C, P, P): S1[j, i] = taps[P + i - j], the response at p + i of the input at p - P + j
-    (the chunked path's "previous chunk" band; lags < N <= P, so nothing reaches past p + P - 1).
-    For each start p: the P inputs before it (zeros before 0) times S1, kept on [p, next start)
-    and below L, subtracted. One (1 x P) @ (P x P) product per start.
-    """
-    B, C, L = k.shape
-    P = S1.shape[-1]
-    rows, pos = doc_start.nonzero(as_tuple=True)
-    keep = pos > 0
-    rows, pos = rows[keep], pos[keep]
-    delta = k.new_zeros(B, L, C, dtype=S1.dtype)
-    if pos.numel() == 0:
-        return delta.transpose(1, 2)
-    lag = torch.arange(P, device=k.device)
-    src = pos.unsqueeze(-1) - P + lag  # (n, P): inputs p - P .. p - 1
-    window = k.transpose(1, 2)[rows.unsqueeze(-1), src.clamp(min=0)].to(S1.dtype)  # (n, P, C)
-    window = window * (src >= 0).unsqueeze(-1)
-    corr = torch.bmm(window.permute(2, 0, 1), S1)  # (C, n, P): outputs p .. p + P - 1
-    dst = pos.unsqueeze(-1) + lag
-    count = doc_start.cumsum(-1)
-    inside = (dst < L) & (count[rows.unsqueeze(-1), dst.clamp(max=L - 1)] == count[rows, pos].unsqueeze(-1))
-    vals = corr.permute(1, 2, 0) * inside.unsqueeze(-1)  # (n, P, C)
-    delta = delta.index_put((rows.unsqueeze(-1).expand_as(dst), dst.clamp(max=L - 1)), -vals, accumulate=True)
-    return delta.transpose(1, 2)
-
-
 @dataclass(frozen=True)
 class _BlockPlan:
-    head: torch.Tensor  # (1, rows, P): t before the chunk's first start (the incoming state reaches it)
-    tail: torch.Tensor  # (1, rows, P): i at or after the chunk's last start (feeds the outgoing state)
+    """One block's share of a `ChunkPlan`. Rows index the block's (C, ab B, P) chunk-major matrices;
+    flat indices its (C, ab B P) views (k's block with its halo chunk first: (C, (ab + 1) B P))."""
+
     keep: torch.Tensor  # (1, ab, B, 1): the chunk has no start (the state carries through it)
-    rows: torch.Tensor  # (n,) row of each in-chunk start at offset > 0
-    inputs: torch.Tensor  # (1, n, P): i before that start
-    outputs: torch.Tensor  # (1, n, P): t from that start to the chunk's next one
+    rows: torch.Tensor  # (m,) rows that hold a start
+    not_head: torch.Tensor  # (1, m, P): t at or after the row's first start (the incoming state stops)
+    not_tail: torch.Tensor  # (1, m, P): i before the row's last start (not in the outgoing state)
+    pair_rows: torch.Tensor  # (n,) row of each start at an offset > 0
+    pair_in: torch.Tensor  # (1, n, P): i before that start
+    pair_out: torch.Tensor  # (1, n, P): t from that start to the row's next one
+    shift_src: torch.Tensor  # (s P,) per start of the shift SSM, the P inputs before it (flat, k with halo)
+    shift_sel: torch.Tensor  # entries of the (s P) corrections that land in this block ...
+    shift_dst: torch.Tensor  # ... at these flat positions of k'
+    spill_sel: torch.Tensor  # entries that land in the next block's first chunk ...
+    spill_dst: torch.Tensor  # ... at these flat positions of its k'
+
+
+def _empty(device) -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.long, device=device)
 
 
 class ChunkPlan:
     """Per block of the chunked path (`kernels.h3_core._spans`), in its chunk-major row order
-    (row a B + b = chunk a of sample b), the masks that restart the diagonal SSM at each start."""
+    (row a B + b = chunk a of sample b), where the starts are and what each one corrects:
+
+    - diagonal SSM: the chunks holding a start (their incoming-state response is cut at the first
+      start, their end state at the last, `keep` stops the carry) and the in-chunk starts (the
+      Toeplitz products that cross them are subtracted);
+    - shift SSM: for each start p >= 1, the P inputs before it and the outputs p .. p + P - 1
+      of the same document below L that their response reaches (a start near a block's end
+      reaches into the next block's first chunk: `spill`).
+    Everything is sparse: a block without a start costs nothing but `keep`.
+    """
 
     def __init__(self, doc_start: torch.Tensor, spans: list[tuple[int, int, int]], P: int, dtype: torch.dtype):
         B, L = doc_start.shape
+        dev = doc_start.device
         nch = -(-L // P)
         ds = F.pad(doc_start, (0, nch * P - L)).view(B, nch, P)
         count = ds.cumsum(-1)
@@ -110,23 +102,48 @@ class ChunkPlan:
         head = (count == 0).to(dtype)
         tail = (count == total).to(dtype)
         keep = (total == 0).to(dtype)  # (B, nch, 1)
+        has_b, has_a = (total[..., 0] > 0).nonzero(as_tuple=True)
         inner = ds.clone()
         inner[..., 0] = False
         b_idx, a_idx, o_idx = inner.nonzero(as_tuple=True)
-        lag = torch.arange(P, device=ds.device)
-        ins = (lag < o_idx.unsqueeze(-1)).to(dtype)
-        outs = (count[b_idx, a_idx] == count[b_idx, a_idx, o_idx].unsqueeze(-1)).to(dtype)
+        lag = torch.arange(P, device=dev)
+        pair_in = (lag < o_idx.unsqueeze(-1)).to(dtype)
+        pair_out = (count[b_idx, a_idx] == count[b_idx, a_idx, o_idx].unsqueeze(-1)).to(dtype)
+        # Shift SSM: every start p >= 1, in global positions.
+        sb, sp = doc_start.nonzero(as_tuple=True)
+        keep_s = sp > 0
+        sb, sp = sb[keep_s], sp[keep_s]
+        gcount = doc_start.cumsum(-1)
+        dst = sp.unsqueeze(-1) + lag  # (s, P)
+        valid = (dst < L) & (gcount[sb.unsqueeze(-1), dst.clamp(max=L - 1)] == gcount[sb, sp].unsqueeze(-1))
         self.blocks = []
         for t0, _, tp in spans:
             a0, ab = t0 // P, tp // P
             sel = (a_idx >= a0) & (a_idx < a0 + ab)
+            rsel = (has_a >= a0) & (has_a < a0 + ab)
+            rb, ra = has_b[rsel], has_a[rsel]
+            ssel = (sp >= t0) & (sp < t0 + tp)
+            b_s, rel = sb[ssel].unsqueeze(-1), sp[ssel].unsqueeze(-1) - t0
+            src = rel + lag  # positions p - P .. p - 1 relative to the block's halo chunk start (t0 - P)
+            src = ((src // P) * B + b_s) * P + src % P
+            rd = rel + lag  # outputs relative to t0
+            flat = ((rd // P) * B + b_s) * P + rd % P
+            ok = valid[ssel]
+            inside, spill = ok & (rd < tp), ok & (rd >= tp)
+            entries = torch.arange(rd.numel(), device=dev).view_as(rd)
             self.blocks.append(_BlockPlan(
-                head=head[:, a0 : a0 + ab].transpose(0, 1).reshape(1, ab * B, P),
-                tail=tail[:, a0 : a0 + ab].transpose(0, 1).reshape(1, ab * B, P),
                 keep=keep[:, a0 : a0 + ab].transpose(0, 1).reshape(1, ab, B, 1),
-                rows=(a_idx[sel] - a0) * B + b_idx[sel],
-                inputs=ins[sel].unsqueeze(0),
-                outputs=outs[sel].unsqueeze(0),
+                rows=(ra - a0) * B + rb,
+                not_head=(1 - head[rb, ra]).unsqueeze(0),
+                not_tail=(1 - tail[rb, ra]).unsqueeze(0),
+                pair_rows=(a_idx[sel] - a0) * B + b_idx[sel],
+                pair_in=pair_in[sel].unsqueeze(0),
+                pair_out=pair_out[sel].unsqueeze(0),
+                shift_src=src.flatten(),
+                shift_sel=entries[inside],
+                shift_dst=flat[inside],
+                spill_sel=entries[spill],
+                spill_dst=(b_s * P + rd - tp)[spill] if spill.any() else _empty(dev),
             ))
         # The last chunk, for the final state (`kernels.h3_core._h3_core_chunked`): (B, P), (B, 1).
         self.last_tail, self.last_keep = tail[:, -1], keep[:, -1]

@@ -46,11 +46,14 @@ import torch
 import torch.nn.functional as F
 
 from hippo.kernels._flashconv_support import flashconv_unsupported
-from hippo.kernels.documents import ChunkPlan, check_doc_start, document_spans, shift_correction
+from hippo.kernels.documents import ChunkPlan, check_doc_start, document_spans
 from hippo.kernels.fftconv import fftconv
 from hippo.kernels.ssm import DiscreteDiagonalSSM, dA_powers, diagonal_kernel, diagonal_state_from_prefix, shift_kernel
 
-__all__ = ["diagonal_conv", "h3_core", "h3_core_ref", "H3_CORE_IMPLS", "TritonUnavailableError", "select_impl", "triton_unsupported"]
+__all__ = [
+    "diagonal_conv", "h3_core", "h3_core_ref", "H3_CORE_IMPLS", "TritonUnavailableError", "select_impl",
+    "triton_unsupported",
+]
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +358,7 @@ def _store(dst: torch.Tensor, src: torch.Tensor, tb: int, buf: torch.Tensor) -> 
         dst.copy_(st[..., :tb])
 
 
-def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T, save, delta=None, plan=None):
+def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T, save, plan=None):
     """The chunked H3 core over blocks of T positions, carrying both SSM states between blocks.
 
     Blocks are chunk-major, (C, ab, B, P): row a B + b of a channel's matrices is chunk a of
@@ -369,10 +372,11 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
     Returns y, the state before the last chunk (C, B, N/2), k'v of the last chunk (C, B, P), and
     (when `save`) per block what backward needs: the k block with its halo, k', v, s, the states.
 
-    Documents (`plan`, a `kernels.documents.ChunkPlan`, with `delta` = `shift_correction`, added
-    to k'): the incoming state's response is masked to before a chunk's first start, the chunk
-    end state takes only the inputs after its last start, the carry stops at a chunk with a start,
-    and each in-chunk start's crossing products are subtracted. None: today's ops, untouched.
+    Documents (`plan`, a `kernels.documents.ChunkPlan`): per start, the shift SSM's response to
+    the P inputs before it is subtracted from k'; in a chunk holding a start the incoming state's
+    response after its first start and the end state's inputs before its last are subtracted,
+    the carry stops, and the in-chunk Toeplitz products that cross a start are subtracted.
+    None: today's ops, untouched.
     """
     Bsz, C, L = q.shape
     P = w_shift.shape[1]
@@ -383,7 +387,7 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
     x = x0 if x0 is not None else torch.zeros(C, Bsz, n2, dtype=cdtype, device=dev)
     wb = decay.unsqueeze(1)
     buf = torch.empty(Bsz * C * min(T, -(-L // P) * P), dtype=rdtype, device=dev)  # staging for transposes
-    halo = None
+    halo = spill = None
     saved = []
     for i, (t0, tb, tp) in enumerate(_spans(L, T, P)):
         ab = tp // P
@@ -396,14 +400,15 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
         _load(kbuf[:, 1:], k, t0, tb, buf)
         rows = (C, ab * Bsz, P)
         kp = torch.bmm(kbuf[:, 1:].reshape(rows), S0).baddbmm_(kbuf[:, :-1].reshape(rows), S1)
-        if delta is not None:
-            db = torch.empty(C, ab, Bsz, P, dtype=rdtype, device=dev)
-            _load(db, delta, t0, tb, buf)
-            kp += db.view(rows)
+        if bp is not None:
+            spill = _shift_starts(kp, kbuf, S1, bp, spill)
         vb = torch.empty(C, ab, Bsz, P, dtype=rdtype, device=dev)
         _load(vb, v, t0, tb, buf)
         kv = kp * vb.view(rows)  # zero beyond tb
-        ends = torch.view_as_complex(torch.bmm(kv if bp is None else kv * bp.tail, to_state).view(C, ab, Bsz, n2, 2))
+        ends_r = torch.bmm(kv, to_state)
+        if bp is not None and bp.rows.numel():  # a chunk's end state: only after its last start
+            ends_r.index_add_(1, bp.rows, torch.bmm(kv.index_select(1, bp.rows).mul_(bp.not_tail), to_state), alpha=-1)
+        ends = torch.view_as_complex(ends_r.view(C, ab, Bsz, n2, 2))
         before = torch.empty(C, ab, Bsz, n2, dtype=cdtype, device=dev)
         before[:, 0] = x
         wk = None if bp is None else wb.unsqueeze(1) * bp.keep  # (C, ab, B, N/2): no carry out of a start's chunk
@@ -411,13 +416,13 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
             torch.addcmul(ends[:, a], wb if wk is None else wk[:, a], before[:, a], out=before[:, a + 1])
         x = torch.addcmul(ends[:, ab - 1], wb if wk is None else wk[:, ab - 1], before[:, ab - 1])
         before_r = torch.view_as_real(before).view(C, ab * Bsz, 2 * n2)
-        if bp is None:
-            s = torch.bmm(kv, toep).baddbmm_(before_r, from_state)
-        else:
-            s = torch.bmm(kv, toep).addcmul_(torch.bmm(before_r, from_state), bp.head)
-            if bp.rows.numel():
-                cross = torch.bmm(kv.index_select(1, bp.rows).mul_(bp.inputs), toep).mul_(bp.outputs)
-                s.index_add_(1, bp.rows, cross, alpha=-1)
+        s = torch.bmm(kv, toep).baddbmm_(before_r, from_state)
+        if bp is not None and bp.rows.numel():
+            cut = torch.bmm(before_r.index_select(1, bp.rows), from_state).mul_(bp.not_head)
+            s.index_add_(1, bp.rows, cut, alpha=-1)  # the incoming state stops at the first start
+        if bp is not None and bp.pair_rows.numel():
+            cross = torch.bmm(kv.index_select(1, bp.pair_rows).mul_(bp.pair_in), toep).mul_(bp.pair_out)
+            s.index_add_(1, bp.pair_rows, cross, alpha=-1)
         s_q = _like_layout(q, tb, rdtype)  # s in q's layout, for y = q s here and g_q = g_y s later
         _store(s_q, s.view(C, ab, Bsz, P), tb, buf)
         torch.mul(q[..., t0 : t0 + tb], s_q, out=y[..., t0 : t0 + tb])
@@ -426,6 +431,43 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
             saved.append((kbuf, kp, vb, s_q, before))
     kv_last = kv.view(C, ab, Bsz, P)[:, -1].clone()
     return y, before[:, -1].clone(), kv_last, saved
+
+
+def _shift_starts(kp, kbuf, S1, bp, spill):
+    """k' of a block loses, per start, the shift SSM's response to the P inputs before it (in
+    place); returns what reaches the next block's first chunk. spill: the previous block's."""
+    C = kp.shape[0]
+    kp_flat = kp.view(C, -1)
+    if spill is not None and spill[0].numel():
+        kp_flat.index_add_(1, spill[0], spill[1], alpha=-1)
+    if not bp.shift_src.numel():
+        return None
+    win = kbuf.reshape(C, -1).index_select(1, bp.shift_src).view(C, -1, S1.shape[-1])
+    corr = torch.bmm(win, S1).view(C, -1)
+    kp_flat.index_add_(1, bp.shift_dst, corr.index_select(1, bp.shift_sel), alpha=-1)
+    return bp.spill_dst, corr.index_select(1, bp.spill_sel)
+
+
+def _shift_starts_backward(g_kp, kbuf, S1, g_S1, bp, g_spill, need_k, bp_before):
+    """Backward of `_shift_starts` for one block: adds to g_S1; returns the gradient of the
+    gathered inputs (flat, at bp.shift_src; None without need_k) and, for the previous block,
+    d loss / d k' at the entries its starts spilled into this block."""
+    C, _, P = g_kp.shape
+    g_flat = g_kp.view(C, -1)
+    spill_prev = None
+    if bp_before is not None and bp_before.spill_dst.numel():
+        spill_prev = g_flat.index_select(1, bp_before.spill_dst)
+    if not bp.shift_src.numel():
+        return None, spill_prev
+    g_corr = torch.zeros(C, bp.shift_src.numel(), dtype=g_kp.dtype, device=g_kp.device)
+    g_corr.index_copy_(1, bp.shift_sel, g_flat.index_select(1, bp.shift_dst))
+    if g_spill is not None:
+        g_corr.index_copy_(1, bp.spill_sel, g_spill)
+    g_corr = g_corr.neg_().view(C, -1, P)
+    win = kbuf.reshape(C, -1).index_select(1, bp.shift_src).view(C, -1, P)
+    g_S1.baddbmm_(win.transpose(1, 2), g_corr)
+    g_win = torch.bmm(g_corr, S1.transpose(1, 2)).view(C, -1) if need_k else None
+    return g_win, spill_prev
 
 
 class _BlockedH3(torch.autograd.Function):
@@ -442,10 +484,10 @@ class _BlockedH3(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, w_shift, toep, to_state, from_state, decay, x0, T, delta=None, plan=None):
+    def forward(ctx, q, k, v, w_shift, toep, to_state, from_state, decay, x0, T, plan=None):
         mats = (w_shift, toep, to_state, from_state, decay)
-        y, before_last, kv_last, saved = _blocked_forward(q, k, v, *mats, x0, T, True, delta, plan)
-        ctx.T, ctx.has_x0, ctx.plan, ctx.has_delta = T, x0 is not None, plan, delta is not None
+        y, before_last, kv_last, saved = _blocked_forward(q, k, v, *mats, x0, T, True, plan)
+        ctx.T, ctx.has_x0, ctx.plan = T, x0 is not None, plan
         ctx.save_for_backward(q, k, v, *mats, *(t for blk in saved for t in blk))
         return y, before_last, kv_last
 
@@ -463,7 +505,7 @@ class _BlockedH3(torch.autograd.Function):
         g_k = _like_layout(k, L, k.dtype) if need_k else None
         g_v = _like_layout(v, L, v.dtype) if need_v else None
         plan = ctx.plan
-        g_delta = _like_layout(k, L, rdtype) if ctx.has_delta and ctx.needs_input_grad[10] else None
+        g_spill = None  # d loss / d k' at the entries the previous block's starts spilled into this one
         # Accumulators, contiguous (in-place baddbmm_ on a strided one runs matrix by matrix).
         g_S0, g_S1 = (torch.zeros(C, P, P, dtype=rdtype, device=dev) for _ in range(2))
         g_toep, g_ts = torch.zeros_like(toep), torch.zeros_like(to_state)
@@ -491,9 +533,13 @@ class _BlockedH3(torch.autograd.Function):
             _load(g_s, g_s_q, 0, tb, buf)  # zero beyond tb
             g_s = g_s.view(rows)
             before_r = torch.view_as_real(before).view(C, ab * Bsz, 2 * n2)
-            g_sh = g_s if bp is None else g_s * bp.head  # what the incoming states reached
-            g_fs_t.baddbmm_(g_sh.transpose(1, 2), before_r)
-            g_before = torch.view_as_complex(torch.bmm(g_sh, fs_t).view(C, ab, Bsz, n2, 2))
+            g_fs_t.baddbmm_(g_s.transpose(1, 2), before_r)
+            g_before_r = torch.bmm(g_s, fs_t)
+            if bp is not None and bp.rows.numel():  # the incoming states' cut responses
+                g_cut = g_s.index_select(1, bp.rows).mul_(bp.not_head)
+                g_fs_t.baddbmm_(g_cut.transpose(1, 2), before_r.index_select(1, bp.rows), alpha=-1)
+                g_before_r.index_add_(1, bp.rows, torch.bmm(g_cut, fs_t), alpha=-1)
+            g_before = torch.view_as_complex(g_before_r.view(C, ab, Bsz, n2, 2))
             if last:
                 g_before[:, -1] += g_before_last
             # Reverse scan: g_ends[a] = d loss / d state entering chunk a + 1.
@@ -508,23 +554,25 @@ class _BlockedH3(torch.autograd.Function):
             vbr = vb.view(rows)
             kv = kp * vbr
             g_toep.baddbmm_(kv.transpose(1, 2), g_s)
-            if bp is None:
-                g_ts.baddbmm_(kv.transpose(1, 2), g_ends_r)
-                g_kv = torch.bmm(g_s, toep_t).baddbmm_(g_ends_r, ts_t)
-            else:
-                g_ts.baddbmm_((kv * bp.tail).transpose(1, 2), g_ends_r)
-                g_kv = torch.bmm(g_s, toep_t).addcmul_(torch.bmm(g_ends_r, ts_t), bp.tail)
-                if bp.rows.numel():  # the subtracted in-chunk products that crossed a start
-                    g_cross = g_s.index_select(1, bp.rows).mul_(bp.outputs)
-                    g_toep.baddbmm_(kv.index_select(1, bp.rows).mul_(bp.inputs).transpose(1, 2), g_cross, alpha=-1)
-                    g_kv.index_add_(1, bp.rows, torch.bmm(g_cross, toep_t).mul_(bp.inputs), alpha=-1)
+            g_ts.baddbmm_(kv.transpose(1, 2), g_ends_r)
+            g_kv = torch.bmm(g_s, toep_t).baddbmm_(g_ends_r, ts_t)
+            if bp is not None and bp.rows.numel():  # end states without the inputs before the last start
+                g_end = g_ends_r.index_select(1, bp.rows)
+                g_ts.baddbmm_(kv.index_select(1, bp.rows).mul_(bp.not_tail).transpose(1, 2), g_end, alpha=-1)
+                g_kv.index_add_(1, bp.rows, torch.bmm(g_end, ts_t).mul_(bp.not_tail), alpha=-1)
+            if bp is not None and bp.pair_rows.numel():  # the in-chunk products that crossed a start
+                g_cross = g_s.index_select(1, bp.pair_rows).mul_(bp.pair_out)
+                g_toep.baddbmm_(kv.index_select(1, bp.pair_rows).mul_(bp.pair_in).transpose(1, 2), g_cross, alpha=-1)
+                g_kv.index_add_(1, bp.pair_rows, torch.bmm(g_cross, toep_t).mul_(bp.pair_in), alpha=-1)
             if last:
                 g_kv.view(C, ab, Bsz, P)[:, -1] += g_kv_last
             if need_v:
                 _store(g_v[..., t0 : t0 + tb], (g_kv * kp).view(C, ab, Bsz, P), tb, buf)
             g_kp = g_kv.mul_(vbr)
-            if g_delta is not None:
-                _store(g_delta[..., t0 : t0 + tb], g_kp.view(C, ab, Bsz, P), tb, buf)
+            g_win = None
+            if bp is not None:
+                g_win, g_spill = _shift_starts_backward(g_kp, kbuf, S1, g_S1, bp, g_spill, need_k,
+                                                        plan.blocks[i - 1] if i > 0 else None)
             g_S0.baddbmm_(kbuf[:, 1:].reshape(rows).transpose(1, 2), g_kp)
             g_S1.baddbmm_(kbuf[:, :-1].reshape(rows).transpose(1, 2), g_kp)  # the previous chunks
             if need_k:
@@ -535,10 +583,14 @@ class _BlockedH3(torch.autograd.Function):
                 if g_halo is not None:
                     gk[:, -1] += g_halo  # the next block read this chunk as its halo
                 g_halo = torch.bmm(g_kp4[:, 0], S1_t)
+                if g_win is not None:  # the inputs before each start, this block's and its halo's
+                    gkb = torch.cat((g_halo.unsqueeze(1), gk), dim=1).view(C, -1)
+                    gkb.index_add_(1, bp.shift_src, g_win)
+                    g_halo, gk = gkb.view(C, ab + 1, Bsz, P)[:, 0], gkb.view(C, ab + 1, Bsz, P)[:, 1:]
                 _store(g_k[..., t0 : t0 + tb], gk, tb, buf)
         x0_grad = g_x if ctx.has_x0 else None
         g_ws = torch.cat((g_S0, g_S1), dim=2)
-        return g_q, g_k, g_v, g_ws, g_toep, g_ts, g_fs_t.transpose(1, 2), g_w, x0_grad, None, g_delta, None
+        return g_q, g_k, g_v, g_ws, g_toep, g_ts, g_fs_t.transpose(1, 2), g_w, x0_grad, None, None
 
 
 @_no_autocast
@@ -560,14 +612,13 @@ def _h3_core_chunked(
     cdtype = decay.dtype
     x0 = initial_state.to(cdtype).transpose(0, 1).contiguous() if initial_state is not None else None
     args = (q, k, v, w_shift, toep, to_state, from_state, decay, x0, T)
-    plan = delta = None
+    plan = None
     if doc_start is not None and doc_start.any():
         plan = ChunkPlan(doc_start, _spans(L, T, P), P, rdtype)
-        delta = shift_correction(k, w_shift[..., P:], doc_start)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args[:9], delta)):
-        y, before_last, kv_last = _BlockedH3.apply(*args, delta, plan)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:9]):
+        y, before_last, kv_last = _BlockedH3.apply(*args, plan)
     else:
-        y, before_last, kv_last, _ = _blocked_forward(*args, False, delta, plan)
+        y, before_last, kv_last, _ = _blocked_forward(*args, False, plan)
     if not return_state:
         return y
     # State after position L-1, closed from the state before the last chunk and its r inputs
@@ -681,7 +732,9 @@ def _ref_documents(q, k, v, shift_B, shift_C, shift_D, ssm, D, initial_state, re
     return (y, torch.cat(states)) if return_state else y
 
 
-def diagonal_conv(x: torch.Tensor, ssm: DiscreteDiagonalSSM, D: torch.Tensor, *, doc_start: torch.Tensor) -> torch.Tensor:
+def diagonal_conv(
+    x: torch.Tensor, ssm: DiscreteDiagonalSSM, D: torch.Tensor, *, doc_start: torch.Tensor
+) -> torch.Tensor:
     """The diagonal SSM alone (S4D), y = causal_conv(x, Kd) + D x, with each document of
     `doc_start` isolated: the chunked H3 core with q = v = 1 and an identity shift SSM (one tap
     of 0, skip 1), so its exact state restarts serve S4D too. x: (B, C, L); returns x's dtype."""

@@ -60,7 +60,11 @@ class SequenceSplit:
         return torch.nn.functional.pad(before, (width - before.shape[-1], 0))
 
     def incoming_state(
-        self, final_state: torch.Tensor, ssm: DiscreteDiagonalSSM, chunk_length: int, carries: torch.Tensor | None = None
+        self,
+        final_state: torch.Tensor,
+        ssm: DiscreteDiagonalSSM,
+        chunk_length: int,
+        carries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The diagonal SSM's state before this rank's chunk, from every chunk's state after it
         when run from zero (final_state: (B, C, N/2) complex, this rank's; with documents, the

@@ -21,6 +21,7 @@ from hippo.kernels import (
 )
 from hippo.kernels.documents import document_spans
 from hippo.kernels.h3_core import _h3_core_chunked, triton_unsupported
+from hippo.pretrain.models.config import ConfigError
 from hippo.pretrain.models.h3 import H3
 from hippo.pretrain.models.inference import InferenceParams
 from hippo.pretrain.models.s4d import S4D
@@ -98,7 +99,7 @@ def test_packed_equals_separate_with_initial_and_final_state():
     assert _rel(torch.view_as_real(s_torch[:1]), torch.view_as_real(alone)) < 1e-12
 
 
-@pytest.mark.parametrize("block", [None, 128])
+@pytest.mark.parametrize("block", [None, 128, 64])
 def test_gradients_equal_the_reference_paths(block):
     """Backward of the chunked path (hand-written) against autograd through the per-document
     reference, for every input and parameter, with the final state in the loss."""
@@ -161,7 +162,8 @@ def test_no_leakage_from_an_earlier_document(impl, dtype, tol):
     # Without isolation document A does reach B (the test can see a leak).
     q, k, v = with_b_from(1, 9)
     q2, k2, v2 = with_b_from(2, 9)
-    plain = [h3_core(*t, sB, sC, sD, discretize_diagonal(*raw), D, impl=impl)[..., 129:] for t in ((q, k, v), (q2, k2, v2))]
+    ssm = discretize_diagonal(*raw)
+    plain = [h3_core(*t, sB, sC, sD, ssm, D, impl=impl)[..., 129:] for t in ((q, k, v), (q2, k2, v2))]
     assert _rel(plain[1][0], plain[0][0]) > 1e-3
 
 
@@ -207,17 +209,36 @@ def test_triton_cannot_take_documents_and_says_why():
         select_impl(None, torch.float32, 1024, "cpu", impl="triton", interpret=True, documents=True)
 
 
-def test_auto_logs_the_documents_fallback_once(caplog):
-    sys.modules["hippo.kernels.h3_core"]._auto_logged.clear()
+def test_explicit_triton_with_documents_raises_before_any_work(monkeypatch):
+    """Under the interpreter (where Triton could otherwise run on CPU) and in the H3 layer, which
+    names its option."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     sB, sC, sD, raw, D = _params(2)
     q, k, v = _inputs(1, 2, 10, torch.float32)
     ds = _starts(1, 10, [[4]])
+    with pytest.raises(TritonUnavailableError, match="doc_start"):
+        h3_core(q, k, v, sB, sC, sD, discretize_diagonal(*raw), D, impl="triton", doc_start=ds)
+    layer = H3(4, 16, layer_idx=0, conv_impl="triton")
+    with pytest.raises(ConfigError, match="model.conv_impl='triton' cannot run here: .*doc_start"):
+        layer(torch.randn(1, 10, 4), doc_start=ds)
+
+
+def test_auto_logs_the_documents_fallback_once(caplog, monkeypatch):
+    """Where Triton would run (an sm_90 device, triton installed), documents send "auto" to the
+    chunked path, and the reason is logged once; the plain call still picks Triton."""
+    mod = sys.modules["hippo.kernels.h3_core"]
+    mod._auto_logged.clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(mod.importlib.util, "find_spec", lambda name: object())
+    cuda = torch.device("cuda")
     with caplog.at_level(logging.INFO, logger="hippo.kernels.h3_core"):
         for _ in range(2):
-            h3_core(q, k, v, sB, sC, sD, discretize_diagonal(*raw), D, doc_start=ds)
-    if triton_unsupported(None, torch.float32, 10, "cpu", triton_installed=True) is not None:
-        # On CPU the reason is the device; the documents reason shows where Triton could run.
-        assert sum("picked 'torch'" in r.getMessage() for r in caplog.records) == 1
+            assert mod._resolve_impl("auto", cuda, torch.bfloat16, 1024, False, documents=True) == "torch"
+        assert mod._resolve_impl("auto", cuda, torch.bfloat16, 1024, False) == "triton"
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("picked 'torch'" in m and "doc_start" in m for m in msgs) == 1, msgs
+    assert sum("picked 'triton'" in m for m in msgs) == 1, msgs
+    mod._auto_logged.clear()
 
 
 # ------------------------------------------------------------------ layers: packed == separate
