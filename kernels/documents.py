@@ -62,9 +62,8 @@ class _BlockPlan:
     flat indices its (C, ab B P) views (k's block with its halo chunk first: (C, (ab + 1) B P))."""
 
     keep: torch.Tensor  # (1, ab, B, 1): the chunk has no start (the state carries through it)
-    rows: torch.Tensor  # (m,) rows that hold a start
-    not_head: torch.Tensor  # (1, m, P): t at or after the row's first start (the incoming state stops)
-    not_tail: torch.Tensor  # (1, m, P): i before the row's last start (not in the outgoing state)
+    head: torch.Tensor  # (1, ab B, P): t before the row's first start (the incoming state reaches it)
+    tail: torch.Tensor  # (1, ab B, P): i at or after the row's last start (feeds the outgoing state)
     pair_rows: torch.Tensor  # (n,) row of each start at an offset > 0
     pair_in: torch.Tensor  # (1, n, P): i before that start
     pair_out: torch.Tensor  # (1, n, P): t from that start to the row's next one
@@ -83,13 +82,13 @@ class ChunkPlan:
     """Per block of the chunked path (`kernels.h3_core._spans`), in its chunk-major row order
     (row a B + b = chunk a of sample b), where the starts are and what each one corrects:
 
-    - diagonal SSM: the chunks holding a start (their incoming-state response is cut at the first
-      start, their end state at the last, `keep` stops the carry) and the in-chunk starts (the
-      Toeplitz products that cross them are subtracted);
+    - diagonal SSM: per chunk, masks (its incoming-state response stops at its first start, its
+      end state starts at its last, `keep` stops the carry; masks cost less than per-row products
+      at any density) and the in-chunk starts (the Toeplitz products crossing them are subtracted);
     - shift SSM: for each start p >= 1, the P inputs before it and the outputs p .. p + P - 1
       of the same document below L that their response reaches (a start near a block's end
       reaches into the next block's first chunk: `spill`).
-    Everything is sparse: a block without a start costs nothing but `keep`.
+    The rest is sparse: one P x P product per start for each SSM.
     """
 
     def __init__(self, doc_start: torch.Tensor, spans: list[tuple[int, int, int]], P: int, dtype: torch.dtype):
@@ -102,7 +101,6 @@ class ChunkPlan:
         head = (count == 0).to(dtype)
         tail = (count == total).to(dtype)
         keep = (total == 0).to(dtype)  # (B, nch, 1)
-        has_b, has_a = (total[..., 0] > 0).nonzero(as_tuple=True)
         inner = ds.clone()
         inner[..., 0] = False
         b_idx, a_idx, o_idx = inner.nonzero(as_tuple=True)
@@ -120,8 +118,6 @@ class ChunkPlan:
         for t0, _, tp in spans:
             a0, ab = t0 // P, tp // P
             sel = (a_idx >= a0) & (a_idx < a0 + ab)
-            rsel = (has_a >= a0) & (has_a < a0 + ab)
-            rb, ra = has_b[rsel], has_a[rsel]
             ssel = (sp >= t0) & (sp < t0 + tp)
             b_s, rel = sb[ssel].unsqueeze(-1), sp[ssel].unsqueeze(-1) - t0
             src = rel + lag  # positions p - P .. p - 1 relative to the block's halo chunk start (t0 - P)
@@ -133,9 +129,8 @@ class ChunkPlan:
             entries = torch.arange(rd.numel(), device=dev).view_as(rd)
             self.blocks.append(_BlockPlan(
                 keep=keep[:, a0 : a0 + ab].transpose(0, 1).reshape(1, ab, B, 1),
-                rows=(ra - a0) * B + rb,
-                not_head=(1 - head[rb, ra]).unsqueeze(0),
-                not_tail=(1 - tail[rb, ra]).unsqueeze(0),
+                head=head[:, a0 : a0 + ab].transpose(0, 1).reshape(1, ab * B, P),
+                tail=tail[:, a0 : a0 + ab].transpose(0, 1).reshape(1, ab * B, P),
                 pair_rows=(a_idx[sel] - a0) * B + b_idx[sel],
                 pair_in=pair_in[sel].unsqueeze(0),
                 pair_out=pair_out[sel].unsqueeze(0),

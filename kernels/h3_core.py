@@ -405,10 +405,8 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
         vb = torch.empty(C, ab, Bsz, P, dtype=rdtype, device=dev)
         _load(vb, v, t0, tb, buf)
         kv = kp * vb.view(rows)  # zero beyond tb
-        ends_r = torch.bmm(kv, to_state)
-        if bp is not None and bp.rows.numel():  # a chunk's end state: only after its last start
-            ends_r.index_add_(1, bp.rows, torch.bmm(kv.index_select(1, bp.rows).mul_(bp.not_tail), to_state), alpha=-1)
-        ends = torch.view_as_complex(ends_r.view(C, ab, Bsz, n2, 2))
+        # A chunk's end state: only from its last start on.
+        ends = torch.view_as_complex(torch.bmm(kv if bp is None else kv * bp.tail, to_state).view(C, ab, Bsz, n2, 2))
         before = torch.empty(C, ab, Bsz, n2, dtype=cdtype, device=dev)
         before[:, 0] = x
         wk = None if bp is None else wb.unsqueeze(1) * bp.keep  # (C, ab, B, N/2): no carry out of a start's chunk
@@ -416,10 +414,10 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
             torch.addcmul(ends[:, a], wb if wk is None else wk[:, a], before[:, a], out=before[:, a + 1])
         x = torch.addcmul(ends[:, ab - 1], wb if wk is None else wk[:, ab - 1], before[:, ab - 1])
         before_r = torch.view_as_real(before).view(C, ab * Bsz, 2 * n2)
-        s = torch.bmm(kv, toep).baddbmm_(before_r, from_state)
-        if bp is not None and bp.rows.numel():
-            cut = torch.bmm(before_r.index_select(1, bp.rows), from_state).mul_(bp.not_head)
-            s.index_add_(1, bp.rows, cut, alpha=-1)  # the incoming state stops at the first start
+        if bp is None:
+            s = torch.bmm(kv, toep).baddbmm_(before_r, from_state)
+        else:  # the incoming state stops at the chunk's first start
+            s = torch.bmm(kv, toep).addcmul_(torch.bmm(before_r, from_state), bp.head)
         if bp is not None and bp.pair_rows.numel():
             cross = torch.bmm(kv.index_select(1, bp.pair_rows).mul_(bp.pair_in), toep).mul_(bp.pair_out)
             s.index_add_(1, bp.pair_rows, cross, alpha=-1)
@@ -533,13 +531,9 @@ class _BlockedH3(torch.autograd.Function):
             _load(g_s, g_s_q, 0, tb, buf)  # zero beyond tb
             g_s = g_s.view(rows)
             before_r = torch.view_as_real(before).view(C, ab * Bsz, 2 * n2)
-            g_fs_t.baddbmm_(g_s.transpose(1, 2), before_r)
-            g_before_r = torch.bmm(g_s, fs_t)
-            if bp is not None and bp.rows.numel():  # the incoming states' cut responses
-                g_cut = g_s.index_select(1, bp.rows).mul_(bp.not_head)
-                g_fs_t.baddbmm_(g_cut.transpose(1, 2), before_r.index_select(1, bp.rows), alpha=-1)
-                g_before_r.index_add_(1, bp.rows, torch.bmm(g_cut, fs_t), alpha=-1)
-            g_before = torch.view_as_complex(g_before_r.view(C, ab, Bsz, n2, 2))
+            g_sh = g_s if bp is None else g_s * bp.head  # what the incoming states reached
+            g_fs_t.baddbmm_(g_sh.transpose(1, 2), before_r)
+            g_before = torch.view_as_complex(torch.bmm(g_sh, fs_t).view(C, ab, Bsz, n2, 2))
             if last:
                 g_before[:, -1] += g_before_last
             # Reverse scan: g_ends[a] = d loss / d state entering chunk a + 1.
@@ -554,12 +548,12 @@ class _BlockedH3(torch.autograd.Function):
             vbr = vb.view(rows)
             kv = kp * vbr
             g_toep.baddbmm_(kv.transpose(1, 2), g_s)
-            g_ts.baddbmm_(kv.transpose(1, 2), g_ends_r)
-            g_kv = torch.bmm(g_s, toep_t).baddbmm_(g_ends_r, ts_t)
-            if bp is not None and bp.rows.numel():  # end states without the inputs before the last start
-                g_end = g_ends_r.index_select(1, bp.rows)
-                g_ts.baddbmm_(kv.index_select(1, bp.rows).mul_(bp.not_tail).transpose(1, 2), g_end, alpha=-1)
-                g_kv.index_add_(1, bp.rows, torch.bmm(g_end, ts_t).mul_(bp.not_tail), alpha=-1)
+            if bp is None:
+                g_ts.baddbmm_(kv.transpose(1, 2), g_ends_r)
+                g_kv = torch.bmm(g_s, toep_t).baddbmm_(g_ends_r, ts_t)
+            else:  # end states only from each chunk's last start on
+                g_ts.baddbmm_((kv * bp.tail).transpose(1, 2), g_ends_r)
+                g_kv = torch.bmm(g_s, toep_t).addcmul_(torch.bmm(g_ends_r, ts_t), bp.tail)
             if bp is not None and bp.pair_rows.numel():  # the in-chunk products that crossed a start
                 g_cross = g_s.index_select(1, bp.pair_rows).mul_(bp.pair_out)
                 g_toep.baddbmm_(kv.index_select(1, bp.pair_rows).mul_(bp.pair_in).transpose(1, 2), g_cross, alpha=-1)
