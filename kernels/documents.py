@@ -68,6 +68,10 @@ class _BlockPlan:
     pair_in: torch.Tensor  # (1, n, P): i before that start
     pair_out: torch.Tensor  # (1, n, P): t from that start to the row's next one
     shift_src: torch.Tensor  # (s P,) per start of the shift SSM, the P inputs before it (flat, k with halo)
+    halo_sel: torch.Tensor  # which of them are in the halo chunk ...
+    halo_at: torch.Tensor  # ... at these flat positions of it (C, B P)
+    body_sel: torch.Tensor  # and which in the block's own chunks ...
+    body_at: torch.Tensor  # ... at these flat positions of them (C, ab B P)
     shift_sel: torch.Tensor  # entries of the (s P) corrections that land in this block ...
     shift_dst: torch.Tensor  # ... at these flat positions of k'
     spill_sel: torch.Tensor  # entries that land in the next block's first chunk ...
@@ -127,6 +131,8 @@ class ChunkPlan:
             ok = valid[ssel]
             inside, spill = ok & (rd < tp), ok & (rd >= tp)
             entries = torch.arange(rd.numel(), device=dev).view_as(rd)
+            src, flat_entries = src.flatten(), entries.flatten()
+            in_halo = src < B * P
             self.blocks.append(_BlockPlan(
                 keep=keep[:, a0 : a0 + ab].transpose(0, 1).reshape(1, ab, B, 1),
                 head=head[:, a0 : a0 + ab].transpose(0, 1).reshape(1, ab * B, P),
@@ -134,7 +140,11 @@ class ChunkPlan:
                 pair_rows=(a_idx[sel] - a0) * B + b_idx[sel],
                 pair_in=pair_in[sel].unsqueeze(0),
                 pair_out=pair_out[sel].unsqueeze(0),
-                shift_src=src.flatten(),
+                shift_src=src,
+                halo_sel=flat_entries[in_halo],
+                halo_at=src[in_halo],
+                body_sel=flat_entries[~in_halo],
+                body_at=src[~in_halo] - B * P,
                 shift_sel=entries[inside],
                 shift_dst=flat[inside],
                 spill_sel=entries[spill],

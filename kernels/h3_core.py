@@ -578,9 +578,10 @@ class _BlockedH3(torch.autograd.Function):
                     gk[:, -1] += g_halo  # the next block read this chunk as its halo
                 g_halo = torch.bmm(g_kp4[:, 0], S1_t)
                 if g_win is not None:  # the inputs before each start, this block's and its halo's
-                    gkb = torch.cat((g_halo.unsqueeze(1), gk), dim=1).view(C, -1)
-                    gkb.index_add_(1, bp.shift_src, g_win)
-                    g_halo, gk = gkb.view(C, ab + 1, Bsz, P)[:, 0], gkb.view(C, ab + 1, Bsz, P)[:, 1:]
+                    g_halo = g_halo.contiguous()
+                    for dst, sel, at in ((g_halo, bp.halo_sel, bp.halo_at), (gk, bp.body_sel, bp.body_at)):
+                        if sel.numel():
+                            dst.view(C, -1).index_add_(1, at, g_win.index_select(1, sel))
                 _store(g_k[..., t0 : t0 + tb], gk, tb, buf)
         x0_grad = g_x if ctx.has_x0 else None
         g_ws = torch.cat((g_S0, g_S1), dim=2)
