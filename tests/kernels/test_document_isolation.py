@@ -337,3 +337,30 @@ def test_decode_after_a_reset_equals_a_fresh_start(kind):
     assert _rel(got[0], torch.stack(outs, 1)[0]) < 1e-5
     assert torch.equal(got[1], plain[1])
     assert _rel(got[0], plain[0]) > 1e-3  # without the reset the prompt would still be heard
+
+
+@pytest.mark.parametrize("seed,density", [(0, 0.002), (1, 0.02), (2, 0.2), (3, 0.6)])
+def test_random_maps_chunked_equals_per_document_reference(seed, density):
+    """Random lengths and start maps from sparse to most positions, with an initial state and
+    the final state in the loss, blocks of one chunk (every start near a block edge) and whole:
+    the chunked path's outputs, state and every gradient equal the per-document reference's."""
+    g = torch.Generator().manual_seed(seed)
+    B, C, L = 3, 2, int(torch.randint(1, 600, (1,), generator=g))
+    ds = torch.rand(B, L, generator=g) < density
+    sB, sC, sD, raw, D = _params(C, torch.float64, seed=seed)
+    params = [sB, sC, sD, D, *raw]
+    for t in params:
+        t.requires_grad_()
+    q, k, v = (torch.randn(B, C, L, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    x0 = torch.randn(B, C, 32, dtype=torch.complex128, generator=g)
+    w = torch.randn(B, C, L, dtype=torch.float64, generator=g)
+
+    def run(impl, block=None):
+        y, state = _run(impl, q, k, v, sB, sC, sD, raw, D, ds, block, initial_state=x0, return_state=True)
+        grads = torch.autograd.grad((y * w).sum() + (state.abs() ** 2).sum(), [q, k, v, *params])
+        return [y, torch.view_as_real(state), *grads]
+
+    want = run("reference")
+    for block in (64, None):
+        for got, ref in zip(run("torch", block), want):
+            assert _rel(got, ref) < 1e-10
