@@ -1,7 +1,15 @@
 """FlashConv: long convolutions and the SSM kernels of H3. Imports only torch (and triton)."""
 
+from hippo.kernels.documents import after_last_start, before_first_start, check_doc_start
 from hippo.kernels.fftconv import fft_size, fftconv, fftconv_ref
-from hippo.kernels.h3_core import H3_CORE_IMPLS, TritonUnavailableError, h3_core, h3_core_ref, select_impl
+from hippo.kernels.h3_core import (
+    H3_CORE_IMPLS,
+    TritonUnavailableError,
+    diagonal_conv,
+    h3_core,
+    h3_core_ref,
+    select_impl,
+)
 from hippo.kernels.ssm import (
     DiscreteDiagonalSSM,
     dA_powers,
@@ -13,6 +21,10 @@ from hippo.kernels.ssm import (
 from hippo.kernels.state_passing import diagonal_output_from_state, incoming_states
 
 __all__ = [
+    "after_last_start",
+    "before_first_start",
+    "check_doc_start",
+    "diagonal_conv",
     "H3_CORE_IMPLS",
     "TritonUnavailableError",
     "diagonal_output_from_state",

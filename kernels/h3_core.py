@@ -22,11 +22,13 @@ Paths (`impl=`):
                - one autograd Function (`_BlockedH3`) runs the blocks forward and walks them in
                  reverse in backward, carrying both states' gradients back across the blocks.
                Exact (no FFT rounding); cost O(L (P + 2N)) per channel, time per token flat in L.
+               Packed documents (doc_start): exact isolation from closed forms, see
+               `kernels.documents` (one P x P product per start for each SSM, plus masks).
   "triton"     Triton FlashConv (`kernels._flashconv_triton`): the shift SSM as one fused block-FFT
                conv kernel (+ Dk k), then one fused kernel for q * (conv(k' v, Kd) + D k' v).
                CUDA tensors of compute capability >= 8.0 (or CPU under TRITON_INTERPRET=1),
-               fp32 / fp16 / bf16, L <= 8192 (fp32: L <= 2048), no initial/returned state;
-               otherwise asking for it raises `TritonUnavailableError`.
+               fp32 / fp16 / bf16, L <= 8192 (fp32: L <= 2048), no initial/returned state, no
+               doc_start; otherwise asking for it raises `TritonUnavailableError`.
   "auto"       "triton" where it can run on a CUDA device, else "torch" (`select_impl`, a pure
                function of capability, dtype, length and device type; each choice logged once).
 
@@ -44,10 +46,14 @@ import torch
 import torch.nn.functional as F
 
 from hippo.kernels._flashconv_support import flashconv_unsupported
+from hippo.kernels.documents import ChunkPlan, check_doc_start, document_spans
 from hippo.kernels.fftconv import fftconv
 from hippo.kernels.ssm import DiscreteDiagonalSSM, dA_powers, diagonal_kernel, diagonal_state_from_prefix, shift_kernel
 
-__all__ = ["h3_core", "h3_core_ref", "H3_CORE_IMPLS", "TritonUnavailableError", "select_impl", "triton_unsupported"]
+__all__ = [
+    "diagonal_conv", "h3_core", "h3_core_ref", "H3_CORE_IMPLS", "TritonUnavailableError", "select_impl",
+    "triton_unsupported",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,7 @@ def triton_unsupported(
     stateful: bool = False,
     interpret: bool = False,
     triton_installed: bool = True,
+    documents: bool = False,
 ) -> str | None:
     """None if the Triton path can run these inputs, else why not.
 
@@ -88,6 +95,8 @@ def triton_unsupported(
         return f"tensors are on {device_type}, not CUDA (set TRITON_INTERPRET=1 to interpret the kernel on CPU)"
     if stateful:
         return "initial_state / return_state are not supported by the Triton FlashConv path"
+    if documents:
+        return "per-document isolation (doc_start) is not supported by the Triton FlashConv path"
     if device_type == "cuda" and capability is None:
         return "the CUDA device's compute capability is unknown"
     return flashconv_unsupported(capability if device_type == "cuda" else None, dtype, length)
@@ -103,6 +112,7 @@ def select_impl(
     stateful: bool = False,
     interpret: bool = False,
     triton_installed: bool = True,
+    documents: bool = False,
 ) -> str:
     """The path `h3_core` runs: "auto" never picks a path that raises (Triton on CUDA where it
     has a clean configuration, else the chunked "torch" path; the interpreter is for tests and
@@ -115,25 +125,31 @@ def select_impl(
         raise ValueError(f"impl must be one of {H3_CORE_IMPLS}, got {impl!r}")
     if impl == "auto":
         why = triton_unsupported(capability, dtype, length, device_type, stateful=stateful,
-                                 triton_installed=triton_installed)
+                                 triton_installed=triton_installed, documents=documents)
         return "triton" if why is None else "torch"
     if impl == "triton":
         why = triton_unsupported(capability, dtype, length, device_type, stateful=stateful, interpret=interpret,
-                                 triton_installed=triton_installed)
+                                 triton_installed=triton_installed, documents=documents)
         if why is not None:
             raise TritonUnavailableError(why)
     return impl
 
 
-def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, length: int, stateful: bool) -> str:
-    """`select_impl` with this machine's facts; logs each (device type, choice) of "auto" once."""
+def _resolve_impl(
+    impl: str, device: torch.device, dtype: torch.dtype, length: int, stateful: bool, documents: bool = False
+) -> str:
+    """`select_impl` with this machine's facts; logs each (device type, choice) of "auto" once,
+    and once more the first time documents are what sends it off Triton."""
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     facts = dict(stateful=stateful, interpret=os.environ.get("TRITON_INTERPRET", "0") == "1",
-                 triton_installed=importlib.util.find_spec("triton") is not None)
+                 triton_installed=importlib.util.find_spec("triton") is not None, documents=documents)
     chosen = select_impl(capability, dtype, length, device.type, impl=impl, **facts)
-    if impl == "auto" and (device.type, chosen) not in _auto_logged:
-        _auto_logged.add((device.type, chosen))
+    why = None
+    if impl == "auto":
         why = triton_unsupported(capability, dtype, length, device.type, **{**facts, "interpret": False})
+    key = (device.type, chosen, bool(why) and "doc_start" in why)
+    if impl == "auto" and key not in _auto_logged:
+        _auto_logged.add(key)
         log.info("h3_core impl='auto' picked %r on %s%s", chosen, device.type, f" ({why})" if why else "")
     return chosen
 
@@ -342,7 +358,7 @@ def _store(dst: torch.Tensor, src: torch.Tensor, tb: int, buf: torch.Tensor) -> 
         dst.copy_(st[..., :tb])
 
 
-def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T, save):
+def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T, save, plan=None):
     """The chunked H3 core over blocks of T positions, carrying both SSM states between blocks.
 
     Blocks are chunk-major, (C, ab, B, P): row a B + b of a channel's matrices is chunk a of
@@ -355,6 +371,12 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
       y = q s, in q's layout.
     Returns y, the state before the last chunk (C, B, N/2), k'v of the last chunk (C, B, P), and
     (when `save`) per block what backward needs: the k block with its halo, k', v, s, the states.
+
+    Documents (`plan`, a `kernels.documents.ChunkPlan`): per start, the shift SSM's response to
+    the P inputs before it is subtracted from k'; in a chunk holding a start the incoming state's
+    response after its first start and the end state's inputs before its last are subtracted,
+    the carry stops, and the in-chunk Toeplitz products that cross a start are subtracted.
+    None: today's ops, untouched.
     """
     Bsz, C, L = q.shape
     P = w_shift.shape[1]
@@ -365,10 +387,11 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
     x = x0 if x0 is not None else torch.zeros(C, Bsz, n2, dtype=cdtype, device=dev)
     wb = decay.unsqueeze(1)
     buf = torch.empty(Bsz * C * min(T, -(-L // P) * P), dtype=rdtype, device=dev)  # staging for transposes
-    halo = None
+    halo = spill = None
     saved = []
-    for t0, tb, tp in _spans(L, T, P):
+    for i, (t0, tb, tp) in enumerate(_spans(L, T, P)):
         ab = tp // P
+        bp = plan.blocks[i] if plan is not None else None
         kbuf = torch.empty(C, ab + 1, Bsz, P, dtype=rdtype, device=dev)
         if halo is None:
             kbuf[:, 0].zero_()
@@ -377,16 +400,27 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
         _load(kbuf[:, 1:], k, t0, tb, buf)
         rows = (C, ab * Bsz, P)
         kp = torch.bmm(kbuf[:, 1:].reshape(rows), S0).baddbmm_(kbuf[:, :-1].reshape(rows), S1)
+        if bp is not None:
+            spill = _shift_starts(kp, kbuf, S1, bp, spill)
         vb = torch.empty(C, ab, Bsz, P, dtype=rdtype, device=dev)
         _load(vb, v, t0, tb, buf)
         kv = kp * vb.view(rows)  # zero beyond tb
-        ends = torch.view_as_complex(torch.bmm(kv, to_state).view(C, ab, Bsz, n2, 2))
+        # A chunk's end state: only from its last start on.
+        ends = torch.view_as_complex(torch.bmm(kv if bp is None else kv * bp.tail, to_state).view(C, ab, Bsz, n2, 2))
         before = torch.empty(C, ab, Bsz, n2, dtype=cdtype, device=dev)
         before[:, 0] = x
+        wk = None if bp is None else wb.unsqueeze(1) * bp.keep  # (C, ab, B, N/2): no carry out of a start's chunk
         for a in range(ab - 1):
-            torch.addcmul(ends[:, a], wb, before[:, a], out=before[:, a + 1])
-        x = torch.addcmul(ends[:, ab - 1], wb, before[:, ab - 1])
-        s = torch.bmm(kv, toep).baddbmm_(torch.view_as_real(before).view(C, ab * Bsz, 2 * n2), from_state)
+            torch.addcmul(ends[:, a], wb if wk is None else wk[:, a], before[:, a], out=before[:, a + 1])
+        x = torch.addcmul(ends[:, ab - 1], wb if wk is None else wk[:, ab - 1], before[:, ab - 1])
+        before_r = torch.view_as_real(before).view(C, ab * Bsz, 2 * n2)
+        if bp is None:
+            s = torch.bmm(kv, toep).baddbmm_(before_r, from_state)
+        else:  # the incoming state stops at the chunk's first start
+            s = torch.bmm(kv, toep).addcmul_(torch.bmm(before_r, from_state), bp.head)
+        if bp is not None and bp.pair_rows.numel():
+            cross = torch.bmm(kv.index_select(1, bp.pair_rows).mul_(bp.pair_in), toep).mul_(bp.pair_out)
+            s.index_add_(1, bp.pair_rows, cross, alpha=-1)
         s_q = _like_layout(q, tb, rdtype)  # s in q's layout, for y = q s here and g_q = g_y s later
         _store(s_q, s.view(C, ab, Bsz, P), tb, buf)
         torch.mul(q[..., t0 : t0 + tb], s_q, out=y[..., t0 : t0 + tb])
@@ -395,6 +429,43 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
             saved.append((kbuf, kp, vb, s_q, before))
     kv_last = kv.view(C, ab, Bsz, P)[:, -1].clone()
     return y, before[:, -1].clone(), kv_last, saved
+
+
+def _shift_starts(kp, kbuf, S1, bp, spill):
+    """k' of a block loses, per start, the shift SSM's response to the P inputs before it (in
+    place); returns what reaches the next block's first chunk. spill: the previous block's."""
+    C = kp.shape[0]
+    kp_flat = kp.view(C, -1)
+    if spill is not None and spill[0].numel():
+        kp_flat.index_add_(1, spill[0], spill[1], alpha=-1)
+    if not bp.shift_src.numel():
+        return None
+    win = kbuf.reshape(C, -1).index_select(1, bp.shift_src).view(C, -1, S1.shape[-1])
+    corr = torch.bmm(win, S1).view(C, -1)
+    kp_flat.index_add_(1, bp.shift_dst, corr.index_select(1, bp.shift_sel), alpha=-1)
+    return bp.spill_dst, corr.index_select(1, bp.spill_sel)
+
+
+def _shift_starts_backward(g_kp, kbuf, S1, g_S1, bp, g_spill, need_k, bp_before):
+    """Backward of `_shift_starts` for one block: adds to g_S1; returns the gradient of the
+    gathered inputs (flat, at bp.shift_src; None without need_k) and, for the previous block,
+    d loss / d k' at the entries its starts spilled into this block."""
+    C, _, P = g_kp.shape
+    g_flat = g_kp.view(C, -1)
+    spill_prev = None
+    if bp_before is not None and bp_before.spill_dst.numel():
+        spill_prev = g_flat.index_select(1, bp_before.spill_dst)
+    if not bp.shift_src.numel():
+        return None, spill_prev
+    g_corr = torch.zeros(C, bp.shift_src.numel(), dtype=g_kp.dtype, device=g_kp.device)
+    g_corr.index_copy_(1, bp.shift_sel, g_flat.index_select(1, bp.shift_dst))
+    if g_spill is not None:
+        g_corr.index_copy_(1, bp.spill_sel, g_spill)
+    g_corr = g_corr.neg_().view(C, -1, P)
+    win = kbuf.reshape(C, -1).index_select(1, bp.shift_src).view(C, -1, P)
+    g_S1.baddbmm_(win.transpose(1, 2), g_corr)
+    g_win = torch.bmm(g_corr, S1.transpose(1, 2)).view(C, -1) if need_k else None
+    return g_win, spill_prev
 
 
 class _BlockedH3(torch.autograd.Function):
@@ -411,10 +482,10 @@ class _BlockedH3(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, w_shift, toep, to_state, from_state, decay, x0, T):
+    def forward(ctx, q, k, v, w_shift, toep, to_state, from_state, decay, x0, T, plan=None):
         mats = (w_shift, toep, to_state, from_state, decay)
-        y, before_last, kv_last, saved = _blocked_forward(q, k, v, *mats, x0, T, True)
-        ctx.T, ctx.has_x0 = T, x0 is not None
+        y, before_last, kv_last, saved = _blocked_forward(q, k, v, *mats, x0, T, True, plan)
+        ctx.T, ctx.has_x0, ctx.plan = T, x0 is not None, plan
         ctx.save_for_backward(q, k, v, *mats, *(t for blk in saved for t in blk))
         return y, before_last, kv_last
 
@@ -431,6 +502,8 @@ class _BlockedH3(torch.autograd.Function):
         g_q = _like_layout(q, L, q.dtype) if need_q else None
         g_k = _like_layout(k, L, k.dtype) if need_k else None
         g_v = _like_layout(v, L, v.dtype) if need_v else None
+        plan = ctx.plan
+        g_spill = None  # d loss / d k' at the entries the previous block's starts spilled into this one
         # Accumulators, contiguous (in-place baddbmm_ on a strided one runs matrix by matrix).
         g_S0, g_S1 = (torch.zeros(C, P, P, dtype=rdtype, device=dev) for _ in range(2))
         g_toep, g_ts = torch.zeros_like(toep), torch.zeros_like(to_state)
@@ -448,6 +521,7 @@ class _BlockedH3(torch.autograd.Function):
             ab = tp // P
             rows = (C, ab * Bsz, P)
             last = i == len(spans) - 1
+            bp = plan.blocks[i] if plan is not None else None
             gyb = gy[..., t0 : t0 + tb].to(rdtype)  # products in fp32 for half-precision inputs
             if need_q:
                 torch.mul(gyb, s_q, out=g_q[..., t0 : t0 + tb])
@@ -457,28 +531,42 @@ class _BlockedH3(torch.autograd.Function):
             _load(g_s, g_s_q, 0, tb, buf)  # zero beyond tb
             g_s = g_s.view(rows)
             before_r = torch.view_as_real(before).view(C, ab * Bsz, 2 * n2)
-            g_fs_t.baddbmm_(g_s.transpose(1, 2), before_r)
-            g_before = torch.view_as_complex(torch.bmm(g_s, fs_t).view(C, ab, Bsz, n2, 2))
+            g_sh = g_s if bp is None else g_s * bp.head  # what the incoming states reached
+            g_fs_t.baddbmm_(g_sh.transpose(1, 2), before_r)
+            g_before = torch.view_as_complex(torch.bmm(g_sh, fs_t).view(C, ab, Bsz, n2, 2))
             if last:
                 g_before[:, -1] += g_before_last
             # Reverse scan: g_ends[a] = d loss / d state entering chunk a + 1.
             g_ends = torch.empty_like(before)
             g_ends[:, ab - 1] = g_x
+            wk = None if bp is None else wc.unsqueeze(1) * bp.keep
             for a in range(ab - 1, 0, -1):
-                torch.addcmul(g_before[:, a], wc, g_ends[:, a], out=g_ends[:, a - 1])
-            g_x = torch.addcmul(g_before[:, 0], wc, g_ends[:, 0])
-            g_w += (g_ends * before.conj()).sum((1, 2))
+                torch.addcmul(g_before[:, a], wc if wk is None else wk[:, a], g_ends[:, a], out=g_ends[:, a - 1])
+            g_x = torch.addcmul(g_before[:, 0], wc if wk is None else wk[:, 0], g_ends[:, 0])
+            g_w += (g_ends * before.conj() if bp is None else g_ends * before.conj() * bp.keep).sum((1, 2))
             g_ends_r = torch.view_as_real(g_ends).view(C, ab * Bsz, 2 * n2)
             vbr = vb.view(rows)
-            kv_t = (kp * vbr).transpose(1, 2)
-            g_toep.baddbmm_(kv_t, g_s)
-            g_ts.baddbmm_(kv_t, g_ends_r)
-            g_kv = torch.bmm(g_s, toep_t).baddbmm_(g_ends_r, ts_t)
+            kv = kp * vbr
+            g_toep.baddbmm_(kv.transpose(1, 2), g_s)
+            if bp is None:
+                g_ts.baddbmm_(kv.transpose(1, 2), g_ends_r)
+                g_kv = torch.bmm(g_s, toep_t).baddbmm_(g_ends_r, ts_t)
+            else:  # end states only from each chunk's last start on
+                g_ts.baddbmm_((kv * bp.tail).transpose(1, 2), g_ends_r)
+                g_kv = torch.bmm(g_s, toep_t).addcmul_(torch.bmm(g_ends_r, ts_t), bp.tail)
+            if bp is not None and bp.pair_rows.numel():  # the in-chunk products that crossed a start
+                g_cross = g_s.index_select(1, bp.pair_rows).mul_(bp.pair_out)
+                g_toep.baddbmm_(kv.index_select(1, bp.pair_rows).mul_(bp.pair_in).transpose(1, 2), g_cross, alpha=-1)
+                g_kv.index_add_(1, bp.pair_rows, torch.bmm(g_cross, toep_t).mul_(bp.pair_in), alpha=-1)
             if last:
                 g_kv.view(C, ab, Bsz, P)[:, -1] += g_kv_last
             if need_v:
                 _store(g_v[..., t0 : t0 + tb], (g_kv * kp).view(C, ab, Bsz, P), tb, buf)
             g_kp = g_kv.mul_(vbr)
+            g_win = None
+            if bp is not None:
+                g_win, g_spill = _shift_starts_backward(g_kp, kbuf, S1, g_S1, bp, g_spill, need_k,
+                                                        plan.blocks[i - 1] if i > 0 else None)
             g_S0.baddbmm_(kbuf[:, 1:].reshape(rows).transpose(1, 2), g_kp)
             g_S1.baddbmm_(kbuf[:, :-1].reshape(rows).transpose(1, 2), g_kp)  # the previous chunks
             if need_k:
@@ -489,14 +577,21 @@ class _BlockedH3(torch.autograd.Function):
                 if g_halo is not None:
                     gk[:, -1] += g_halo  # the next block read this chunk as its halo
                 g_halo = torch.bmm(g_kp4[:, 0], S1_t)
+                if g_win is not None:  # the inputs before each start, this block's and its halo's
+                    g_halo = g_halo.contiguous()
+                    for dst, sel, at in ((g_halo, bp.halo_sel, bp.halo_at), (gk, bp.body_sel, bp.body_at)):
+                        if sel.numel():
+                            dst.view(C, -1).index_add_(1, at, g_win.index_select(1, sel))
                 _store(g_k[..., t0 : t0 + tb], gk, tb, buf)
         x0_grad = g_x if ctx.has_x0 else None
         g_ws = torch.cat((g_S0, g_S1), dim=2)
-        return g_q, g_k, g_v, g_ws, g_toep, g_ts, g_fs_t.transpose(1, 2), g_w, x0_grad, None
+        return g_q, g_k, g_v, g_ws, g_toep, g_ts, g_fs_t.transpose(1, 2), g_w, x0_grad, None, None
 
 
 @_no_autocast
-def _h3_core_chunked(q, k, v, shift_B, shift_C, shift_D, ssm, D, initial_state, return_state, P=_CHUNK, block=None):
+def _h3_core_chunked(
+    q, k, v, shift_B, shift_C, shift_D, ssm, D, initial_state, return_state, P=_CHUNK, block=None, doc_start=None
+):
     Bsz, C, L = q.shape
     N = shift_B.shape[-1]
     if N > P:
@@ -512,15 +607,22 @@ def _h3_core_chunked(q, k, v, shift_B, shift_C, shift_D, ssm, D, initial_state, 
     cdtype = decay.dtype
     x0 = initial_state.to(cdtype).transpose(0, 1).contiguous() if initial_state is not None else None
     args = (q, k, v, w_shift, toep, to_state, from_state, decay, x0, T)
+    plan = None
+    if doc_start is not None and doc_start.any():
+        plan = ChunkPlan(doc_start, _spans(L, T, P), P, rdtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:9]):
-        y, before_last, kv_last = _BlockedH3.apply(*args)
+        y, before_last, kv_last = _BlockedH3.apply(*args, plan)
     else:
-        y, before_last, kv_last, _ = _blocked_forward(*args, False)
+        y, before_last, kv_last, _ = _blocked_forward(*args, False, plan)
     if not return_state:
         return y
     # State after position L-1, closed from the state before the last chunk and its r inputs
-    # (the chunk grid may run past L; dividing out padded steps would not be stable).
+    # (the chunk grid may run past L; dividing out padded steps would not be stable); with
+    # documents only the last one's inputs, and the carry only if the last chunk has no start.
     r = L - (-(-L // P) - 1) * P
+    if plan is not None:
+        kv_last = kv_last * plan.last_tail.unsqueeze(0)
+        before_last = before_last * plan.last_keep.unsqueeze(0)
     g = (ssm.dB.to(torch.complex128).unsqueeze(-1) * dA_powers(ssm.dA, range(r)).flip(-1)).to(cdtype)  # (C, N/2, r)
     state = torch.einsum("cbl,cnl->bcn", kv_last[..., :r].to(cdtype), g)
     return y, state + before_last.transpose(0, 1) * dA_powers(ssm.dA, range(r, r + 1))[..., 0].to(cdtype)
@@ -539,6 +641,7 @@ def h3_core(
     impl: str = "auto",
     initial_state: torch.Tensor | None = None,
     return_state: bool = False,
+    doc_start: torch.Tensor | None = None,
 ):
     """y = q * (causal_conv(k' v, Kd) + D k' v), k' = causal_conv(k, Ks) + Dk k.
 
@@ -550,17 +653,27 @@ def h3_core(
         initial_state: optional (B, C, N/2) complex diagonal-SSM state before position 0.
         return_state: also return the (B, C, N/2) complex diagonal-SSM state after L-1
             (the prefill state for generation).
+        doc_start: optional (B, L) bool, True where a new document begins (`kernels.documents`):
+            each document's outputs see only its own inputs, exactly (no shift tap crosses a
+            start, the diagonal state restarts there; a start at 0 drops initial_state), and the
+            returned state is the last document's. "reference" and "torch" only ("auto" runs
+            "torch"). None: today's computation, unchanged.
     Returns:
         y (B, C, L) in q's dtype (computed in fp32, or fp64 for fp64 inputs)[, state].
     """
-    impl = _resolve_impl(impl, q.device, k.dtype, q.shape[-1], initial_state is not None or return_state)
+    if doc_start is not None:
+        check_doc_start(doc_start, q.shape[0], q.shape[-1])
+    impl = _resolve_impl(impl, q.device, k.dtype, q.shape[-1], initial_state is not None or return_state,
+                         documents=doc_start is not None)
     if impl == "triton":
         return _h3_core_triton(q, k, v, shift_B, shift_C, shift_D, ssm, D)
     if impl == "reference":
         return h3_core_ref(
-            q, k, v, shift_B, shift_C, shift_D, ssm, D, initial_state=initial_state, return_state=return_state
+            q, k, v, shift_B, shift_C, shift_D, ssm, D, initial_state=initial_state, return_state=return_state,
+            doc_start=doc_start,
         )
-    return _h3_core_chunked(q, k, v, shift_B, shift_C, shift_D, ssm, D, initial_state, return_state)
+    return _h3_core_chunked(q, k, v, shift_B, shift_C, shift_D, ssm, D, initial_state, return_state,
+                            doc_start=doc_start)
 
 
 def _h3_core_triton(q, k, v, shift_B, shift_C, shift_D, ssm, D):
@@ -574,9 +687,13 @@ def _h3_core_triton(q, k, v, shift_B, shift_C, shift_D, ssm, D):
 
 
 def h3_core_ref(
-    q, k, v, shift_B, shift_C, shift_D, ssm, D, *, initial_state=None, return_state=False
+    q, k, v, shift_B, shift_C, shift_D, ssm, D, *, initial_state=None, return_state=False, doc_start=None
 ):
-    """The reference path: full-length FFT convolutions with the materialized kernels."""
+    """The reference path: full-length FFT convolutions with the materialized kernels; with
+    doc_start, each document of each row run alone (from the initial state only if it is the
+    row's first and no start is at 0) and the outputs put back in place."""
+    if doc_start is not None and doc_start.any():
+        return _ref_documents(q, k, v, shift_B, shift_C, shift_D, ssm, D, initial_state, return_state, doc_start)
     L = q.shape[-1]
     N = shift_B.shape[-1]
     kp = fftconv(k, shift_kernel(shift_B, shift_C, min(L, N)), shift_D)
@@ -589,3 +706,36 @@ def h3_core_ref(
     if not return_state:
         return y
     return y, diagonal_state_from_prefix(kv, ssm, initial_state)
+
+
+def _ref_documents(q, k, v, shift_B, shift_C, shift_D, ssm, D, initial_state, return_state, doc_start):
+    ys, states = [], []
+    for b in range(q.shape[0]):
+        parts, state = [], None
+        for start, end in document_spans(doc_start[b]):
+            x0 = None
+            if initial_state is not None and start == 0 and not bool(doc_start[b, 0]):
+                x0 = initial_state[b : b + 1]
+            rows = (t[b : b + 1, :, start:end] for t in (q, k, v))
+            out = h3_core_ref(*rows, shift_B, shift_C, shift_D, ssm, D, initial_state=x0, return_state=return_state)
+            if return_state:
+                out, state = out
+            parts.append(out)
+        ys.append(torch.cat(parts, dim=-1))
+        states.append(state)
+    y = torch.cat(ys)
+    return (y, torch.cat(states)) if return_state else y
+
+
+def diagonal_conv(
+    x: torch.Tensor, ssm: DiscreteDiagonalSSM, D: torch.Tensor, *, doc_start: torch.Tensor
+) -> torch.Tensor:
+    """The diagonal SSM alone (S4D), y = causal_conv(x, Kd) + D x, with each document of
+    `doc_start` isolated: the chunked H3 core with q = v = 1 and an identity shift SSM (one tap
+    of 0, skip 1), so its exact state restarts serve S4D too. x: (B, C, L); returns x's dtype."""
+    check_doc_start(doc_start, x.shape[0], x.shape[-1])
+    C = x.shape[1]
+    ones = x.new_ones(1, 1, 1).expand_as(x)
+    zero_tap = x.new_zeros(C, 1, dtype=torch.float32)
+    return _h3_core_chunked(ones, x, ones, zero_tap, zero_tap, torch.ones_like(D, dtype=torch.float32), ssm, D,
+                            None, False, doc_start=doc_start)

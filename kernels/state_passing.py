@@ -5,6 +5,9 @@ crossing between chunks (`pretrain.models.sequence_split`). With x the true stat
     y[l] += 2 Re(sum_n C_n dA_n^(l+1) x_n)                   (`diagonal_output_from_state`)
     x_in[r] = dA^T x_in[r-1] + final[r-1]                      (`incoming_states`)
 
+With packed documents a chunk holding a start passes nothing from before it (`carries`), and the
+incoming state's response stops at the chunk's first start (the caller masks it).
+
 Powers of dA come from `kernels.ssm.dA_powers`. The chunked single-sequence algorithm (FFT per
 chunk) that these closed forms come from is an oracle in `tests/kernels/state_passing_ref.py`.
 """
@@ -41,20 +44,25 @@ def diagonal_output_from_state(state: torch.Tensor, ssm: DiscreteDiagonalSSM, le
     return out.reshape(*out.shape[:2], A * P)[..., :length]
 
 
-def incoming_states(final_states: torch.Tensor, dA: torch.Tensor, chunk_length: int) -> torch.Tensor:
+def incoming_states(
+    final_states: torch.Tensor, dA: torch.Tensor, chunk_length: int, carries: torch.Tensor | None = None
+) -> torch.Tensor:
     """Exclusive scan over chunks: the true state before each chunk, from every chunk's state
     after it when started from zero (the SSM is linear in its incoming state):
 
         x_in[0] = 0,  x_in[r] = dA^T x_in[r-1] + final[r-1]   (T = chunk_length)
 
     final_states: (R, B, C, N/2) complex, one per chunk in sequence order. Returns the same shape.
+    carries: optional (R, B) bool, False where chunk r holds a document start (packed documents):
+    then nothing from before it passes (x_in[r+1] = final[r], the state after its last start).
     """
     decay = dA_powers(dA, range(chunk_length, chunk_length + 1))[..., 0].to(final_states.dtype)  # (C, N/2)
     # Zero, but derived from the inputs: the first chunk's state stays on the autograd path of
     # `final_states` (under context parallelism every rank must run the gather's backward).
     carried = final_states[:0].sum(0)
     states = []
-    for final in final_states:
+    for r, final in enumerate(final_states):
         states.append(carried)
-        carried = carried * decay + final
+        through = decay if carries is None else decay * carries[r].view(-1, 1, 1)
+        carried = carried * through + final
     return torch.stack(states)

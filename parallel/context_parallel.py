@@ -39,7 +39,8 @@ def sequence_split(group, rank: int, size: int) -> SequenceSplit:
 
 
 def chunk_of(tokens: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """Positions [rank L/size, (rank+1) L/size) of (B, L) inputs or labels."""
+    """Positions [rank L/size, (rank+1) L/size) of (B, L) inputs, labels or document starts
+    (`doc_start`: the mixers gather what they need of the other ranks' starts themselves)."""
     L = tokens.shape[-1]
     if L % size:
         raise ValueError(f"sequence of {L} tokens does not split into {size} equal chunks")

@@ -10,6 +10,12 @@ tensor-parallel rank runs the whole layer on its d_model / TP channels with no c
 until W_o. Under context parallelism a rank runs its chunk of the sequence: the shift SSM's
 history comes from the chunks before it and the diagonal SSM's incoming state from a scan over
 them (`_chunk_of_sequence`; it needs states, so it runs the chunked path, never Triton).
+
+Packed documents (`doc_start`, (B, L) bool, True where a document begins): every path isolates
+them exactly (`kernels.documents`): the core, the prefill's stored states (the last document's
+inputs only), the chunk of a split sequence (halo starts and state carries gathered from the
+other ranks), and the decode step, which zeroes both states of the rows that
+`InferenceParams.doc_reset` marks before feeding their token.
 """
 
 from __future__ import annotations
@@ -17,7 +23,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from hippo.kernels import TritonUnavailableError, diagonal_output_from_state, h3_core
+from hippo.kernels import (
+    TritonUnavailableError,
+    after_last_start,
+    before_first_start,
+    diagonal_output_from_state,
+    h3_core,
+)
 from hippo.pretrain.models.config import ConfigError
 from hippo.pretrain.models.inference import InferenceParams
 from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
@@ -55,8 +67,11 @@ class H3(nn.Module):
         self.out_proj = linears.row(d_model, d_model, bias=True)
         self.sequence = linears.sequence
 
-    def forward(self, u: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
-        """u: (B, L, D) -> (B, L, D). With inference_params, prefill (offset 0) or step (offset > 0)."""
+    def forward(
+        self, u: torch.Tensor, inference_params: InferenceParams | None = None, *, doc_start: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """u: (B, L, D) -> (B, L, D). With inference_params, prefill (offset 0) or step (offset > 0).
+        doc_start: optional (B, L) bool document starts (this rank's chunk under context parallelism)."""
         if inference_params is not None and inference_params.seqlen_offset > 0:
             return self._step(u, inference_params)
         q, k, v = (p(u).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, D, L)
@@ -64,52 +79,67 @@ class H3(nn.Module):
         prefill = inference_params is not None
         discrete = dg.discrete()
         if self.sequence.split and not prefill:
-            return self.out_proj(self._chunk_of_sequence(q, k, v, discrete).transpose(1, 2))
+            return self.out_proj(self._chunk_of_sequence(q, k, v, discrete, doc_start).transpose(1, 2))
         # y = q * DiagSSM(ShiftSSM(k) * v); a prefill also gets the diagonal state at the end.
-        out = self._core(q, k, v, discrete, return_state=prefill)
+        out = self._core(q, k, v, discrete, return_state=prefill, doc_start=doc_start)
         if prefill:
             y, diag_state = out
             # Decode state: the shift SSM's last inputs in a ring with its taps, the diagonal
-            # state with its discretized SSM (weights do not change while generating).
+            # state with its discretized SSM (weights do not change while generating); with
+            # documents, only the last one's inputs.
+            window = k if doc_start is None else k * after_last_start(doc_start).unsqueeze(1)
             inference_params.states[self.layer_idx] = (
-                sh.ring_from_prefix(k), sh.ring_taps(), dg.decode_state(diag_state, discrete), dg.decoder(discrete)
+                sh.ring_from_prefix(window), sh.ring_taps(), dg.decode_state(diag_state, discrete), dg.decoder(discrete)
             )
         else:
             y = out
         return self.out_proj(y.transpose(1, 2))
 
-    def _core(self, q, k, v, discrete, *, return_state: bool):
+    def _core(self, q, k, v, discrete, *, return_state: bool, doc_start=None):
         # The SSM parameters go in as fp32 whatever the activations' dtype: the dynamics are fp32
         # tensors even under bf16 training (`parallel.engine`), and the kernels' taps come from them.
         sh, dg = self.shift_ssm, self.diag_ssm
         try:
             return h3_core(q, k, v, sh.B.float(), sh.C.float(), sh.D.float(), discrete, dg.D.float(),
-                           impl=CONV_IMPLS[self.conv_impl], return_state=return_state)
+                           impl=CONV_IMPLS[self.conv_impl], return_state=return_state, doc_start=doc_start)
         except TritonUnavailableError as e:  # raised before any work: the path choice, not the math
             raise ConfigError(
                 f"model.conv_impl='triton' cannot run here: {e.reason}; "
                 "set model.conv_impl to 'auto' (Triton where it can run, else chunked) or 'chunked'"
             ) from e
 
-    def _chunk_of_sequence(self, q, k, v, discrete) -> torch.Tensor:
+    def _chunk_of_sequence(self, q, k, v, discrete, doc_start=None) -> torch.Tensor:
         """This rank's chunk of a sequence split over ranks (`SequenceSplit`): the shift SSM
         reads the previous chunk's last N - 1 inputs (the halo, put before the chunk with zero q
         and v, so it adds nothing to the diagonal state); the diagonal SSM runs from a zero
-        state and the true incoming state's response is added in closed form."""
+        state and the true incoming state's response is added in closed form. With documents,
+        the halo's starts come along (no tap crosses them), the scan carries nothing out of a
+        chunk with a start, and the incoming response stops at this chunk's first start."""
         seq = self.sequence
         W = self.shift_ssm.B.shape[-1] - 1
         halo = seq.history(k, W)
         zeros = q.new_zeros(*q.shape[:-1], W)
         q_ext, k_ext, v_ext = (torch.cat((a, b), dim=-1) for a, b in ((zeros, q), (halo, k), (zeros, v)))
-        y, final_state = self._core(q_ext, k_ext, v_ext, discrete, return_state=True)
+        carries = starts_ext = None
+        if doc_start is not None:
+            halo_starts, carries = seq.documents(doc_start, W)
+            starts_ext = torch.cat((halo_starts, doc_start), dim=-1)
+        y, final_state = self._core(q_ext, k_ext, v_ext, discrete, return_state=True, doc_start=starts_ext)
         T = q.shape[-1]
-        incoming = seq.incoming_state(final_state, discrete, T)
-        return y[..., W:] + q * diagonal_output_from_state(incoming, discrete, T).to(y.dtype)
+        incoming = seq.incoming_state(final_state, discrete, T, carries)
+        response = diagonal_output_from_state(incoming, discrete, T)
+        if doc_start is not None:
+            response = response * before_first_start(doc_start).unsqueeze(1)
+        return y[..., W:] + q * response.to(y.dtype)
 
     def _step(self, u: torch.Tensor, inference_params: InferenceParams) -> torch.Tensor:
         """u: (B, 1, D): one token (at position seqlen_offset) through both recurrences, whose
         states are updated in place."""
         window, taps, diag_state, decoder = inference_params.states[self.layer_idx]
+        reset = getattr(inference_params, "doc_reset", None)
+        if reset is not None:  # these rows' token starts a new document: nothing before it counts
+            window.mul_(~reset)
+            diag_state.mul_((~reset).unsqueeze(-1))
         x = u[:, 0]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         k = self.shift_ssm.ring_step(window, taps, k, inference_params.seqlen_offset)

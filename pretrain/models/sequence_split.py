@@ -12,6 +12,11 @@ all-gather over the group):
   (`kernels.diagonal_output_from_state`). Neither grows with L;
 - attention, the keys and values of the chunks before it (exact causal attention).
 
+Packed documents (`doc_start`, this rank's slice of the whole sequence's map): `documents` gathers,
+with one collective, the starts in the halo (no shift tap crosses them) and which chunks hold a
+start (the state scan carries nothing out of those); the incoming state's response stops at this
+chunk's first start (`kernels.before_first_start`).
+
 Gradients flow back through the all-gather's backward (a reduce-scatter) to the ranks the
 values came from. The default, `SINGLE_SEQUENCE`, holds whole sequences.
 """
@@ -54,11 +59,31 @@ class SequenceSplit:
         before = tails.permute(1, 2, 0, 3).reshape(*x.shape[:-1], -1)[..., -width:]
         return torch.nn.functional.pad(before, (width - before.shape[-1], 0))
 
-    def incoming_state(self, final_state: torch.Tensor, ssm: DiscreteDiagonalSSM, chunk_length: int) -> torch.Tensor:
+    def incoming_state(
+        self,
+        final_state: torch.Tensor,
+        ssm: DiscreteDiagonalSSM,
+        chunk_length: int,
+        carries: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The diagonal SSM's state before this rank's chunk, from every chunk's state after it
-        when run from zero (final_state: (B, C, N/2) complex, this rank's)."""
+        when run from zero (final_state: (B, C, N/2) complex, this rank's; with documents, the
+        state after the chunk's last start). carries: (rank + 1, B) bool from `documents`."""
         finals = torch.view_as_complex(self.all_gather(torch.view_as_real(final_state.contiguous())))
-        return incoming_states(finals[: self.rank + 1], ssm.dA, chunk_length)[self.rank]
+        return incoming_states(finals[: self.rank + 1], ssm.dA, chunk_length, carries)[self.rank]
+
+    def documents(self, doc_start: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """From this rank's (B, T) starts: the (B, width) starts just before the chunk (False before
+        the sequence), and (rank + 1, B) bool whether each chunk up to this one carries its
+        incoming state through (holds no start). One all-gather of (B, width + 1) numbers."""
+        B, T = doc_start.shape
+        tail = doc_start[:, T - min(width, T) :]
+        mine = torch.cat((tail, ~doc_start.any(-1, keepdim=True)), dim=-1).to(torch.float32)
+        everyone = self.all_gather(mine).bool()  # (size, B, w + 1)
+        before = everyone[: self.rank, :, :-1].permute(1, 0, 2).reshape(B, -1)
+        before = before[:, before.shape[-1] - min(width, before.shape[-1]) :]
+        halo = torch.nn.functional.pad(before, (width - before.shape[-1], 0))
+        return halo, everyone[: self.rank + 1, :, -1]
 
     def dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         """Dropout on (B, T, D) hidden states with the masks one process draws for these positions:
