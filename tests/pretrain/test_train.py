@@ -251,6 +251,7 @@ def test_bf16_without_zero_continues_on_one_process_from_a_dp2_checkpoint(data, 
         assert got[step] == pytest.approx(expected[step], rel=1e-3), (step, got, expected)
 
 
+@pytest.mark.dist
 def test_an_fp32_zero0_checkpoint_at_another_layout_is_refused_in_one_line(data, tmp_path):
     """DeepSpeed 0.19 cannot move an fp32 ZeRO-0 run's optimizer state (torch's AdamW state in the
     model-states file): continuing at DP 2 is refused before any conversion, in one line (the
