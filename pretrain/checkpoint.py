@@ -198,6 +198,29 @@ class Checkpoint:
         return (saved["tensor"], saved["pipeline"], saved["data"], saved.get("context", 1)) == (
             layout.tensor, layout.pipeline, layout.data, layout.context)
 
+    def move_problem(self, layout, precision: str) -> str | None:
+        """Why this checkpoint cannot continue under `layout` at `precision` (one line naming the
+        options that would load it), else None.
+
+        An fp32 run at ZeRO stage 0 keeps its optimizer state where DeepSpeed 0.19 reads it only into
+        the same engine: torch's AdamW state dict inside `mp_rank_*_model_states.pt`, no
+        `*_optim_states.pt` files. So `ds_to_universal` cannot convert such a checkpoint ("can't find
+        *_optim_states.pt files"), a ZeRO >= 1 engine looks for ZeRO files it lacks, and an fp32 ZeRO-0
+        engine loads neither a universal checkpoint nor a ZeRO one (it reads `optimizer` from the model
+        states: None there). bf16 at ZeRO-0 is DeepSpeed's BF16_Optimizer, which writes ZeRO files and
+        moves (`deepspeed_compat` item 2). Checked before any conversion or engine is built."""
+        saved = self.state.layout
+        saved_stage = saved.get("zero_stage", 1)
+        saved_precision = self.state.config.get("train", {}).get("precision", "fp32")
+        fp32_zero0 = (saved_stage == 0 and saved_precision == "fp32") or (layout.zero_stage == 0 and precision == "fp32")
+        if not fp32_zero0 or (self.same_layout(layout) and (saved_stage == 0) == (layout.zero_stage == 0)):
+            return None
+        return (f"{self.path} was written at parallel.zero_stage={saved_stage} ({saved_precision}) with tensor="
+                f"{saved['tensor']}, pipeline={saved['pipeline']}, data={saved['data']}, context={saved.get('context', 1)}; "
+                f"this run has parallel.zero_stage={layout.zero_stage} ({precision}) with tensor={layout.tensor}, pipeline="
+                f"{layout.pipeline}, data={layout.data}, context={layout.context}: DeepSpeed cannot move fp32 ZeRO-0 "
+                "optimizer state to another layout or ZeRO stage; resume with the checkpoint's parallel settings")
+
 
 @dataclass
 class CheckpointManager:
@@ -391,10 +414,13 @@ class CheckpointManager:
         return [p for _, p in tags]
 
     # ------------------------------------------------------------------ loading
-    def prepare_load(self, ckpt: Checkpoint | None, layout) -> bool:
+    def prepare_load(self, ckpt: Checkpoint | None, layout, *, precision: str = "fp32") -> bool:
         """Whether `ckpt` loads through a universal checkpoint (another layout wrote it), converted
         here by rank 0. The other ranks wait for its marker file, not in a collective: converting a
-        1B+ model can outlast NCCL's timeout (10 minutes), which a barrier would hit."""
+        1B+ model can outlast NCCL's timeout (10 minutes), which a barrier would hit. A checkpoint
+        that cannot move to `layout` at `precision` (`Checkpoint.move_problem`) is refused first."""
+        if ckpt is not None and (problem := ckpt.move_problem(layout, precision)):
+            raise CheckpointError(problem)
         universal = ckpt is not None and not ckpt.same_layout(layout)
         if not universal:
             return False

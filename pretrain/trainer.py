@@ -62,7 +62,7 @@ def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None, allow_c
     ckpt = checkpoints.resolve(resume)
     _check_data_order(ckpt)
     init_from = _check_resumable(cfg, ckpt, tokenizer_id, allow_config_change=allow_config_change, init_from=init_from)
-    universal = checkpoints.prepare_load(ckpt, layout)
+    universal = checkpoints.prepare_load(ckpt, layout, precision=cfg.train.precision)
     engine = build_engine(cfg, state, load_universal=universal, init_from=init_from)
     stream = build_train_stream(cfg, state)
     step, skipped, run_id = _resume(checkpoints, ckpt, engine, stream, universal=universal) if ckpt else (0, 0, None)

@@ -251,6 +251,22 @@ def test_bf16_without_zero_continues_on_one_process_from_a_dp2_checkpoint(data, 
         assert got[step] == pytest.approx(expected[step], rel=1e-3), (step, got, expected)
 
 
+@pytest.mark.dist
+def test_an_fp32_zero0_checkpoint_at_another_layout_is_refused_in_one_line(data, tmp_path):
+    """DeepSpeed 0.19 cannot move an fp32 ZeRO-0 run's optimizer state (torch's AdamW state in the
+    model-states file): continuing at DP 2 is refused before any conversion, in one line (the
+    converter's "can't find *_optim_states.pt files" traceback before), the checkpoint untouched."""
+    one, dp2 = tmp_path / "one", tmp_path / "dp2"
+    flags = ["parallel.zero_stage=0", "train.steps=4", "checkpoint.interval=2", "train.eval_interval=4"]
+    hippo_train(one, data, *flags, "train.exit_interval=2")
+    ckpt = one / "checkpoints" / "global_step2"
+    proc = hippo_train(dp2, data, *flags[1:], "--resume", str(ckpt), nproc=2, check=False)
+    assert proc.returncode != 0 and not (dp2 / "metrics.jsonl").exists()
+    [line] = {x.split("] ")[-1] for x in proc.stderr.splitlines() if "cannot move fp32 ZeRO-0" in x}
+    assert "parallel.zero_stage=0 (fp32)" in line and "parallel.zero_stage=1 (fp32)" in line and "data=2" in line
+    assert not (ckpt.parent / "global_step2_universal").exists()
+
+
 def test_quickstart_runs_end_to_end(tmp_path):
     """The README's main job, shortened to 6 steps: corpus, prepare, train, eval, samples, MLflow."""
     run = tmp_path / "qs"
