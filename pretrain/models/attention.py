@@ -1,14 +1,37 @@
-"""Causal multi-head self-attention (PyTorch SDPA), optional rotary positions, KV cache."""
+"""Causal multi-head self-attention (PyTorch SDPA), optional rotary positions, KV cache, and
+same-document masking for packed documents (`model.document_isolation`).
+
+Isolation: a query sees the keys that are before it (causal) AND in its own document. How the
+mask is applied:
+- CPU, and CUDA with fewer than `FLEX_MIN_KEYS` keys: SDPA with a boolean (B, 1, L, S) mask
+  (materialized: L x S bools per row of the batch).
+- CUDA from `FLEX_MIN_KEYS` keys: flex attention (`torch.nn.attention.flex_attention`, compiled)
+  with a block mask built from the document ids, so no L x S mask exists and blocks outside every
+  document are skipped. Where flex attention cannot run (not importable, or attention dropout in
+  training, which it lacks) SDPA materializes the boolean mask, and says so once in the log.
+- Generation: the prefill masks like training; each decode step masks the cache entries before
+  the row's current document (`InferenceParams.doc_reset` moves it, `doc_begin` keeps it).
+Without a boundary map (`doc_start=None`) nothing changes: plain causal SDPA, no mask.
+"""
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from hippo.pretrain.models.documents import document_ids, last_document_start
 from hippo.pretrain.models.inference import InferenceParams
 from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
+
+log = logging.getLogger(__name__)
+
+FLEX_MIN_KEYS = 2048
+"""On CUDA, same-document masks over at least this many keys go through flex attention."""
 
 
 def rotary_inv_freq(rotary_dim: int, base: float = 10000.0, device: torch.device | None = None) -> torch.Tensor:
@@ -66,7 +89,11 @@ class CausalSelfAttention(nn.Module):
         B, L, _ = x.shape
         return x.view(B, L, self.local_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
 
-    def forward(self, x: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, inference_params: InferenceParams | None = None, *, doc_start: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D). `doc_start` (B, L) bool: True where a document begins (this
+        rank's chunk of the map under context parallelism); None: plain causal attention."""
         q, k, v = (self._heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
         B, _, L, _ = q.shape  # under sequence parallelism x holds L / TP positions, q all L
         split = self.sequence.split and inference_params is None
@@ -78,6 +105,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if inference_params is not None:
             k, v = self._update_cache(inference_params, k, v, offset)
+        dropout = self.dropout if self.training else 0.0
         mask = None
         if split:
             # A chunk of a sequence split over ranks: the keys and values of every chunk up to
@@ -86,12 +114,39 @@ class CausalSelfAttention(nn.Module):
             # on CPU SDPA builds the (L/CP x keys) mask (see BENCHMARKS.md, context parallelism).
             k, v = self.sequence.preceding(k, dim=2), self.sequence.preceding(v, dim=2)
             mask = causal_lower_right(L, k.shape[2])
+        if doc_start is not None and L > 1:
+            # The document ids of every key: under context parallelism those of the chunks up to
+            # this one, gathered (a chunk's own ids would restart at 0 on every rank).
+            doc = doc_start.to(torch.int32)
+            k_doc = document_ids(self.sequence.preceding(doc, dim=1) if split else doc)
+            q_doc = k_doc[:, -L:]
+            if inference_params is not None:  # a prefill: decode steps see only the last document
+                inference_params.doc_begin = last_document_start(doc_start)
+            if use_flex(q, k.shape[2], dropout):
+                y = flex_same_document(q, k, v, q_doc, k_doc)
+                return self.out_proj(y.transpose(1, 2).reshape(B, L, -1))
+            mask = same_document_mask(q_doc, k_doc)
+        elif inference_params is not None and L == 1:
+            mask = self._decode_mask(inference_params, B, offset)
         # A single new token attends to the whole cache, so only the prefill needs the causal mask.
         with self.tp_rng():  # attention dropout acts on this rank's heads: its own mask
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=L > 1 and mask is None, dropout_p=self.dropout if self.training else 0.0
+                q, k, v, attn_mask=mask, is_causal=L > 1 and mask is None, dropout_p=dropout
             )
         return self.out_proj(y.transpose(1, 2).reshape(B, L, -1))
+
+    @staticmethod
+    def _decode_mask(params: InferenceParams, B: int, offset: int) -> torch.Tensor | None:
+        """(B, 1, 1, offset + 1) bool over the cache for the token at `offset`: the entries from
+        the row's current document start on; None while no row has had a boundary."""
+        if params.doc_reset is not None:
+            begin = params.doc_begin if params.doc_begin is not None else params.doc_reset.new_zeros(B, dtype=torch.long)
+            # Idempotent, so every attention layer of the model applies the same step safely.
+            params.doc_begin = torch.where(params.doc_reset, offset, begin)
+        if params.doc_begin is None:
+            return None
+        keys = torch.arange(offset + 1, device=params.doc_begin.device)
+        return (keys >= params.doc_begin[:B, None])[:, None, None, :]
 
     def _update_cache(
         self, params: InferenceParams, k: torch.Tensor, v: torch.Tensor, offset: int
@@ -100,9 +155,64 @@ class CausalSelfAttention(nn.Module):
         if offset == 0:
             shape = (params.max_batch_size, H, params.max_seqlen, hd)
             params.states[self.layer_idx] = (k.new_zeros(shape), v.new_zeros(shape))
+            params.doc_begin = None
         k_cache, v_cache = params.states[self.layer_idx]
         if offset + L > params.max_seqlen:
             raise ValueError(f"KV cache of {params.max_seqlen} tokens exceeded (offset {offset} + {L})")
         k_cache[:B, :, offset : offset + L] = k
         v_cache[:B, :, offset : offset + L] = v
         return k_cache[:B, :, : offset + L], v_cache[:B, :, : offset + L]
+
+
+def same_document_mask(q_doc: torch.Tensor, k_doc: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, S) bool, True where query i (the last L of the S keys' positions) may see key j:
+    j <= i and both in the same document. q_doc (B, L), k_doc (B, S): document ids."""
+    L, S = q_doc.shape[-1], k_doc.shape[-1]
+    causal = torch.ones(L, S, dtype=torch.bool, device=q_doc.device).tril(S - L)
+    return ((q_doc[:, :, None] == k_doc[:, None, :]) & causal)[:, None]
+
+
+def use_flex(q: torch.Tensor, keys: int, dropout: float) -> bool:
+    """Whether the same-document mask goes through flex attention (see the module docstring);
+    logs once where a long CUDA mask is materialized instead."""
+    if not q.is_cuda or keys < FLEX_MIN_KEYS:
+        return False
+    reason = "attention dropout in training" if dropout > 0 else None if _flex_attention() is not None else \
+        "torch.nn.attention.flex_attention is not available"
+    if reason is None:
+        return True
+    _warn_materialized(reason)
+    return False
+
+
+@functools.cache
+def _warn_materialized(reason: str) -> None:
+    log.warning("document isolation: attention over >= %d keys materializes an L x S boolean mask on CUDA (%s)",
+                FLEX_MIN_KEYS, reason)
+
+
+@functools.cache
+def _flex_attention():
+    """flex_attention compiled (eager flex attention computes the whole score matrix), or None."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return None
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_same_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_doc: torch.Tensor,
+                       k_doc: torch.Tensor) -> torch.Tensor:
+    """Causal same-document attention (B, H, L, hd) through flex attention's block mask: blocks
+    wholly outside every query's document are skipped, nothing L x S is stored."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, _, L, _ = q.shape
+    S = k.shape[2]
+    shift = S - L
+
+    def same_document(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx + shift) & (q_doc[b, q_idx] == k_doc[b, kv_idx])
+
+    block_mask = create_block_mask(same_document, B, None, L, S, device=q.device)
+    return _flex_attention()(q, k, v, block_mask=block_mask)
