@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["ConfigError", "MixerKind", "ModelConfig", "RUNTIME_FIELDS"]
+__all__ = ["ConfigError", "MixerKind", "ModelConfig", "RUNTIME_FIELDS", "refuse_document_isolation"]
 
 MixerKind = Literal["h3", "s4d", "attention"]
 
@@ -114,3 +114,11 @@ class ModelConfig:
     @property
     def uses_attention(self) -> bool:
         return "attention" in self.layer_mixers
+
+
+def refuse_document_isolation(cfg: ModelConfig, target: str) -> None:
+    """Refuse to write `cfg` in a format whose model does not isolate packed documents (it would
+    compute other logits than the trained model without saying so)."""
+    if cfg.document_isolation:
+        raise ConfigError(f"model.document_isolation=true: {target} does not isolate documents yet, so it would "
+                          "not compute this model's logits; use `hippo export --format hippo`")
