@@ -3,8 +3,12 @@ same-document masking for packed documents (`model.document_isolation`).
 
 Isolation: a query sees the keys that are before it (causal) AND in its own document. How the
 mask is applied:
-- CPU, and CUDA with fewer than `FLEX_MIN_KEYS` keys: SDPA with a boolean (B, 1, L, S) mask
-  (materialized: L x S bools per row of the batch).
+- CPU, and CUDA with fewer than `FLEX_MIN_KEYS` keys: SDPA with a boolean mask, one block of
+  `QUERY_BLOCK` queries at a time over the keys from the earliest document start among them
+  (`blocked_same_document`): at most QUERY_BLOCK x S bools exist at once, and the keys before a
+  block's documents are never computed (one SDPA over the whole L x S mask costs ~1.4x causal
+  attention on the CPU; blocked, about causal's cost with sparse boundaries and less with dense).
+  With attention dropout (training) one SDPA call takes the whole (B, 1, L, S) mask instead.
 - CUDA from `FLEX_MIN_KEYS` keys: flex attention (`torch.nn.attention.flex_attention`, compiled)
   with a block mask built from the document ids, so no L x S mask exists and blocks outside every
   document are skipped. Where flex attention cannot run (not importable, or attention dropout in
@@ -30,6 +34,8 @@ from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
 
 log = logging.getLogger(__name__)
 
+QUERY_BLOCK = 64
+"""Queries per SDPA call of the blocked same-document attention."""
 FLEX_MIN_KEYS = 2048
 """On CUDA, same-document masks over at least this many keys go through flex attention."""
 
@@ -125,7 +131,10 @@ class CausalSelfAttention(nn.Module):
             if use_flex(q, k.shape[2], dropout):
                 y = flex_same_document(q, k, v, q_doc, k_doc)
                 return self.out_proj(y.transpose(1, 2).reshape(B, L, -1))
-            mask = same_document_mask(q_doc, k_doc)
+            if dropout == 0.0:
+                y = blocked_same_document(q, k, v, q_doc, k_doc)
+                return self.out_proj(y.transpose(1, 2).reshape(B, L, -1))
+            mask = same_document_mask(q_doc, k_doc)  # attention dropout: one SDPA call, one mask
         elif inference_params is not None and L == 1:
             mask = self._decode_mask(inference_params, B, offset)
         # A single new token attends to the whole cache, so only the prefill needs the causal mask.
@@ -170,6 +179,68 @@ def same_document_mask(q_doc: torch.Tensor, k_doc: torch.Tensor) -> torch.Tensor
     L, S = q_doc.shape[-1], k_doc.shape[-1]
     causal = torch.ones(L, S, dtype=torch.bool, device=q_doc.device).tril(S - L)
     return ((q_doc[:, :, None] == k_doc[:, None, :]) & causal)[:, None]
+
+
+def blocked_same_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_doc: torch.Tensor,
+                          k_doc: torch.Tensor, *, block: int = QUERY_BLOCK) -> torch.Tensor:
+    """Causal same-document attention (B, H, L, hd), the queries being the last L of the S key
+    positions, in blocks of `block` queries: each block attends, through a boolean mask, to the keys
+    from the first position of its earliest query's document up to its last query. No dropout."""
+    L, S = q.shape[2], k.shape[2]
+    shift = S - L
+    positions = torch.arange(S, device=k_doc.device)
+    new_doc = torch.ones_like(k_doc, dtype=torch.bool)
+    new_doc[:, 1:] = k_doc[:, 1:] != k_doc[:, :-1]
+    first = torch.where(new_doc, positions, 0).cummax(-1).values[:, shift:]  # (B, L): each query's document start
+    # The earliest start in a block is its first query's (starts never decrease): one host read.
+    lows = first[:, ::block].amin(0).tolist()
+    spans = [(a, min(a + block, L), lo) for a, lo in zip(range(0, L, block), lows)]
+    return _BlockedAttention.apply(q, k, v, q_doc, k_doc, spans)
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """The blocks' SDPA calls with their gradients summed in place. Autograd over slices would
+    give every block's key/value gradient a zero tensor of the whole sequence (O(L^2 / block)
+    memory traffic, slower than the unblocked mask); the backward recomputes each block's forward
+    instead (SDPA keeps no state to reuse), about one attention forward more."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_doc, k_doc, spans):
+        ctx.save_for_backward(q, k, v, q_doc, k_doc)
+        ctx.spans = spans
+        out = q.new_empty(q.shape)
+        shift = k.shape[2] - q.shape[2]
+        for a, b, lo in spans:
+            mask = _block_mask(q_doc, k_doc, a, b, lo, shift)
+            out[:, :, a:b] = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo : shift + b],
+                                                            v[:, :, lo : shift + b], attn_mask=mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, q_doc, k_doc = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        shift = k.shape[2] - q.shape[2]
+        for a, b, lo in ctx.spans:
+            mask = _block_mask(q_doc, k_doc, a, b, lo, shift)
+            qb, kb, vb = (t.detach().requires_grad_() for t in (q[:, :, a:b], k[:, :, lo : shift + b],
+                                                                v[:, :, lo : shift + b]))
+            with torch.enable_grad():
+                out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
+            gq, gk, gv = torch.autograd.grad(out, (qb, kb, vb), grad[:, :, a:b])
+            dq[:, :, a:b] = gq
+            dk[:, :, lo : shift + b] += gk
+            dv[:, :, lo : shift + b] += gv
+        return dq, dk, dv, None, None, None
+
+
+def _block_mask(q_doc: torch.Tensor, k_doc: torch.Tensor, a: int, b: int, lo: int, shift: int) -> torch.Tensor:
+    """(B, 1, b - a, shift + b - lo) bool: queries a..b-1 (key positions shift + a ..) over keys
+    lo .. shift + b - 1, causal and same-document."""
+    q_pos = torch.arange(shift + a, shift + b, device=q_doc.device)
+    k_pos = torch.arange(lo, shift + b, device=q_doc.device)
+    causal = k_pos[None, :] <= q_pos[:, None]
+    return ((q_doc[:, a:b, None] == k_doc[:, None, lo : shift + b]) & causal)[:, None]
 
 
 def use_flex(q: torch.Tensor, keys: int, dropout: float) -> bool:

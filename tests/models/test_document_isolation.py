@@ -17,7 +17,7 @@ import torch
 
 from hippo.pretrain.config import ConfigError
 from hippo.pretrain.models import CausalSelfAttention, HippoLM, InferenceParams, ModelConfig
-from hippo.pretrain.models.attention import flex_same_document, same_document_mask
+from hippo.pretrain.models.attention import blocked_same_document, flex_same_document, same_document_mask
 from hippo.pretrain.models.documents import document_ids, document_starts, last_document_start
 from hippo.pretrain.models.generation import generate
 from hippo.pretrain.models.h3 import H3
@@ -125,6 +125,45 @@ def test_attention_layer_matches_a_per_document_computation():
     expected = direct_attention(layer, x, document_ids(start))
     assert (got - expected).abs().max() <= 1e-10 * expected.abs().max()
     assert (plain - expected).abs().max() > 1e-2 * expected.abs().max()  # the mask matters
+
+
+@pytest.mark.parametrize("block", [16, 64, 512])
+@pytest.mark.parametrize("queries", [200, 90])
+def test_blocked_attention_equals_one_masked_call_forward_and_backward(block, queries):
+    """The CPU path (blocks of queries over the keys from their documents' start, gradients summed
+    in place) against one SDPA call with the whole mask, float64; `queries` < 200: the last queries
+    of the keys, as a context-parallel rank sees the chunks before its own."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, queries, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 3, 200, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    ids = torch.cat([window(1, length=200, eos_at=(0, 15, 16, 63, 64, 150)), window(2, length=200, eos_at=(199,))])
+    k_doc = document_ids(document_starts(ids, EOS))
+    q_doc = k_doc[:, -queries:]
+    grad = torch.randn(2, 3, queries, 8, generator=gen, dtype=torch.float64)
+    got = blocked_same_document(q, k, v, q_doc, k_doc, block=block)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=same_document_mask(q_doc, k_doc))
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    assert (got - expected).abs().max() <= 1e-12
+    for g, e in zip(got_grads, expected_grads):
+        assert (g - e).abs().max() <= 1e-12
+
+
+def test_attention_dropout_with_isolation_masks_in_one_call():
+    """Attention dropout (training) takes the one-call path; a query's dropped-out output still
+    comes from its own document only."""
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(32, 4, layer_idx=0, dropout=0.5).double().train()
+    ids = window(1, length=40, eos_at=(19,))
+    x = torch.randn(1, 40, 32, dtype=torch.float64)
+    y = x.clone()
+    y[:, :20] = torch.randn(1, 20, 32, dtype=torch.float64)  # document A changed
+    start = document_starts(ids, EOS)
+    torch.manual_seed(1)
+    a = layer(x, doc_start=start)
+    torch.manual_seed(1)
+    b = layer(y, doc_start=start)
+    assert (a[:, 20:] - b[:, 20:]).abs().max() <= 1e-12 and (a[:, :20] - b[:, :20]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", mixer_params())
