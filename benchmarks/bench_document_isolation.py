@@ -47,14 +47,14 @@ DENSITIES = {"sparse": 512, "dense": 64}  # tokens per document
 
 
 def windows(batch: int, seq_len: int, vocab: int, eos: int, period: int, seed: int = 0) -> torch.Tensor:
-    """(batch, seq_len + 1) random tokens (never EOS) with an EOS every `period` tokens, each row's
-    boundaries shifted by a different amount so rows differ."""
+    """(batch, seq_len + 1) random tokens (never EOS elsewhere) with an EOS every `period` tokens,
+    each row's boundaries shifted differently (row r's first at (r * 181) % period), so that with a
+    window shorter than `period` some rows hold a boundary and others none, as in packed data."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab - 1, (batch, seq_len + 1), generator=gen)
     ids[ids >= eos] += 1  # skip the EOS id
     for row in range(batch):
-        start = (row * 37) % period
-        ids[row, start + period - 1 :: period] = eos
+        ids[row, (row * 181) % period :: period] = eos
     return ids
 
 

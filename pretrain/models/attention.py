@@ -1,18 +1,21 @@
 """Causal multi-head self-attention (PyTorch SDPA), optional rotary positions, KV cache, and
 same-document masking for packed documents (`model.document_isolation`).
 
-Isolation: a query sees the keys that are before it (causal) AND in its own document. How the
-mask is applied:
-- CPU, and CUDA with fewer than `FLEX_MIN_KEYS` keys: SDPA with a boolean mask, one block of
-  `QUERY_BLOCK` queries at a time over the keys from the earliest document start among them
-  (`blocked_same_document`): at most QUERY_BLOCK x S bools exist at once, and the keys before a
-  block's documents are never computed (one SDPA over the whole L x S mask costs ~1.4x causal
-  attention on the CPU; blocked, about causal's cost with sparse boundaries and less with dense).
-  With attention dropout (training) one SDPA call takes the whole (B, 1, L, S) mask instead.
+Isolation: a query sees the keys that are before it (causal) AND in its own document. How:
+- No boundary among the keys (e.g. a short window inside one document): plain causal SDPA.
 - CUDA from `FLEX_MIN_KEYS` keys: flex attention (`torch.nn.attention.flex_attention`, compiled)
-  with a block mask built from the document ids, so no L x S mask exists and blocks outside every
+  with a block mask built from the document ids: no L x S mask exists and blocks outside every
   document are skipped. Where flex attention cannot run (not importable, or attention dropout in
-  training, which it lacks) SDPA materializes the boolean mask, and says so once in the log.
+  training, which it lacks) the paths below run, and a log line says once that a long CUDA mask
+  may be materialized.
+- Otherwise (the CPU; CUDA below `FLEX_MIN_KEYS`), whole sequences (S == L): one causal SDPA call
+  per document of each row (`segmented_same_document`): no mask, the causal kernel's work on each
+  document only (less than plain causal attention), while documents average >= `SEGMENT_TOKENS`.
+- Otherwise (many tiny documents; context-parallel chunks, whose queries are the last L of S
+  keys): SDPA with a boolean mask, one block of `QUERY_BLOCK` queries at a time over the keys from
+  their earliest document start (`blocked_same_document`): at most QUERY_BLOCK x S bools at once.
+  With attention dropout there (training; no CP run has it) one SDPA call takes the whole
+  (B, 1, L, S) boolean mask.
 - Generation: the prefill masks like training; each decode step masks the cache entries before
   the row's current document (`InferenceParams.doc_reset` moves it, `doc_begin` keeps it).
 Without a boundary map (`doc_start=None`) nothing changes: plain causal SDPA, no mask.
@@ -34,6 +37,9 @@ from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
 
 log = logging.getLogger(__name__)
 
+SEGMENT_TOKENS = 16
+"""Per-document SDPA calls while documents average at least this many tokens (at most 8 per row
+always pass); shorter ones go through the blocked mask (fewer, larger calls)."""
 QUERY_BLOCK = 64
 """Queries per SDPA call of the blocked same-document attention."""
 FLEX_MIN_KEYS = 2048
@@ -121,20 +127,17 @@ class CausalSelfAttention(nn.Module):
             k, v = self.sequence.preceding(k, dim=2), self.sequence.preceding(v, dim=2)
             mask = causal_lower_right(L, k.shape[2])
         if doc_start is not None and L > 1:
-            # The document ids of every key: under context parallelism those of the chunks up to
-            # this one, gathered (a chunk's own ids would restart at 0 on every rank).
-            doc = doc_start.to(torch.int32)
-            k_doc = document_ids(self.sequence.preceding(doc, dim=1) if split else doc)
-            q_doc = k_doc[:, -L:]
             if inference_params is not None:  # a prefill: decode steps see only the last document
                 inference_params.doc_begin = last_document_start(doc_start)
-            if use_flex(q, k.shape[2], dropout):
-                y = flex_same_document(q, k, v, q_doc, k_doc)
+            # Under context parallelism the map of every chunk up to this one, gathered: the
+            # keys' documents (a chunk's own ids would restart at 0 on every rank).
+            doc = doc_start.to(torch.int32)
+            doc = self.sequence.preceding(doc, dim=1) if split else doc
+            with self.tp_rng():
+                y = same_document_attention(q, k, v, doc, dropout)
+            if y is not None:
                 return self.out_proj(y.transpose(1, 2).reshape(B, L, -1))
-            if dropout == 0.0:
-                y = blocked_same_document(q, k, v, q_doc, k_doc)
-                return self.out_proj(y.transpose(1, 2).reshape(B, L, -1))
-            mask = same_document_mask(q_doc, k_doc)  # attention dropout: one SDPA call, one mask
+            # No boundary among these keys: plain causal attention, below.
         elif inference_params is not None and L == 1:
             mask = self._decode_mask(inference_params, B, offset)
         # A single new token attends to the whole cache, so only the prefill needs the causal mask.
@@ -179,6 +182,49 @@ def same_document_mask(q_doc: torch.Tensor, k_doc: torch.Tensor) -> torch.Tensor
     L, S = q_doc.shape[-1], k_doc.shape[-1]
     causal = torch.ones(L, S, dtype=torch.bool, device=q_doc.device).tril(S - L)
     return ((q_doc[:, :, None] == k_doc[:, None, :]) & causal)[:, None]
+
+
+def same_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor,
+                            dropout: float) -> torch.Tensor | None:
+    """Causal same-document attention (B, H, L, hd), the queries being the last L of the S keys;
+    doc (B, S): 1 where a document begins. None where no key position but the first begins a
+    document (plain causal attention is then exact, and the caller runs it). See the module
+    docstring for which path runs where."""
+    B, _, L, _ = q.shape
+    S = k.shape[2]
+    if use_flex(q, S, dropout):
+        k_doc = document_ids(doc)
+        return flex_same_document(q, k, v, k_doc[:, -L:], k_doc)
+    cuts = doc[:, 1:].nonzero().tolist()  # one host read (the paths below need the boundaries)
+    if not cuts:
+        return None
+    if S == L and len(cuts) + B <= B * max(8, L // SEGMENT_TOKENS):
+        per_row: list[list[int]] = [[] for _ in range(B)]
+        for b, j in cuts:
+            per_row[b].append(j + 1)
+        return segmented_same_document(q, k, v, per_row, dropout)
+    k_doc = document_ids(doc)
+    if dropout == 0.0:
+        return blocked_same_document(q, k, v, k_doc[:, -L:], k_doc)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=same_document_mask(k_doc[:, -L:], k_doc),
+                                          dropout_p=dropout)
+
+
+def segmented_same_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[list[int]],
+                            dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention within each document, one causal SDPA call per document of each row
+    (`starts[b]`: the positions > 0 where row b's documents begin): the causal kernel's own work
+    on each document, no mask. Rows and documents are cut with unbind/split, whose gradients are
+    one stack/cat (slicing would give each call a zero tensor of the whole sequence)."""
+    L = q.shape[2]
+    rows = []
+    for qb, kb, vb, cuts in zip(q.unbind(0), k.unbind(0), v.unbind(0), starts, strict=True):
+        edges = [0, *cuts, L]
+        lengths = [b - a for a, b in zip(edges, edges[1:])]
+        parts = [F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, dropout_p=dropout)
+                 for qs, ks, vs in zip(qb.split(lengths, 1), kb.split(lengths, 1), vb.split(lengths, 1))]
+        rows.append(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
+    return torch.stack(rows)
 
 
 def blocked_same_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_doc: torch.Tensor,
@@ -258,8 +304,9 @@ def use_flex(q: torch.Tensor, keys: int, dropout: float) -> bool:
 
 @functools.cache
 def _warn_materialized(reason: str) -> None:
-    log.warning("document isolation: attention over >= %d keys materializes an L x S boolean mask on CUDA (%s)",
-                FLEX_MIN_KEYS, reason)
+    log.warning("document isolation: no flex attention for >= %d keys on CUDA (%s): per-document SDPA calls, or "
+                "boolean masks of %d queries x the keys (with attention dropout one whole L x S mask)",
+                FLEX_MIN_KEYS, reason, QUERY_BLOCK)
 
 
 @functools.cache

@@ -113,10 +113,14 @@ def direct_attention(layer: CausalSelfAttention, x: torch.Tensor, doc: torch.Ten
     return out.reshape(B, T, D) @ layer.out_proj.weight.double().T + layer.out_proj.bias.double()
 
 
-def test_attention_layer_matches_a_per_document_computation():
+@pytest.mark.parametrize("eos_at", [((0, 1, 30, 31), (40, 68)), (tuple(range(0, 70, 2)), tuple(range(1, 70, 3)))],
+                         ids=["documents", "many_tiny_documents"])
+def test_attention_layer_matches_a_per_document_computation(eos_at):
+    """Documents of a few dozen tokens (one causal call per document) and of 1-3 tokens (the
+    blocked boolean mask)."""
     torch.manual_seed(0)
     layer = CausalSelfAttention(32, 4, layer_idx=0).double().eval()
-    ids = torch.cat([window(1, length=70, eos_at=(0, 1, 30, 31)), window(2, length=70, eos_at=(40, 68))])
+    ids = torch.cat([window(1, length=70, eos_at=eos_at[0]), window(2, length=70, eos_at=eos_at[1])])
     x = torch.randn(2, 70, 32, dtype=torch.float64)
     start = document_starts(ids, EOS)
     with torch.no_grad():
