@@ -214,17 +214,18 @@ def segmented_same_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
                             dropout: float = 0.0) -> torch.Tensor:
     """Causal attention within each document, one causal SDPA call per document of each row
     (`starts[b]`: the positions > 0 where row b's documents begin): the causal kernel's own work
-    on each document, no mask. Rows and documents are cut with unbind/split, whose gradients are
-    one stack/cat (slicing would give each call a zero tensor of the whole sequence)."""
+    on each document, no mask. Rows and documents are cut with split, whose gradient is one cat
+    (slicing would give each call a zero tensor of the whole sequence)."""
     L = q.shape[2]
     rows = []
-    for qb, kb, vb, cuts in zip(q.unbind(0), k.unbind(0), v.unbind(0), starts, strict=True):
+    # (1, H, l, hd) pieces: SDPA's fused CPU kernel takes 4-d inputs only (3-d ones run the math path).
+    for qb, kb, vb, cuts in zip(q.split(1), k.split(1), v.split(1), starts, strict=True):
         edges = [0, *cuts, L]
         lengths = [b - a for a, b in zip(edges, edges[1:])]
         parts = [F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, dropout_p=dropout)
-                 for qs, ks, vs in zip(qb.split(lengths, 1), kb.split(lengths, 1), vb.split(lengths, 1))]
-        rows.append(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
-    return torch.stack(rows)
+                 for qs, ks, vs in zip(qb.split(lengths, 2), kb.split(lengths, 2), vb.split(lengths, 2))]
+        rows.append(torch.cat(parts, 2) if len(parts) > 1 else parts[0])
+    return torch.cat(rows)
 
 
 def blocked_same_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_doc: torch.Tensor,
