@@ -6,7 +6,7 @@
 A step is what the trainer does per micro-batch on one process: forward, backward, gradient
 clipping and an AdamW step (`pretrain.optim`), fp32 on the CPU. Each model runs on the same token
 windows twice per repeat, isolation off then on (interleaved, so drift in the machine's load hits
-both), and the median of each is reported with their ratio, for two boundary densities (the ratio
+both; the order alternates), and the median of each is reported with their ratio, for two boundary densities (the ratio
 is of the step's CPU time on one thread, robust to other jobs on a shared machine; the wall-clock
 ratio is printed next to it):
 
@@ -100,9 +100,9 @@ def run_model(name: str, overrides: list[str], reps: int) -> list[dict]:
         ids = windows(batch, seq_len, cfg.model.vocab_size, eos, period)
         step(ids, off), step(ids, on)  # warm-up (allocator, first-call costs)
         times = {"off": [], "on": []}
-        for _ in range(reps):
-            times["off"].append(step(ids, off))
-            times["on"].append(step(ids, on))
+        for rep in range(reps):  # the order alternates too: neither setting always runs second
+            for mode in ("off", "on") if rep % 2 == 0 else ("on", "off"):
+                times[mode].append(step(ids, off if mode == "off" else on))
         cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
         wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
         rows.append({"model": name, "density": density, "tokens_per_document": period, "seq_len": seq_len,
