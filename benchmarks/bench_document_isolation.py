@@ -19,6 +19,9 @@ model.attn_layer_idx=[1]` for a 2-layer slice when a full 125m step is too slow 
 says what ran. The weights and optimizer are shared by both settings (only `cfg.document_isolation`
 flips), so the two differ in the masking work alone.
 
+Before the steps, one attention layer of each model's shape runs alone (forward + backward, same
+boundaries): the part of a step the attention mask changes, with less noise than a whole step.
+
 Until every mixer takes `doc_start` (H3 and S4D get it with the layers' half of issue 25) the
 script still runs: those layers are called without it, and the report says that only the
 attention layers (and the boundary map) are isolated, so the ratio is the attention share only.
@@ -113,6 +116,35 @@ def run_model(name: str, overrides: list[str], reps: int) -> list[dict]:
     return rows
 
 
+def run_attention_layer(name: str, reps: int) -> list[dict]:
+    """One attention layer of `name`'s shape alone, forward + backward, isolation off vs on (CPU
+    seconds, median of interleaved repeats): the part of the step the mask changes, with less noise
+    than a whole step."""
+    from hippo.pretrain.models import CausalSelfAttention
+    from hippo.pretrain.models.documents import document_starts
+
+    seq_len, batch = SHAPES[name]
+    m = from_dict(HippoConfig, apply_overrides(load_yaml(name), [])).model
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(m.d_model, m.n_head, layer_idx=0)
+    x = torch.randn(batch, seq_len, m.d_model, requires_grad=True)
+    rows = []
+    for density, period in DENSITIES.items():
+        doc_start = document_starts(windows(batch, seq_len, m.vocab_size, m.vocab_size - 1, period)[:, :-1],
+                                    m.vocab_size - 1)
+        times = {"off": [], "on": []}
+        for rep in range(reps + 1):
+            for mode in ("off", "on") if rep % 2 == 0 else ("on", "off"):
+                c0 = time.thread_time()
+                layer(x, doc_start=doc_start if mode == "on" else None).sum().backward()
+                if rep:  # the first round warms up
+                    times[mode].append(time.thread_time() - c0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"model": name, "density": density, "off_cpu_s": med["off"], "on_cpu_s": med["on"],
+                     "ratio": med["on"] / med["off"], "boundaries": int(doc_start.sum())})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -123,6 +155,8 @@ def main() -> None:
                          "stays meaningful on a machine other jobs share; 0: torch's default)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
+    if args.reps < 1:
+        ap.error(f"--reps must be >= 1, got {args.reps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     missing = unisolated_ssm_layers()
@@ -131,6 +165,12 @@ def main() -> None:
         print(f"NOTE: {', '.join(missing)} take no doc_start yet: only attention layers are isolated "
               "(the ratio is the attention share only)")
     rows = []
+    for name in args.models:
+        for row in run_attention_layer(name, max(args.reps, 5)):
+            rows.append(row)
+            print(f"{row['model']:12s} one attention layer fwd+bwd, {row['density']:6s} ({row['boundaries']} "
+                  f"boundaries): CPU off {row['off_cpu_s'] * 1e3:8.1f} ms on {row['on_cpu_s'] * 1e3:8.1f} ms "
+                  f"ratio {row['ratio']:.3f}", flush=True)
     for name in args.models:
         for row in run_model(name, args.set, args.reps):
             rows.append(row)
