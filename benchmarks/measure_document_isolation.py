@@ -1,14 +1,17 @@
 """Does document isolation change what a model learns? Held-out loss by position in the document.
 
     PYTHONPATH=. .venv/bin/python benchmarks/measure_document_isolation.py --out /tmp/iso
-        [--models tiny_hybrid tiny_h3] [--steps 300] [--corpus-bytes 3000000] [--set key=value ...]
+        [--models tiny_hybrid tiny_h3] [--steps 300] [--corpus-bytes 6000000] [--set key=value ...]
 
-Documents are the Python standard library's sources, one file each (the quick start's corpus,
-`data_pipeline.default_corpus`: text no one here wrote), prepared with the byte tokenizer at the
-configs' seq_len 256, 5% of the files held out. Each model trains twice with `hippo train` on the
+Documents are the Python standard library's sources (text no one here wrote), cut into their
+top-level definitions (`stdlib_definitions`: whole files are too long for a 257-token window to
+see their boundaries), prepared with the byte tokenizer at the configs' seq_len 256, 10% of the
+documents held out. Each model trains twice with `hippo train` on the
 same data, steps and seed, `model.document_isolation` off and on; then both exports score the same
-held-out windows (packed as in training), and the loss of every target token is put in a bucket by
-its position in its document:
+held-out windows, and the loss of every target token is put in a bucket by its position in its
+document. So that every boundary counts once and in the same place, the held-out windows are cut
+from the validation split's token stream around each document boundary: half a window of
+the previous document, its EOS, then the next document's first tokens.
 
 - `first64`: document positions 1..63 (the token after the EOS is position 0; predicting it from the
   previous document is a guess either way, so it is left out, reported as `doc_start`);
@@ -34,16 +37,46 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EARLY = 64
+SEQ_LEN = 256  # tiny_hybrid's and tiny_h3's
+
+
+def stdlib_definitions(path: Path, max_bytes: int) -> Path:
+    """A .jsonl of documents: the top-level definitions of the standard library's modules (each
+    `def` / `class` at column 0 with what follows it, and each module's header before the first),
+    in file order, up to `max_bytes`. Whole source files are long (a 257-token window rarely
+    holds a boundary); their definitions are many short documents, as the issue asks."""
+    import re
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with open(path, "w") as out:
+        for src in sorted(root.rglob("*.py")):
+            if {"test", "tests", "site-packages", "idle_test"} & set(src.relative_to(root).parts):
+                continue
+            try:
+                text = src.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            for doc in re.split(r"\n(?=(?:def|class|async def) )", text):
+                if not doc.strip():
+                    continue
+                line = json.dumps({"text": doc}) + "\n"
+                if written + len(line) > max_bytes:
+                    return path
+                out.write(line)
+                written += len(line)
+    return path
 
 
 def prepare_data(out: Path, corpus_bytes: int, seq_len: int) -> Path:
-    from hippo.data_pipeline.default_corpus import write_default_corpus
     from hippo.data_pipeline.prepare import prepare
 
     data = out / "data"
     if not (data / "manifest.json").is_file():
-        corpus = write_default_corpus(out / "corpus" / "stdlib.jsonl", corpus_bytes)
-        prepare([corpus], data, tokenizer="byte", seq_len=seq_len, val_fraction=0.05, progress=False)
+        corpus = stdlib_definitions(out / "corpus" / "stdlib_definitions.jsonl", corpus_bytes)
+        prepare([corpus], data, tokenizer="byte", seq_len=seq_len, val_fraction=0.1, progress=False)
     return data
 
 
@@ -79,19 +112,31 @@ def position_buckets(ids: torch.Tensor, eos: int) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def score(export: Path, config: str, data: Path, batches: int) -> dict[str, float]:
+def boundary_windows(data: Path, config: str, seq_len: int, eos: int) -> torch.Tensor:
+    """(N, seq_len + 1) held-out windows, one per document boundary: the validation split's token
+    stream (its windows in order, end to end) cut around each EOS so that the new document begins
+    in the middle of the window, after half a window of the previous one."""
     from hippo.data_pipeline.stream import build_stream
     from hippo.pretrain.config import load_config
+
+    cfg = load_config(config, [f"data.paths=[{data}]"])
+    stream = build_stream(dataclasses.replace(cfg.data, split="validation"), dp_rank=0, dp_size=1, micro_batch_size=1,
+                          global_batch_size=1, one_pass=True)
+    tokens = torch.cat([w.reshape(-1) for w in stream])
+    half = seq_len // 2
+    first = [e - half + 1 for e in (tokens == eos).nonzero().flatten().tolist()]  # the EOS at index half - 1
+    pads = (tokens[1:] == eos) & (tokens[:-1] == eos)  # EOS runs: the padding of the split's last window
+    first = [f for f in first if f >= 0 and f + seq_len + 1 <= len(tokens) and not pads[f : f + seq_len].any()]
+    return torch.stack([tokens[f : f + seq_len + 1] for f in first]) if first else tokens.new_zeros(0, seq_len + 1)
+
+
+@torch.no_grad()
+def score(export: Path, windows: torch.Tensor, eos: int, batch: int = 8) -> dict[str, float]:
     from hippo.pretrain.models import HippoLM
 
     model = HippoLM.from_pretrained(export)
-    cfg = load_config(config, [f"data.paths=[{data}]"])
-    eos = json.loads((data / "manifest.json").read_text())["tokenizer"]["eos_id"]
-    stream = build_stream(dataclasses.replace(cfg.data, split="validation"), dp_rank=0, dp_size=1, micro_batch_size=8,
-                          global_batch_size=8, one_pass=True, max_batches=batches)
     sums, counts = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.long)
-    for window in stream:
+    for window in windows.split(batch):
         logits = model(window[:, :-1])[..., : model.cfg.vocab_size]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), window[:, 1:], reduction="none").double()
         buckets = position_buckets(window, eos)
@@ -109,18 +154,22 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--models", nargs="+", default=["tiny_hybrid", "tiny_h3"])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--corpus-bytes", type=int, default=3_000_000)
-    ap.add_argument("--eval-batches", type=int, default=50, help="held-out batches of 8 windows scored")
+    ap.add_argument("--corpus-bytes", type=int, default=6_000_000)
+    ap.add_argument("--eval-windows", type=int, default=400, help="held-out windows scored (one per boundary)")
     ap.add_argument("--set", action="append", default=[], help="config override for every run, key=value")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(args.out, args.corpus_bytes, 256)
+    data = prepare_data(args.out, args.corpus_bytes, SEQ_LEN)
+    eos = json.loads((data / "manifest.json").read_text())["tokenizer"]["eos_id"]
+    windows = boundary_windows(data, args.models[0], SEQ_LEN, eos)[: args.eval_windows]
+    print(f"{len(windows)} held-out windows, each around one document boundary", flush=True)
+    if not len(windows):
+        raise SystemExit("no document boundary in the held-out split: raise --corpus-bytes")
     rows = []
     for model in args.models:
         for isolation in (False, True):
             export = train_run(args.out, model, isolation, data, args.steps, args.set)
-            row = {"model": model, "isolation": isolation, "steps": args.steps, **score(export, model, data,
-                                                                                        args.eval_batches)}
+            row = {"model": model, "isolation": isolation, "steps": args.steps, **score(export, windows, eos)}
             rows.append(row)
             print(f"{model:12s} isolation {'on ' if isolation else 'off'}: held-out loss first64 {row['first64']:.4f} "
                   f"({row['first64_tokens']} tokens)  rest {row['rest']:.4f} ({row['rest_tokens']})  "
