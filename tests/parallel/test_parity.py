@@ -43,6 +43,7 @@ LAYOUTS = {
     # Packed documents isolated (issue 25), attention-only: boundaries on the rank edges
     # (`common.EOS_AT`); the blocks pass (hidden, doc_start) between pipeline stages.
     "tp2_isolation": (2, 1, 1, ISOLATED_ATTENTION),
+    "tp2_sequence_parallel_isolation": (2, 1, 1, ["parallel.sequence_parallel=true", *ISOLATED_ATTENTION]),
     "cp2_isolation": (1, 1, 1, ["parallel.context=2", *ISOLATED_ATTENTION]),
     "cp4_isolation": (1, 1, 1, ["parallel.context=4", *ISOLATED_ATTENTION]),
     "pp2_isolation": (1, 2, 1, ISOLATED_ATTENTION),
@@ -53,7 +54,7 @@ LAYOUTS = {
 # amplifies where a gradient is tiny. Measured 1.02e-5 (2026-12-07, deepspeed 0.19.8, megatron-core
 # 0.16.1, torch 2.13.0; the 9307dce tree gives the same 1.0218e-5, so the drift is the libraries'
 # resolution, not Hippo's); an error of the layout (a missed reduction) moves weights by > 1e-3.
-PARAM_TOL = {"tp2_sequence_parallel": 2e-5}
+PARAM_TOL = {"tp2_sequence_parallel": 2e-5, "tp2_sequence_parallel_isolation": 2e-5}
 
 
 def context_size(extra: list[str]) -> int:
