@@ -363,6 +363,10 @@ class HippoConfig:
                 raise ConfigError(f"parallel.sequence_parallel: train.seq_len={t.seq_len} is not divisible by parallel.tensor={tp}")
             if m.position_embedding == "learned":
                 raise ConfigError("parallel.sequence_parallel does not support model.position_embedding=learned (use rotary)")
+        if m.document_isolation and p.activation_checkpointing and pp == 1 and p.zero_stage >= 2:
+            raise ConfigError("parallel.activation_checkpointing with model.document_isolation and parallel.zero_stage>=2 "
+                              "is not supported yet (the plain engine's recomputed blocks would drop the boundary map's "
+                              "gradient path); use zero_stage 1 or turn one of them off")
         if m.n_layer < pp:
             raise ConfigError(f"model.n_layer={m.n_layer} is fewer than parallel.pipeline={pp} stages")
         if p.stage_layers:
@@ -414,6 +418,9 @@ RESUME_NEVER = ("model.",)
 """Never differ on resume: they say what the checkpoint's tensors mean (`RUNTIME_FIELDS` excepted)."""
 
 
+_MODEL_DEFAULTS = {f"model.{k}": v for k, v in dataclasses.asdict(ModelConfig()).items()}
+
+
 def resume_changes(saved: dict[str, Any], cfg: HippoConfig) -> tuple[list[str], list[str]]:
     """How `cfg` differs from a checkpoint's saved config, as 'key: old -> new' lines:
     (changes that are refused, changes that need `--allow-config-change`)."""
@@ -432,7 +439,13 @@ def resume_changes(saved: dict[str, Any], cfg: HippoConfig) -> tuple[list[str], 
         if old.get(key) == new.get(key) or key.startswith(RESUME_FREE):
             continue
         if key not in old and not any(k.startswith(key + ".") for k in old):
-            continue  # an option added since the checkpoint was written: it has its default there
+            # An option added since the checkpoint was written: it had its default there, so only
+            # a model option set away from its default is a change (isolation on over weights
+            # trained without it); others keep their old leniency.
+            default = _MODEL_DEFAULTS.get(key, new.get(key))
+            if new.get(key) == default:
+                continue
+            old[key] = default
         line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         weights_meaning = key.startswith(RESUME_NEVER) and key.split(".", 1)[1] not in RUNTIME_FIELDS
         (never if weights_meaning else flagged).append(line)

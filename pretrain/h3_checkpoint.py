@@ -47,6 +47,7 @@ import torch
 from hippo.pretrain.config import ConfigError, ModelConfig, from_dict, load_config
 from hippo.pretrain.models import HippoLM
 from hippo.pretrain.models.attention import rotary_inv_freq
+from hippo.pretrain.models.config import refuse_document_isolation
 
 __all__ = ["ImportResult", "import_h3", "read_h3_state_dict", "infer_model_config", "to_hippo_params",
            "to_h3_state_dict", "h3_model_args", "export_h3", "H3_WEIGHTS", "H3_CONFIG"]
@@ -449,6 +450,7 @@ def export_h3(source: str | Path, out: str | Path) -> Path:
     model's arguments) from a Hippo export folder or training checkpoint."""
     out = Path(out)
     params, cfg = _hippo_parameters(Path(source), out)
+    refuse_document_isolation(cfg, "the authors' H3 model")
     sd = to_h3_state_dict(params, cfg)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{H3_WEIGHTS}.tmp{os.getpid()}"

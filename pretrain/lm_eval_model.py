@@ -140,7 +140,7 @@ class HippoEvalLM(TemplateLM):
         ids = torch.full((len(inputs), max(len(i) for i in inputs)), self.eot_token_id, dtype=torch.long)
         for row, inp in enumerate(inputs):
             ids[row, :len(inp)] = torch.tensor(inp)
-        hidden = self.model.trunk(self.model.embedding(ids.to(self.device)))
+        hidden = self.model.hidden_states(ids.to(self.device))
         vocab = self.model.cfg.vocab_size
         scores = []
         for row, (inp, (_, cont)) in enumerate(zip(inputs, pairs, strict=True)):

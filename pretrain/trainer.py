@@ -279,6 +279,20 @@ def _check_data_fits_model(cfg: HippoConfig) -> str:
                 f"set train.seq_len={m.seq_len} and model.vocab_size >= {m.tokenizer['vocab_size']}"
             )
         identities[path] = identity_label(m.tokenizer)
+        _take_eos_id(cfg, m.tokenizer["eos_id"], path)
     if len(set(identities.values())) > 1:
         raise ConfigError(f"data.paths were made with different tokenizers: {identities}")
     return next(iter(identities.values()))
+
+
+def _take_eos_id(cfg: HippoConfig, eos_id: int, path: str) -> None:
+    """Under `model.document_isolation` the model must know the data's end-of-document token: taken
+    from the data when unset (so checkpoints and the export record it), refused when it differs."""
+    m = cfg.model
+    if not m.document_isolation:
+        return
+    if m.eos_id is None:
+        m.eos_id = eos_id
+    elif m.eos_id != eos_id:
+        raise ConfigError(f"model.eos_id={m.eos_id}, but {path} ends documents with token {eos_id}: "
+                          f"set model.eos_id={eos_id} or leave it unset (taken from the data)")

@@ -1,6 +1,10 @@
 """Pre-norm residual block: x + mixer(LN(x)), then x + MLP(LN(x)).
 
 The mixer of layer i is `model.layer_mixers[i]`: H3, the S4D baseline, or causal attention.
+Under `model.document_isolation` each mixer gets the boundary map `doc_start` (B, L) bool; in the
+layer list (`parallel.pipeline`: one activation passes from layer to layer) a block takes and
+returns `(hidden, doc_start)`, except the last, which returns the hidden states alone for the
+final norm.
 """
 
 from __future__ import annotations
@@ -45,9 +49,29 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.dropout_rng = linears.sequence_rng
         self.sequence = linears.sequence  # dropout masks of the whole sequence, this rank's chunk
+        self.last = layer_idx == cfg.n_layer - 1
 
-    def forward(self, x: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
-        mixed = self.mixer(self.norm1(x), inference_params)
+    def forward(
+        self,
+        x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        inference_params: InferenceParams | None = None,
+        *,
+        doc_start: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x (B, L, D), or the layer list's `(x, doc_start)` (returned the same way but by the
+        last block)."""
+        if isinstance(x, tuple):
+            h, doc_start = x
+            h = self._forward(h, inference_params, doc_start)
+            return h if self.last else (h, doc_start)
+        return self._forward(x, inference_params, doc_start)
+
+    def _forward(self, x: torch.Tensor, inference_params: InferenceParams | None,
+                 doc_start: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm1(x)
+        # Without a map the mixers are called as before isolation existed (no keyword at all).
+        mixed = self.mixer(h, inference_params) if doc_start is None else self.mixer(h, inference_params,
+                                                                                     doc_start=doc_start)
         with self.dropout_rng():
             x = x + self.sequence.dropout(mixed, self.dropout.p, self.training)
         mlp = self.mlp(self.norm2(x))

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["ConfigError", "MixerKind", "ModelConfig", "RUNTIME_FIELDS"]
+__all__ = ["ConfigError", "MixerKind", "ModelConfig", "RUNTIME_FIELDS", "refuse_document_isolation"]
 
 MixerKind = Literal["h3", "s4d", "attention"]
 
@@ -57,6 +57,13 @@ class ModelConfig:
     dropout: float = 0.0
     """Dropout on embeddings and on each residual branch."""
     init_std: float = 0.02
+    document_isolation: bool = False
+    """Packed documents do not see each other: the output at a position depends only on the tokens of
+    its own document (from the token after the previous `eos_id` up to it; an EOS ends its document).
+    Off, every layer reads across the separators, as the paper trained."""
+    eos_id: int | None = None
+    """The token that ends a document, for `document_isolation`; `hippo train` takes it from the
+    data's tokenizer when unset, so checkpoints and exports record it."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "pad_vocab_multiple", "d_model", "n_layer", "n_head", "d_state", "mlp_ratio"):
@@ -74,6 +81,8 @@ class ModelConfig:
         self._check_rotary()
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.eos_id is not None and not 0 <= self.eos_id < self.vocab_size:
+            raise ConfigError(f"model.eos_id={self.eos_id} is outside the vocabulary [0, {self.vocab_size})")
         if self.conv_impl not in ("auto", "triton", "chunked", "reference"):
             raise ConfigError(f"model.conv_impl must be one of auto, triton, chunked, reference; got {self.conv_impl!r}")
 
@@ -105,3 +114,11 @@ class ModelConfig:
     @property
     def uses_attention(self) -> bool:
         return "attention" in self.layer_mixers
+
+
+def refuse_document_isolation(cfg: ModelConfig, target: str) -> None:
+    """Refuse to write `cfg` in a format whose model does not isolate packed documents (it would
+    compute other logits than the trained model without saying so)."""
+    if cfg.document_isolation:
+        raise ConfigError(f"model.document_isolation=true: {target} does not isolate documents yet, so it would "
+                          "not compute this model's logits; use `hippo export --format hippo`")

@@ -17,6 +17,8 @@ HF_ARCHITECTURE = "HippoForCausalLM"
 HF_CODE = ("configuration_hippo.py", "modeling_hippo.py")
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in RUNTIME_FIELDS)
 """What the weights mean: the fields written at the top level of the HF config.json."""
+ADDED_FIELDS = ("document_isolation", "eos_id")
+"""Model fields newer than the first HF folders: one without them has their defaults."""
 
 __all__ = ["HF_MODEL_TYPE", "HF_ARCHITECTURE", "HF_CODE", "MODEL_FIELDS", "is_hf_config", "to_hf_config",
            "from_hf_config"]
@@ -53,7 +55,7 @@ def from_hf_config(meta: dict[str, Any], where: str) -> dict[str, Any]:
                           f"(model_type {HF_MODEL_TYPE!r}, written by `hippo export --format hf`)")
     if meta.get("tie_word_embeddings", True) is not True:
         raise ConfigError(f"{where}: tie_word_embeddings is false, but Hippo ties the LM head to the embedding")
-    missing = [k for k in MODEL_FIELDS if k not in meta]
+    missing = [k for k in MODEL_FIELDS if k not in meta and k not in ADDED_FIELDS]
     if missing:
         raise ConfigError(f"{where}: lacks the model fields {missing}")
     choices = {"mixer": ("h3", "s4d", "attention"), "position_embedding": ("none", "learned", "rotary")}
@@ -64,7 +66,7 @@ def from_hf_config(meta: dict[str, Any], where: str) -> dict[str, Any]:
     hippo = meta.get("hippo") or {}
     runtime = {k: v for k, v in (hippo.get("runtime") or {}).items() if k in RUNTIME_FIELDS}
     try:
-        cfg = ModelConfig(**{k: meta[k] for k in MODEL_FIELDS}, **runtime)
+        cfg = ModelConfig(**{k: meta[k] for k in MODEL_FIELDS if k in meta}, **runtime)
     except (ConfigError, TypeError) as e:
         raise ConfigError(f"{where}: Hippo cannot build this model: {e}") from None
     extra = {k: v for k, v in hippo.items() if k != "runtime"}

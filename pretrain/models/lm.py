@@ -76,16 +76,34 @@ class HippoLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids (B, L) -> logits (B, L, padded_vocab / TP), or (B, 1, ...) with `last_only`
         (a generation prefill needs only the last position: the LM head is a large share of it)."""
+        h = self.hidden_states(input_ids, inference_params)
+        return self.embedding.logits(h[:, -1:] if last_only else h)
+
+    def hidden_states(self, input_ids: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
+        """input_ids (B, L) -> the final norm's output (B, L, D): everything but the LM head."""
         offset = inference_params.seqlen_offset if inference_params is not None else 0
         if offset > 0 and input_ids.shape[1] != 1:
             raise ValueError("after the prefill, recurrent mode takes one token per call")
-        h = self.trunk(self.embedding(input_ids, offset), inference_params)
-        return self.embedding.logits(h[:, -1:] if last_only else h)
+        h = self.embedding.embed(input_ids, offset)
+        doc_start = self._documents(input_ids, inference_params) if self.cfg.document_isolation else None
+        return self.trunk(h, inference_params, doc_start=doc_start)
 
-    def trunk(self, h: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
-        """Blocks and final norm on hidden states (B, L, D)."""
+    def _documents(self, input_ids: torch.Tensor, params: InferenceParams | None) -> torch.Tensor | None:
+        """The boundary map of a training forward or a prefill; on a decode step None, and the
+        rows whose previous token was EOS marked in `params.doc_reset` instead."""
+        if params is None:
+            return self.embedding.doc_start(input_ids)
+        decode = params.seqlen_offset > 0
+        params.doc_reset = params.previous_eos if decode else None
+        params.previous_eos = input_ids[:, -1] == self.cfg.eos_id
+        return None if decode else self.embedding.doc_start(input_ids)
+
+    def trunk(self, h: torch.Tensor, inference_params: InferenceParams | None = None, *,
+              doc_start: torch.Tensor | None = None) -> torch.Tensor:
+        """Blocks and final norm on hidden states (B, L, D); `doc_start` (B, L) bool: where packed
+        documents begin (`model.document_isolation`), None for none."""
         for block in self.layers.values():
-            h = block(h, inference_params)
+            h = block(h, inference_params, doc_start=doc_start)
         return self.norm_f(h)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,23 @@ def config(overrides: list[str]) -> HippoConfig:
     return from_dict(HippoConfig, apply_overrides(json.loads(json.dumps(BASE_CONFIG)), overrides))
 
 
+# Under `model.document_isolation`, EOS tokens at fixed places of a 17-token window, so that
+# documents begin on the context-parallel rank edges (positions 4, 8, 12 of 16 inputs), after two
+# EOS in a row, at the last input and right after position 0.
+EOS_AT = ((3, 7, 11, 12), (0, 15), (2, 3, 6, 10, 13))
+
+
 def global_batches(cfg: HippoConfig) -> list[torch.Tensor]:
     """One (global_batch, seq_len + 1) token tensor per step, the same in every process."""
     gen = torch.Generator().manual_seed(99)
     t = cfg.train
-    return [torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, t.seq_len + 1), generator=gen) for _ in range(t.steps)]
+    batches = [torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, t.seq_len + 1), generator=gen)
+               for _ in range(t.steps)]
+    if cfg.model.document_isolation:
+        for batch in batches:
+            for row in range(batch.shape[0]):
+                batch[row, list(EOS_AT[row % len(EOS_AT)])] = cfg.model.eos_id
+    return batches
 
 
 def rank_micro_batches(batch: torch.Tensor, layout: ParallelLayout, dp_rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -8,6 +8,7 @@ layout (losses, parameters, shard sizes, optimizer-state bytes) reads the same j
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -20,6 +21,9 @@ from tests.helpers import ROOT, torchrun
 from tests.parallel.common import config, global_batches
 
 pytestmark = pytest.mark.dist  # several ranks under torchrun (counted as slow)
+
+ISOLATED_ATTENTION = ["model.mixer=attention", "model.attn_layer_idx=[]", "model.document_isolation=true",
+                      "model.eos_id=5"]
 
 # (tensor, pipeline, data, extra options): each layout also exercises one other feature.
 LAYOUTS = {
@@ -36,6 +40,13 @@ LAYOUTS = {
     "tp2_cp2": (2, 1, 1, ["parallel.context=2"]),
     "pp2_cp2": (1, 2, 1, ["parallel.context=2"]),
     "dp2_cp2_zero2": (1, 1, 2, ["parallel.context=2", "parallel.zero_stage=2"]),
+    # Packed documents isolated (issue 25), attention-only: boundaries on the rank edges
+    # (`common.EOS_AT`); the blocks pass (hidden, doc_start) between pipeline stages.
+    "tp2_isolation": (2, 1, 1, ISOLATED_ATTENTION),
+    "tp2_sequence_parallel_isolation": (2, 1, 1, ["parallel.sequence_parallel=true", *ISOLATED_ATTENTION]),
+    "cp2_isolation": (1, 1, 1, ["parallel.context=2", *ISOLATED_ATTENTION]),
+    "cp4_isolation": (1, 1, 1, ["parallel.context=4", *ISOLATED_ATTENTION]),
+    "pp2_isolation": (1, 2, 1, ISOLATED_ATTENTION),
 }
 # Largest parameter difference after the steps. Sequence parallelism sums the gradients of the
 # replicated parameters (norms, row-parallel biases) from each rank's half of the sequence, then
@@ -43,17 +54,35 @@ LAYOUTS = {
 # amplifies where a gradient is tiny. Measured 1.02e-5 (2026-12-07, deepspeed 0.19.8, megatron-core
 # 0.16.1, torch 2.13.0; the 9307dce tree gives the same 1.0218e-5, so the drift is the libraries'
 # resolution, not Hippo's); an error of the layout (a missed reduction) moves weights by > 1e-3.
-PARAM_TOL = {"tp2_sequence_parallel": 2e-5}
+PARAM_TOL = {"tp2_sequence_parallel": 2e-5, "tp2_sequence_parallel_isolation": 2e-5}
 
 
 def context_size(extra: list[str]) -> int:
     return next((int(o.split("=")[1]) for o in extra if o.startswith("parallel.context=")), 1)
 
 
+def model_options(extra: list[str]) -> tuple[str, ...]:
+    return tuple(o for o in extra if o.startswith("model."))
+
+
 @pytest.fixture(scope="module")
-def reference():
+def references() -> dict:
+    """Single-process runs by model options (the layouts' `model.*` overrides), each made once."""
+    return {}
+
+
+@pytest.fixture
+def reference(references, request):
+    name = getattr(request.node, "callspec", None) and request.node.callspec.params.get("name")
+    key = model_options(LAYOUTS[name][3]) if name else ()
+    if key not in references:
+        references[key] = single_process_run(list(key))
+    return references[key]
+
+
+def single_process_run(overrides: list[str]) -> dict:
     torch.manual_seed(0)
-    cfg = config([])
+    cfg = config(overrides)
     model = HippoLM(cfg.model, seed=cfg.train.seed)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
@@ -76,6 +105,18 @@ def test_reference_moves_the_weights_and_clips(reference):
     assert max(reference["norms"]) > config([]).optim.grad_clip
     moved = [(reference["params"][n] - p).abs().max().item() for n, p in reference["initial"].items() if n.endswith("weight")]
     assert min(moved) > 1e-3
+
+
+def test_isolation_changes_what_the_isolated_layouts_train(references):
+    """Guards the isolation layouts: isolated, the single-process run's first loss moves by 10x more
+    than the parity bound, so a layout that dropped the boundary map would fail."""
+    key = model_options(ISOLATED_ATTENTION)
+    isolated = references.setdefault(key, single_process_run(list(key)))["losses"]
+    cfg = config(list(key))
+    model = HippoLM(dataclasses.replace(cfg.model, document_isolation=False), seed=cfg.train.seed)
+    model.load_state_dict(HippoLM(cfg.model, seed=cfg.train.seed).state_dict())
+    first = model.loss(*(lambda b: (b[:, :-1], b[:, 1:]))(global_batches(cfg)[0])).item()
+    assert abs(first - isolated[0]) > 10 * 1e-5 * abs(isolated[0])  # 10x the layouts' loss bound
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

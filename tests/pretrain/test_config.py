@@ -5,7 +5,8 @@ from typing import Optional
 
 import pytest
 
-from hippo.pretrain.config import CONFIG_DIR, ConfigError, HippoConfig, ModelConfig, from_dict, load_config
+from hippo.pretrain.config import (CONFIG_DIR, ConfigError, HippoConfig, ModelConfig, from_dict, load_config,
+                                   resume_changes, to_dict)
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
@@ -174,3 +175,20 @@ def test_a_context_parallel_layout_counts_every_rank():
     layout = config(["parallel.context=2", "parallel.tensor=2", "train.global_batch_size=4"]).layout(8)
     assert (layout.tensor, layout.pipeline, layout.context, layout.data, layout.replicas) == (2, 1, 2, 2, 4)
     assert layout.global_batch_size == 4  # sequences: the context ranks of a replica share them
+
+
+def test_document_isolation_and_its_eos_id_are_part_of_what_the_weights_mean():
+    """Changing `model.document_isolation` (or the EOS id it reads) on resume is refused, even with
+    --allow-config-change; so is turning it on over a checkpoint written before the option existed
+    (it had no isolation), while such a checkpoint resumes as before with the option off."""
+    off = from_dict(HippoConfig, {"model": {"vocab_size": 300}})
+    on = from_dict(HippoConfig, {"model": {"vocab_size": 300, "document_isolation": True, "eos_id": 256}})
+    never, _ = resume_changes(to_dict(off), on)
+    assert "model.document_isolation: False -> True" in never and "model.eos_id: None -> 256" in never
+    other_eos = from_dict(HippoConfig, {"model": {"vocab_size": 300, "document_isolation": True, "eos_id": 0}})
+    assert resume_changes(to_dict(on), other_eos)[0] == ["model.eos_id: 256 -> 0"]
+    older = to_dict(off)
+    del older["model"]["document_isolation"], older["model"]["eos_id"]
+    assert resume_changes(older, off) == ([], [])
+    never, _ = resume_changes(older, on)
+    assert "model.document_isolation: False -> True" in never

@@ -321,6 +321,30 @@ def test_a_folder_saved_again_by_transformers_goes_back_into_hippo(tmp_path):
         assert torch.equal(HippoLM.from_pretrained(tmp_path / "back")(ids), HippoLM.from_pretrained(export)(ids))
 
 
+@pytest.mark.parametrize("fmt", ["hf", "h3"])
+def test_a_model_with_document_isolation_is_refused_naming_the_option(tmp_path, capsys, fmt):
+    """Neither the HF modeling file nor the authors' H3 code isolates packed documents: exporting
+    such a model would change its logits silently, so it is refused in one line."""
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=16, n_layer=2, n_head=2, document_isolation=True, eos_id=256,
+                      **MODELS["hybrid"])
+    export = save_export(tmp_path / "export", dict(HippoLM(cfg, seed=1).named_parameters()), cfg, tokenizer="byte",
+                         step=1)
+    assert main(["export", str(export), "-o", str(tmp_path / fmt), "--format", fmt]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hippo: error: model.document_isolation=true") and err.count("\n") == 1, err
+    assert not (tmp_path / fmt).exists()
+
+
+def test_an_hf_folder_older_than_document_isolation_still_imports(tmp_path):
+    hf = export_hf(_hippo_model("hybrid", tmp_path), tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    assert config["document_isolation"] is False
+    del config["document_isolation"], config["eos_id"]
+    (hf / "config.json").write_text(json.dumps(config))
+    back = import_hf(hf, tmp_path / "back")
+    assert HippoLM.from_pretrained(back).cfg.document_isolation is False
+
+
 # ------------------------------------------------------------------------ lm-eval (slow)
 @pytest.mark.slow
 def test_lm_eval_hf_scores_equal_hippo_eval(tmp_path):
