@@ -437,12 +437,13 @@ def _shift_starts(kp, kbuf, S1, bp, spill):
     C = kp.shape[0]
     kp_flat = kp.view(C, -1)
     if spill is not None and spill[0].numel():
-        kp_flat.index_add_(1, spill[0], spill[1], alpha=-1)
+        kp_flat.scatter_add_(1, spill[0].expand(C, -1), spill[1].neg_())
     if not bp.shift_src.numel():
         return None
     win = kbuf.reshape(C, -1).index_select(1, bp.shift_src).view(C, -1, S1.shape[-1])
     corr = torch.bmm(win, S1).view(C, -1)
-    kp_flat.index_add_(1, bp.shift_dst, corr.index_select(1, bp.shift_sel), alpha=-1)
+    # scatter_add_, not index_add_: along dim 1 index_add_ adds column by column (~4x slower here).
+    kp_flat.scatter_add_(1, bp.shift_dst.expand(C, -1), corr.index_select(1, bp.shift_sel).neg_())
     return bp.spill_dst, corr.index_select(1, bp.spill_sel)
 
 
@@ -581,7 +582,7 @@ class _BlockedH3(torch.autograd.Function):
                     g_halo = g_halo.contiguous()
                     for dst, sel, at in ((g_halo, bp.halo_sel, bp.halo_at), (gk, bp.body_sel, bp.body_at)):
                         if sel.numel():
-                            dst.view(C, -1).index_add_(1, at, g_win.index_select(1, sel))
+                            dst.view(C, -1).scatter_add_(1, at.expand(C, -1), g_win.index_select(1, sel))
                 _store(g_k[..., t0 : t0 + tb], gk, tb, buf)
         x0_grad = g_x if ctx.has_x0 else None
         g_ws = torch.cat((g_S0, g_S1), dim=2)
