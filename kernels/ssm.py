@@ -282,12 +282,13 @@ def diagonal_decode_step(s: torch.Tensor, dec: DiagonalDecoder, x: torch.Tensor)
     (1 x N) @ (N x batch) over its real and imaginary parts)."""
     C, Bt, M = s.shape
     with torch.autocast(x.device.type, enabled=False):  # bmm: autocast would take it to bf16
-        xt = x.T.to(dec.out.dtype)
-        s.mul_(dec.dA)
         s_real = torch.view_as_real(s)
+        # In the state's precision: an fp32 SSM's decoder runs a float64 model's (prefilled) state too.
+        xt, out, D = (a.to(s_real.dtype) for a in (x.T, dec.out, dec.D))
+        s.mul_(dec.dA)
         s_real[..., 0].add_(xt.unsqueeze(-1))  # x is real: add it to the real parts, no complex copy
-        y = torch.bmm(dec.out, s_real.view(C, Bt, 2 * M).transpose(1, 2))[:, 0]
-        return torch.addcmul(y, dec.D, xt).T
+        y = torch.bmm(out, s_real.view(C, Bt, 2 * M).transpose(1, 2))[:, 0]
+        return torch.addcmul(y, D, xt).T
 
 
 def diagonal_state_from_prefix(

@@ -41,6 +41,15 @@ def _takes_doc_start(layer: type) -> bool:
 _NEEDS = {"h3": H3, "s4d": S4D, "hybrid": H3}
 
 
+def rel_tol(name: str) -> float:
+    """Relative bound of a float64 comparison: 1e-9 for attention; the issue's float64 bar, 1e-6,
+    where SSM layers take part, because they keep their parameters (and so the discretized
+    dynamics) in fp32 whatever the activations: two exact computations of the same outputs (the
+    FFT kernel vs the chunked path for S4D, or the recurrence vs the convolution while decoding)
+    then agree only to fp32 rounding of the dynamics (measured: 2e-8 to 6e-9 relative)."""
+    return 1e-9 if _NEEDS.get(name) is None else 1e-6
+
+
 def mixer_params() -> list:
     """Every mixer; the SSM ones skipped while their layers lack `doc_start` (the kernels' half of
     issue 25, merged separately)."""
@@ -173,7 +182,7 @@ def test_attention_dropout_with_isolation_masks_in_one_call():
 @pytest.mark.parametrize("name", mixer_params())
 def test_packed_documents_equal_separate_windows(name):
     """Each document's logits and its loss's parameter gradients, packed with others in one window,
-    equal those of the document alone (float64, 1e-9 relative; the issue's bar is 1e-5)."""
+    equal those of the document alone (float64, `rel_tol`)."""
     m = model(name)
     ids = window(3)
     weights = torch.randn(1, L, m.cfg.padded_vocab_size, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -189,11 +198,11 @@ def test_packed_documents_equal_separate_windows(name):
             if g is not None:
                 acc += g
     separate = torch.cat(separate, 1)
-    assert (packed - separate).abs().max() <= 1e-9 * separate.abs().max()
+    assert (packed - separate).abs().max() <= rel_tol(name) * separate.abs().max()
     scale = max(g.abs().max() for g in grads_sep)  # some gradients are zero by symmetry (key biases)
     for gp, gs in zip(grads_packed, grads_sep):
         gp = torch.zeros_like(gs) if gp is None else gp
-        assert (gp - gs).abs().max() <= 1e-9 * scale
+        assert (gp - gs).abs().max() <= rel_tol(name) * scale
 
 
 @pytest.mark.parametrize("name", mixer_params())
@@ -247,14 +256,14 @@ def test_generation_after_an_eos_equals_generation_from_a_fresh_prompt(name):
     assert torch.equal(packed[:, -10:], fresh[:, -10:])
     ref = _teacher_forced(m, b[:, :1], b[:, 1:])
     got = _teacher_forced(m, torch.cat([a, eos, b[:, :1]], 1), b[:, 1:])
-    assert (got - ref).abs().max() <= 1e-9 * ref.abs().max()
+    assert (got - ref).abs().max() <= rel_tol(name) * ref.abs().max()
     # EOS fed during decoding, in row 0 only; row 1 keeps its document going.
     prompt = torch.cat([a, a.flip(1)])
     fed = torch.cat([torch.cat([eos, b], 1), torch.cat([a[:, :1], b], 1)])
     steps = _teacher_forced(m, prompt, fed)
-    assert (steps[0, 2:] - _teacher_forced(m, b[:, :1], b[:, 1:])[0]).abs().max() <= 1e-9 * steps.abs().max()
+    assert (steps[0, 2:] - _teacher_forced(m, b[:, :1], b[:, 1:])[0]).abs().max() <= rel_tol(name) * steps.abs().max()
     whole = m(torch.cat([prompt, fed], 1))[:, prompt.shape[1] - 1 :]  # the training forward, isolated too
-    assert (steps - whole).abs().max() <= 1e-9 * whole.abs().max()
+    assert (steps - whole).abs().max() <= rel_tol(name) * whole.abs().max()
 
 
 def test_isolation_needs_the_eos_id():
