@@ -22,8 +22,7 @@ from tests.parallel.common import config, global_batches
 
 pytestmark = pytest.mark.dist  # several ranks under torchrun (counted as slow)
 
-ISOLATED_ATTENTION = ["model.mixer=attention", "model.attn_layer_idx=[]", "model.document_isolation=true",
-                      "model.eos_id=5"]
+ISOLATED = ["model.document_isolation=true", "model.eos_id=5"]
 
 # (tensor, pipeline, data, extra options): each layout also exercises one other feature.
 LAYOUTS = {
@@ -40,13 +39,13 @@ LAYOUTS = {
     "tp2_cp2": (2, 1, 1, ["parallel.context=2"]),
     "pp2_cp2": (1, 2, 1, ["parallel.context=2"]),
     "dp2_cp2_zero2": (1, 1, 2, ["parallel.context=2", "parallel.zero_stage=2"]),
-    # Packed documents isolated (issue 25), attention-only: boundaries on the rank edges
+    # Packed documents isolated (issue 25), the hybrid model (H3 and attention): boundaries on the rank edges
     # (`common.EOS_AT`); the blocks pass (hidden, doc_start) between pipeline stages.
-    "tp2_isolation": (2, 1, 1, ISOLATED_ATTENTION),
-    "tp2_sequence_parallel_isolation": (2, 1, 1, ["parallel.sequence_parallel=true", *ISOLATED_ATTENTION]),
-    "cp2_isolation": (1, 1, 1, ["parallel.context=2", *ISOLATED_ATTENTION]),
-    "cp4_isolation": (1, 1, 1, ["parallel.context=4", *ISOLATED_ATTENTION]),
-    "pp2_isolation": (1, 2, 1, ISOLATED_ATTENTION),
+    "tp2_isolation": (2, 1, 1, ISOLATED),
+    "tp2_sequence_parallel_isolation": (2, 1, 1, ["parallel.sequence_parallel=true", *ISOLATED]),
+    "cp2_isolation": (1, 1, 1, ["parallel.context=2", *ISOLATED]),
+    "cp4_isolation": (1, 1, 1, ["parallel.context=4", *ISOLATED]),
+    "pp2_isolation": (1, 2, 1, ISOLATED),
 }
 # Largest parameter difference after the steps. Sequence parallelism sums the gradients of the
 # replicated parameters (norms, row-parallel biases) from each rank's half of the sequence, then
@@ -110,7 +109,7 @@ def test_reference_moves_the_weights_and_clips(reference):
 def test_isolation_changes_what_the_isolated_layouts_train(references):
     """Guards the isolation layouts: isolated, the single-process run's first loss moves by 10x more
     than the parity bound, so a layout that dropped the boundary map would fail."""
-    key = model_options(ISOLATED_ATTENTION)
+    key = model_options(ISOLATED)
     isolated = references.setdefault(key, single_process_run(list(key)))["losses"]
     cfg = config(list(key))
     model = HippoLM(dataclasses.replace(cfg.model, document_isolation=False), seed=cfg.train.seed)
