@@ -49,6 +49,7 @@ class ParallelLayout:
         """DeepSpeed's pipeline engine runs the model, except for ZeRO-2 on one stage (which
         DeepSpeed refuses under a `PipelineModule`): that runs the plain engine. On one stage the
         pipeline engine is as fast at ZeRO-1, 8% faster at ZeRO-0 with one replica (its all-reduce
-        skipped), and keeps one checkpoint format for every ZeRO <= 1 run (BENCHMARKS.md, "One
-        pipeline stage")."""
+        skipped), and keeps the per-layer weight files of every ZeRO <= 1 run (BENCHMARKS.md, "One
+        pipeline stage"; an fp32 ZeRO-0 run's optimizer state still cannot change layout:
+        `Checkpoint.move_problem`)."""
         return self.pipeline > 1 or self.zero_stage <= 1
