@@ -26,8 +26,6 @@ import torch.nn as nn
 from hippo.kernels import (
     TritonUnavailableError,
     after_last_start,
-    before_first_start,
-    diagonal_output_from_state,
     h3_core,
 )
 from hippo.pretrain.models.config import ConfigError
@@ -126,10 +124,7 @@ class H3(nn.Module):
             starts_ext = torch.cat((halo_starts, doc_start), dim=-1)
         y, final_state = self._core(q_ext, k_ext, v_ext, discrete, return_state=True, doc_start=starts_ext)
         T = q.shape[-1]
-        incoming = seq.incoming_state(final_state, discrete, T, carries)
-        response = diagonal_output_from_state(incoming, discrete, T)
-        if doc_start is not None:
-            response = response * before_first_start(doc_start).unsqueeze(1)
+        response = seq.incoming_response(final_state, discrete, T, doc_start, carries)
         return y[..., W:] + q * response.to(y.dtype)
 
     def _step(self, u: torch.Tensor, inference_params: InferenceParams) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hippo.kernels import after_last_start, before_first_start, diagonal_conv, diagonal_output_from_state
+from hippo.kernels import after_last_start, diagonal_conv
 from hippo.pretrain.models.inference import InferenceParams
 from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
 from hippo.pretrain.models.ssm import DiagonalSSM
@@ -54,12 +54,9 @@ class S4D(nn.Module):
             if self.sequence.split and inference_params is None:
                 # A chunk of a sequence split over ranks: add the true incoming state's response.
                 carries = None if doc_start is None else self.sequence.documents(doc_start, 0)[1]
-                incoming = self.sequence.incoming_state(
-                    self.ssm.state_from_prefix(last, discrete), discrete, x.shape[-1], carries
+                response = self.sequence.incoming_response(
+                    self.ssm.state_from_prefix(last, discrete), discrete, x.shape[-1], doc_start, carries
                 )
-                response = diagonal_output_from_state(incoming, discrete, x.shape[-1])
-                if doc_start is not None:
-                    response = response * before_first_start(doc_start).unsqueeze(1)
                 y = y + response.to(y.dtype)
             y = y.transpose(1, 2)
             if inference_params is not None:

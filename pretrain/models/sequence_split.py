@@ -15,7 +15,7 @@ all-gather over the group):
 Packed documents (`doc_start`, this rank's slice of the whole sequence's map): `documents` gathers,
 with one collective, the starts in the halo (no shift tap crosses them) and which chunks hold a
 start (the state scan carries nothing out of those); the incoming state's response stops at this
-chunk's first start (`kernels.before_first_start`).
+chunk's first start (`kernels.before_first_start`, in `incoming_response`).
 
 Gradients flow back through the all-gather's backward (a reduce-scatter) to the ranks the
 values came from. The default, `SINGLE_SEQUENCE`, holds whole sequences.
@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from hippo.kernels import DiscreteDiagonalSSM, incoming_states
+from hippo.kernels import DiscreteDiagonalSSM, before_first_start, diagonal_output_from_state, incoming_states
 
 AllGather = Callable[[torch.Tensor], torch.Tensor]
 """x (any shape, the same on every rank) -> (size, *x.shape): every rank's x in rank order,
@@ -59,18 +59,23 @@ class SequenceSplit:
         before = tails.permute(1, 2, 0, 3).reshape(*x.shape[:-1], -1)[..., -width:]
         return torch.nn.functional.pad(before, (width - before.shape[-1], 0))
 
-    def incoming_state(
+    def incoming_response(
         self,
         final_state: torch.Tensor,
         ssm: DiscreteDiagonalSSM,
         chunk_length: int,
+        doc_start: torch.Tensor | None = None,
         carries: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The diagonal SSM's state before this rank's chunk, from every chunk's state after it
-        when run from zero (final_state: (B, C, N/2) complex, this rank's; with documents, the
-        state after the chunk's last start). carries: (rank + 1, B) bool from `documents`."""
+        """The diagonal SSM's (B, C, T) response on this rank's chunk to its true incoming state,
+        from every chunk's state after it when run from zero (final_state: (B, C, N/2) complex,
+        this rank's; with documents, the state after the chunk's last start). With documents
+        (`doc_start`, and carries: (rank + 1, B) bool from `documents`) the response stops at the
+        chunk's first start."""
         finals = torch.view_as_complex(self.all_gather(torch.view_as_real(final_state.contiguous())))
-        return incoming_states(finals[: self.rank + 1], ssm.dA, chunk_length, carries)[self.rank]
+        incoming = incoming_states(finals[: self.rank + 1], ssm.dA, chunk_length, carries)[self.rank]
+        response = diagonal_output_from_state(incoming, ssm, chunk_length)
+        return response if doc_start is None else response * before_first_start(doc_start).unsqueeze(1)
 
     def documents(self, doc_start: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """From this rank's (B, T) starts: the (B, width) starts just before the chunk (False before
