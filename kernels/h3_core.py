@@ -387,24 +387,34 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
     x = x0 if x0 is not None else torch.zeros(C, Bsz, n2, dtype=cdtype, device=dev)
     wb = decay.unsqueeze(1)
     buf = torch.empty(Bsz * C * min(T, -(-L // P) * P), dtype=rdtype, device=dev)  # staging for transposes
-    halo = spill = None
+    halo = None
     saved = []
     for i, (t0, tb, tp) in enumerate(_spans(L, T, P)):
         ab = tp // P
         bp = plan.blocks[i] if plan is not None else None
-        kbuf = torch.empty(C, ab + 1, Bsz, P, dtype=rdtype, device=dev)
+        R = ab * Bsz
+        if bp is None:
+            kbuf = torch.empty(C, ab + 1, Bsz, P, dtype=rdtype, device=dev)
+        else:  # the block's rows (halo chunk first), then one row per pair correction (`_cross_starts`)
+            kext = torch.empty(C, R + Bsz + bp.pair_rows.numel(), P, dtype=rdtype, device=dev)
+            kbuf = kext[:, : R + Bsz].view(C, ab + 1, Bsz, P)
         if halo is None:
             kbuf[:, 0].zero_()
         else:
             kbuf[:, 0].copy_(halo)
         _load(kbuf[:, 1:], k, t0, tb, buf)
         rows = (C, ab * Bsz, P)
-        kp = torch.bmm(kbuf[:, 1:].reshape(rows), S0).baddbmm_(kbuf[:, :-1].reshape(rows), S1)
-        if bp is not None:
-            spill = _shift_starts(kp, kbuf, S1, bp, spill)
+        if bp is None:
+            kp = torch.bmm(kbuf[:, 1:].reshape(rows), S0).baddbmm_(kbuf[:, :-1].reshape(rows), S1)
+        else:
+            kp = _shift_starts(kext, Bsz, S0, S1, bp)
         vb = torch.empty(C, ab, Bsz, P, dtype=rdtype, device=dev)
         _load(vb, v, t0, tb, buf)
-        kv = kp * vb.view(rows)  # zero beyond tb
+        if bp is None:
+            kv = kp * vb.view(rows)  # zero beyond tb
+        else:
+            kvx = torch.empty(C, R + bp.pair_rows.numel(), P, dtype=rdtype, device=dev)
+            kv = torch.mul(kp, vb.view(rows), out=kvx[:, :R])
         # A chunk's end state: only from its last start on.
         ends = torch.view_as_complex(torch.bmm(kv if bp is None else kv * bp.tail, to_state).view(C, ab, Bsz, n2, 2))
         before = torch.empty(C, ab, Bsz, n2, dtype=cdtype, device=dev)
@@ -417,56 +427,87 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
         if bp is None:
             s = torch.bmm(kv, toep).baddbmm_(before_r, from_state)
         else:  # the incoming state stops at the chunk's first start
-            s = torch.bmm(kv, toep).addcmul_(torch.bmm(before_r, from_state), bp.head)
-        if bp is not None and bp.pair_rows.numel():
-            cross = torch.bmm(kv.index_select(1, bp.pair_rows).mul_(bp.pair_in), toep).mul_(bp.pair_out)
-            s.index_add_(1, bp.pair_rows, cross, alpha=-1)
+            s = _cross_starts(kvx, toep, bp).addcmul_(torch.bmm(before_r, from_state), bp.head)
         s_q = _like_layout(q, tb, rdtype)  # s in q's layout, for y = q s here and g_q = g_y s later
         _store(s_q, s.view(C, ab, Bsz, P), tb, buf)
         torch.mul(q[..., t0 : t0 + tb], s_q, out=y[..., t0 : t0 + tb])
         halo = kbuf[:, -1]
         if save:
-            saved.append((kbuf, kp, vb, s_q, before))
+            saved.append((kbuf if bp is None else kext, kp, vb, s_q, before))
     kv_last = kv.view(C, ab, Bsz, P)[:, -1].clone()
     return y, before[:, -1].clone(), kv_last, saved
 
 
-def _shift_starts(kp, kbuf, S1, bp, spill):
-    """k' of a block loses, per start, the shift SSM's response to the P inputs before it (in
-    place); returns what reaches the next block's first chunk. spill: the previous block's."""
-    C = kp.shape[0]
-    kp_flat = kp.view(C, -1)
-    if spill is not None and spill[0].numel():
-        kp_flat.scatter_add_(1, spill[0].expand(C, -1), spill[1].neg_())
-    if not bp.shift_src.numel():
+def _fill_pairs(ext, mask, bp, negate=False):
+    """ext (C, R + n, P): a block's R rows, then one free row per start at an offset > 0 inside a
+    chunk (`pair_rows`, n of them): those rows get their chunk's row times mask (negated)."""
+    n = bp.pair_rows.numel()
+    if n:
+        R = ext.shape[1] - n
+        torch.mul(ext[:, :R].index_select(1, bp.pair_rows), mask, out=ext[:, R:])
+        if negate:
+            ext[:, R:].neg_()
+    return ext
+
+
+def _cross_starts(x_ext, W, bp):
+    """x @ W chunk by chunk, without the products that cross a start inside a chunk: per start
+    at an offset > 0, its row's inputs before it (`pair_in`) times W, at the outputs from it to the
+    row's next start (`pair_out`). The in-chunk product of both SSMs (S0, the Toeplitz).
+
+    x_ext (C, R + n, P): x's R rows and n free ones, which take the pair rows, so that one product
+    reads W for both (W is a C x P x P stack: reading it again costs about as much as a product
+    of a few rows). Returns (C, R, P), a view."""
+    n = bp.pair_rows.numel()
+    R = x_ext.shape[1] - n
+    out = torch.bmm(_fill_pairs(x_ext, bp.pair_in, bp), W)
+    if n:
+        out[:, :R].index_add_(1, bp.pair_rows, out[:, R:].mul_(bp.pair_out), alpha=-1)
+    return out[:, :R]
+
+
+def _cross_starts_backward(g_ext, x_ext, W_t, g_W, bp, need_x=True):
+    """Backward of `_cross_starts`. g_ext (C, R + n, P): d loss / d out in its first R rows (the
+    rest free); x_ext: x with its pair rows as the forward filled them. Adds to g_W; returns
+    (C, R + n, P), d loss / d x in its first R rows (None without need_x). The pair rows ride
+    in the block's products again: one for g_W, one for x."""
+    n = bp.pair_rows.numel()
+    R = g_ext.shape[1] - n
+    g_W.baddbmm_(x_ext.transpose(1, 2), _fill_pairs(g_ext, bp.pair_out, bp, negate=True))
+    if not need_x:
         return None
-    win = kbuf.reshape(C, -1).index_select(1, bp.shift_src).view(C, -1, S1.shape[-1])
-    corr = torch.bmm(win, S1).view(C, -1)
-    # scatter_add_, not index_add_: along dim 1 index_add_ adds column by column (~4x slower here).
-    kp_flat.scatter_add_(1, bp.shift_dst.expand(C, -1), corr.index_select(1, bp.shift_sel).neg_())
-    return bp.spill_dst, corr.index_select(1, bp.spill_sel)
+    g_x = torch.bmm(g_ext, W_t)
+    if n:
+        g_x[:, :R].index_add_(1, bp.pair_rows, g_x[:, R:].mul_(bp.pair_in))
+    return g_x
 
 
-def _shift_starts_backward(g_kp, kbuf, S1, g_S1, bp, g_spill, need_k, bp_before):
-    """Backward of `_shift_starts` for one block: adds to g_S1; returns the gradient of the
-    gathered inputs (flat, at bp.shift_src; None without need_k) and, for the previous block,
-    d loss / d k' at the entries its starts spilled into this block."""
-    C, _, P = g_kp.shape
-    g_flat = g_kp.view(C, -1)
-    spill_prev = None
-    if bp_before is not None and bp_before.spill_dst.numel():
-        spill_prev = g_flat.index_select(1, bp_before.spill_dst)
-    if not bp.shift_src.numel():
-        return None, spill_prev
-    g_corr = torch.zeros(C, bp.shift_src.numel(), dtype=g_kp.dtype, device=g_kp.device)
-    g_corr.index_copy_(1, bp.shift_sel, g_flat.index_select(1, bp.shift_dst))
-    if g_spill is not None:
-        g_corr.index_copy_(1, bp.spill_sel, g_spill)
-    g_corr = g_corr.neg_().view(C, -1, P)
-    win = kbuf.reshape(C, -1).index_select(1, bp.shift_src).view(C, -1, P)
-    g_S1.baddbmm_(win.transpose(1, 2), g_corr)
-    g_win = torch.bmm(g_corr, S1.transpose(1, 2)).view(C, -1) if need_k else None
-    return g_win, spill_prev
+def _shift_starts(kext, Bsz, S0, S1, bp):
+    """k' of a block (C, ab B, P, a view) with no tap across a start: the previous chunk's band
+    S1 reads that chunk's inputs from its last start on and writes this chunk's outputs before its
+    first start (masks: the halo's starts need nothing else), the in-chunk band S0 loses the
+    products that cross a start (`_cross_starts`). kext: (C, (ab + 1) B + n, P), the halo
+    chunk's rows, the block's, and one free row per pair correction."""
+    R = kext.shape[1] - Bsz - bp.pair_rows.numel()
+    k_prev = kext[:, :R] * bp.prev_tail
+    return _cross_starts(kext[:, Bsz:], S0, bp).addcmul_(torch.bmm(k_prev, S1), bp.head)
+
+
+def _shift_starts_backward(g_ext, kext, Bsz, S0, S1, g_S0, g_S1, bp, need_k):
+    """Backward of `_shift_starts` for one block. g_ext (C, R + n, P): d loss / d k' in its first
+    R rows (the rest free). Adds to g_S0 and g_S1; returns (None without need_k) the gradients of
+    the block's own chunks through S0 and of each row's previous chunk (the halo for the first
+    chunk) through S1, both (C, ab, B, P)."""
+    C, _, P = kext.shape
+    R = g_ext.shape[1] - bp.pair_rows.numel()
+    g_head = g_ext[:, :R] * bp.head
+    k_prev = kext[:, :R] * bp.prev_tail
+    g_S1.baddbmm_(k_prev.transpose(1, 2), g_head)
+    g_cur = _cross_starts_backward(g_ext, kext[:, Bsz:], S0.transpose(1, 2), g_S0, bp, need_k)
+    if not need_k:
+        return None, None
+    g_prev = torch.bmm(g_head, S1.transpose(1, 2)).mul_(bp.prev_tail)
+    return g_cur[:, :R].view(C, -1, Bsz, P), g_prev.view(C, -1, Bsz, P)
 
 
 class _BlockedH3(torch.autograd.Function):
@@ -504,7 +545,6 @@ class _BlockedH3(torch.autograd.Function):
         g_k = _like_layout(k, L, k.dtype) if need_k else None
         g_v = _like_layout(v, L, v.dtype) if need_v else None
         plan = ctx.plan
-        g_spill = None  # d loss / d k' at the entries the previous block's starts spilled into this one
         # Accumulators, contiguous (in-place baddbmm_ on a strided one runs matrix by matrix).
         g_S0, g_S1 = (torch.zeros(C, P, P, dtype=rdtype, device=dev) for _ in range(2))
         g_toep, g_ts = torch.zeros_like(toep), torch.zeros_like(to_state)
@@ -518,9 +558,10 @@ class _BlockedH3(torch.autograd.Function):
         g_halo = None
         spans = _spans(L, ctx.T, P)
         for i in range(len(spans) - 1, -1, -1):
-            (t0, tb, tp), (kbuf, kp, vb, s_q, before) = spans[i], blocks[i]
+            (t0, tb, tp), (kbuf, kp, vb, s_q, before) = spans[i], blocks[i]  # with a plan kbuf is kext
             ab = tp // P
-            rows = (C, ab * Bsz, P)
+            R = ab * Bsz
+            rows = (C, R, P)
             last = i == len(spans) - 1
             bp = plan.blocks[i] if plan is not None else None
             gyb = gy[..., t0 : t0 + tb].to(rdtype)  # products in fp32 for half-precision inputs
@@ -528,9 +569,14 @@ class _BlockedH3(torch.autograd.Function):
                 torch.mul(gyb, s_q, out=g_q[..., t0 : t0 + tb])
             g_s_q = _like_layout(q, tb, rdtype)
             torch.mul(gyb, q[..., t0 : t0 + tb], out=g_s_q)
-            g_s = torch.empty(C, ab, Bsz, P, dtype=rdtype, device=dev)
-            _load(g_s, g_s_q, 0, tb, buf)  # zero beyond tb
-            g_s = g_s.view(rows)
+            if bp is None:
+                g_s = torch.empty(C, ab, Bsz, P, dtype=rdtype, device=dev)
+                _load(g_s, g_s_q, 0, tb, buf)  # zero beyond tb
+                g_s = g_s.view(rows)
+            else:  # and a free row per pair correction (`_cross_starts_backward`)
+                g_sx = torch.empty(C, R + bp.pair_rows.numel(), P, dtype=rdtype, device=dev)
+                g_s = g_sx[:, :R]
+                _load(g_s.view(C, ab, Bsz, P), g_s_q, 0, tb, buf)
             before_r = torch.view_as_real(before).view(C, ab * Bsz, 2 * n2)
             g_sh = g_s if bp is None else g_s * bp.head  # what the incoming states reached
             g_fs_t.baddbmm_(g_sh.transpose(1, 2), before_r)
@@ -547,42 +593,41 @@ class _BlockedH3(torch.autograd.Function):
             g_w += (g_ends * before.conj() if bp is None else g_ends * before.conj() * bp.keep).sum((1, 2))
             g_ends_r = torch.view_as_real(g_ends).view(C, ab * Bsz, 2 * n2)
             vbr = vb.view(rows)
-            kv = kp * vbr
-            g_toep.baddbmm_(kv.transpose(1, 2), g_s)
             if bp is None:
+                kv = kp * vbr
+                g_toep.baddbmm_(kv.transpose(1, 2), g_s)
                 g_ts.baddbmm_(kv.transpose(1, 2), g_ends_r)
                 g_kv = torch.bmm(g_s, toep_t).baddbmm_(g_ends_r, ts_t)
-            else:  # end states only from each chunk's last start on
+            else:  # end states only from each chunk's last start on; the in-chunk products that crossed a start
+                kvx = torch.empty(C, R + bp.pair_rows.numel(), P, dtype=rdtype, device=dev)
+                kv = torch.mul(kp, vbr, out=kvx[:, :R])
                 g_ts.baddbmm_((kv * bp.tail).transpose(1, 2), g_ends_r)
-                g_kv = torch.bmm(g_s, toep_t).addcmul_(torch.bmm(g_ends_r, ts_t), bp.tail)
-            if bp is not None and bp.pair_rows.numel():  # the in-chunk products that crossed a start
-                g_cross = g_s.index_select(1, bp.pair_rows).mul_(bp.pair_out)
-                g_toep.baddbmm_(kv.index_select(1, bp.pair_rows).mul_(bp.pair_in).transpose(1, 2), g_cross, alpha=-1)
-                g_kv.index_add_(1, bp.pair_rows, torch.bmm(g_cross, toep_t).mul_(bp.pair_in), alpha=-1)
+                g_kvx = _cross_starts_backward(g_sx, _fill_pairs(kvx, bp.pair_in, bp), toep_t, g_toep, bp)
+                g_kv = g_kvx[:, :R].addcmul_(torch.bmm(g_ends_r, ts_t), bp.tail)
             if last:
                 g_kv.view(C, ab, Bsz, P)[:, -1] += g_kv_last
             if need_v:
                 _store(g_v[..., t0 : t0 + tb], (g_kv * kp).view(C, ab, Bsz, P), tb, buf)
             g_kp = g_kv.mul_(vbr)
-            g_win = None
-            if bp is not None:
-                g_win, g_spill = _shift_starts_backward(g_kp, kbuf, S1, g_S1, bp, g_spill, need_k,
-                                                        plan.blocks[i - 1] if i > 0 else None)
-            g_S0.baddbmm_(kbuf[:, 1:].reshape(rows).transpose(1, 2), g_kp)
-            g_S1.baddbmm_(kbuf[:, :-1].reshape(rows).transpose(1, 2), g_kp)  # the previous chunks
+            if bp is None:
+                g_S0.baddbmm_(kbuf[:, 1:].reshape(rows).transpose(1, 2), g_kp)
+                g_S1.baddbmm_(kbuf[:, :-1].reshape(rows).transpose(1, 2), g_kp)  # the previous chunks
+                if need_k:
+                    gk = torch.bmm(g_kp, S0_t).view(C, ab, Bsz, P)
+                    g_kp4 = g_kp.view(C, ab, Bsz, P)
+                    if ab > 1:  # chunk a also fed chunk a + 1 through S1
+                        gk[:, :-1] += torch.bmm(g_kp4[:, 1:].reshape(C, (ab - 1) * Bsz, P), S1_t).view(C, ab - 1, Bsz, P)
+                    g_halo_here = torch.bmm(g_kp4[:, 0], S1_t)
+            else:
+                gk, g_prev = _shift_starts_backward(g_kvx, kbuf, Bsz, S0, S1, g_S0, g_S1, bp, need_k)
+                if need_k:
+                    if ab > 1:  # chunk a also fed chunk a + 1 through S1
+                        gk[:, :-1] += g_prev[:, 1:]
+                    g_halo_here = g_prev[:, 0]
             if need_k:
-                gk = torch.bmm(g_kp, S0_t).view(C, ab, Bsz, P)
-                g_kp4 = g_kp.view(C, ab, Bsz, P)
-                if ab > 1:  # chunk a also fed chunk a + 1 through S1
-                    gk[:, :-1] += torch.bmm(g_kp4[:, 1:].reshape(C, (ab - 1) * Bsz, P), S1_t).view(C, ab - 1, Bsz, P)
                 if g_halo is not None:
                     gk[:, -1] += g_halo  # the next block read this chunk as its halo
-                g_halo = torch.bmm(g_kp4[:, 0], S1_t)
-                if g_win is not None:  # the inputs before each start, this block's and its halo's
-                    g_halo = g_halo.contiguous()
-                    for dst, sel, at in ((g_halo, bp.halo_sel, bp.halo_at), (gk, bp.body_sel, bp.body_at)):
-                        if sel.numel():
-                            dst.view(C, -1).scatter_add_(1, at.expand(C, -1), g_win.index_select(1, sel))
+                g_halo = g_halo_here
                 _store(g_k[..., t0 : t0 + tb], gk, tb, buf)
         x0_grad = g_x if ctx.has_x0 else None
         g_ws = torch.cat((g_S0, g_S1), dim=2)
