@@ -16,6 +16,7 @@ Nothing here reads token ids or configs. Imports only torch.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "before_first_start",
     "check_doc_start",
     "document_spans",
+    "shared_plan",
 ]
 
 
@@ -121,3 +123,27 @@ class ChunkPlan:
             ))
         # The last chunk, for the final state (`kernels.h3_core._h3_core_chunked`): (B, P), (B, 1).
         self.last_tail, self.last_keep = tail[:, -1], keep[:, -1]
+
+
+_last_plan: tuple | None = None  # (weak reference to the map, its key, its plan)
+
+
+def shared_plan(doc_start: torch.Tensor, spans: list[tuple[int, int, int]], P: int,
+                dtype: torch.dtype) -> ChunkPlan | None:
+    """The `ChunkPlan` of `doc_start` (None where it has no start), kept until a call with another
+    map: the SSM layers of one forward take the model's one map (`HippoLM`) and the same blocks,
+    so it is built once per forward, not once per layer (a build is ~40 small ops and two reads
+    back to the host). Keyed on the tensor itself (a weak reference, so nothing is kept alive),
+    its version (a map changed in place is a new map), the blocks, P and the dtype; a tensor
+    that keeps no version (made under inference mode) is never kept."""
+    global _last_plan
+    try:
+        key = (doc_start._version, tuple(spans), P, dtype)
+    except RuntimeError:  # inference tensors track no version
+        return ChunkPlan(doc_start, spans, P, dtype) if bool(doc_start.any()) else None
+    last = _last_plan
+    if last is not None and last[0]() is doc_start and last[1] == key:
+        return last[2]
+    plan = ChunkPlan(doc_start, spans, P, dtype) if bool(doc_start.any()) else None
+    _last_plan = (weakref.ref(doc_start), key, plan)
+    return plan

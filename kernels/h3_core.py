@@ -23,7 +23,8 @@ Paths (`impl=`):
                  reverse in backward, carrying both states' gradients back across the blocks.
                Exact (no FFT rounding); cost O(L (P + 2N)) per channel, time per token flat in L.
                Packed documents (doc_start): exact isolation from closed forms, see
-               `kernels.documents` (one P x P product per start for each SSM, plus masks).
+               `kernels.documents` (masks across chunks, and per start inside a chunk one more
+               row in each SSM's in-chunk product).
   "triton"     Triton FlashConv (`kernels._flashconv_triton`): the shift SSM as one fused block-FFT
                conv kernel (+ Dk k), then one fused kernel for q * (conv(k' v, Kd) + D k' v).
                CUDA tensors of compute capability >= 8.0 (or CPU under TRITON_INTERPRET=1),
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from hippo.kernels._flashconv_support import flashconv_unsupported
-from hippo.kernels.documents import ChunkPlan, check_doc_start, document_spans
+from hippo.kernels.documents import check_doc_start, document_spans, shared_plan
 from hippo.kernels.fftconv import fftconv
 from hippo.kernels.ssm import DiscreteDiagonalSSM, dA_powers, diagonal_kernel, diagonal_state_from_prefix, shift_kernel
 
@@ -372,10 +373,11 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
     Returns y, the state before the last chunk (C, B, N/2), k'v of the last chunk (C, B, P), and
     (when `save`) per block what backward needs: the k block with its halo, k', v, s, the states.
 
-    Documents (`plan`, a `kernels.documents.ChunkPlan`): per start, the shift SSM's response to
-    the P inputs before it is subtracted from k'; in a chunk holding a start the incoming state's
-    response after its first start and the end state's inputs before its last are subtracted,
-    the carry stops, and the in-chunk Toeplitz products that cross a start are subtracted.
+    Documents (`plan`, a `kernels.documents.ChunkPlan`): across chunks by masks (the shift SSM's
+    S1 reads the previous chunk from its last start on and writes this one's outputs before its
+    first start; the incoming state's response stops at the first start, the end state comes from
+    the last start on, the carry stops); inside a chunk the S0 and Toeplitz products that cross a
+    start are subtracted, their rows stacked onto the block's own product (`_cross_starts`).
     None: today's ops, untouched.
     """
     Bsz, C, L = q.shape
@@ -653,9 +655,8 @@ def _h3_core_chunked(
     cdtype = decay.dtype
     x0 = initial_state.to(cdtype).transpose(0, 1).contiguous() if initial_state is not None else None
     args = (q, k, v, w_shift, toep, to_state, from_state, decay, x0, T)
-    plan = None
-    if doc_start is not None and doc_start.any():
-        plan = ChunkPlan(doc_start, _spans(L, T, P), P, rdtype)
+    # One plan per map and blocks, shared by the layers of a forward (`kernels.documents.shared_plan`).
+    plan = shared_plan(doc_start, _spans(L, T, P), P, rdtype) if doc_start is not None else None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:9]):
         y, before_last, kv_last = _BlockedH3.apply(*args, plan)
     else:

@@ -192,6 +192,40 @@ def test_no_starts_and_none_are_the_plain_path():
     assert torch.equal(plain, empty)
 
 
+def test_one_plan_per_map_shared_by_the_layers_of_a_forward(monkeypatch):
+    """The layers of a forward take one map: its ChunkPlan is built once and reused, while a map
+    changed in place or another map builds its own (and each output is still the reference's)."""
+    from hippo.kernels import documents
+
+    built = []
+
+    class Counted(documents.ChunkPlan):
+        def __init__(self, *args):
+            built.append(args[0])
+            super().__init__(*args)
+
+    monkeypatch.setattr(documents, "ChunkPlan", Counted)
+    monkeypatch.setattr(documents, "_last_plan", None)
+    B, C, L = 2, 2, 200
+    sB, sC, sD, raw, D = _params(C, torch.float64)
+    q, k, v = _inputs(B, C, L, torch.float64)
+    ds = _starts(B, L, [[3, 64, 130], [70]])
+
+    def check():
+        ssm = discretize_diagonal(*raw)
+        got = h3_core(q, k, v, sB, sC, sD, ssm, D, impl="torch", doc_start=ds)
+        assert _rel(got, h3_core(q, k, v, sB, sC, sD, ssm, D, impl="reference", doc_start=ds)) < 1e-10
+
+    for _ in range(3):  # three layers, one map
+        check()
+    assert len(built) == 1
+    ds[1, 10] = True  # the same tensor, changed
+    check()
+    ds = ds.clone()  # another tensor
+    check()
+    assert len(built) == 3
+
+
 def test_bad_doc_start_names_the_argument():
     sB, sC, sD, raw, D = _params(2)
     q, k, v = _inputs(1, 2, 10, torch.float32)
