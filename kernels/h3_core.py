@@ -618,7 +618,8 @@ class _BlockedH3(torch.autograd.Function):
                     gk = torch.bmm(g_kp, S0_t).view(C, ab, Bsz, P)
                     g_kp4 = g_kp.view(C, ab, Bsz, P)
                     if ab > 1:  # chunk a also fed chunk a + 1 through S1
-                        gk[:, :-1] += torch.bmm(g_kp4[:, 1:].reshape(C, (ab - 1) * Bsz, P), S1_t).view(C, ab - 1, Bsz, P)
+                        g_next = g_kp4[:, 1:].reshape(C, (ab - 1) * Bsz, P)
+                        gk[:, :-1] += torch.bmm(g_next, S1_t).view(C, ab - 1, Bsz, P)
                     g_halo_here = torch.bmm(g_kp4[:, 0], S1_t)
             else:
                 gk, g_prev = _shift_starts_backward(g_kvx, kbuf, Bsz, S0, S1, g_S0, g_S1, bp, need_k)
