@@ -1,4 +1,9 @@
-"""FlashConv: long convolutions and the SSM kernels of H3. Imports only torch (and triton)."""
+"""FlashConv: long convolutions and the SSM kernels of H3. Imports only torch (and triton).
+
+The kernels run as PyTorch custom ops, namespace `hippo::` (`kernels.ops`).
+"""
+
+from hippo.kernels import ops
 
 from hippo.kernels.documents import after_last_start, before_first_start, check_doc_start
 from hippo.kernels.fftconv import fft_size, fftconv, fftconv_ref
@@ -29,6 +34,7 @@ __all__ = [
     "TritonUnavailableError",
     "diagonal_output_from_state",
     "incoming_states",
+    "ops",
     "h3_core",
     "h3_core_ref",
     "DiscreteDiagonalSSM",

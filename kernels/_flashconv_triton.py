@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hippo.kernels import ops as _ops
 from hippo.kernels._flashconv_support import MAX_FFT_SIZE, MIN_FFT_SIZE, block_fft_config, flashconv_unsupported
 
 __all__ = [
@@ -430,4 +431,4 @@ def flashconv(
     """
     if u.dim() != 3:
         raise ValueError(f"flashconv expects u of shape (B, C, L), got {tuple(u.shape)}")
-    return FlashConvFn.apply(u, k, D, v, q)
+    return _ops.flashconv(u, k, D, v, q) if _ops.routed() else FlashConvFn.apply(u, k, D, v, q)

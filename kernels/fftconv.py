@@ -7,10 +7,14 @@ precision lose too many bits over thousands of taps, and bf16 FFTs are not suppo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fftconv", "fftconv_ref", "fft_size"]
+from hippo.kernels import ops as _ops
+
+__all__ = ["causal_fftconv", "causal_fftconv_backward", "fftconv", "fftconv_ref", "fft_size"]
 
 
 def fft_size(length: int, kernel_length: int) -> int:
@@ -36,17 +40,68 @@ def fftconv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> 
         D: optional (C,) skip weight.
     Returns:
         (..., C, L) in u's dtype.
+
+    The convolution runs as the op `hippo::fftconv` (`kernels.ops`, body `causal_fftconv`); the
+    skip term stays outside it, in plain ops, so that autograd sums u's gradients from the skip,
+    the convolution and any other use of u in the same order as without the op.
     """
+    cdt = _compute_dtype(u.dtype)
+    y = _ops.fftconv(u, k) if _ops.routed() else causal_fftconv(u, k)
+    if D is not None:
+        y = y + u.to(cdt) * D.to(cdt).unsqueeze(-1)
+    return y.to(u.dtype)
+
+
+def causal_fftconv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`fftconv` without the skip, in float32 (float64 for float64 u): (..., C, L)."""
     L = u.shape[-1]
     k = k[..., :L]
     cdt = _compute_dtype(u.dtype)
     n = fft_size(L, k.shape[-1])
     u_f = torch.fft.rfft(u.to(cdt), n=n)
     k_f = torch.fft.rfft(k.to(cdt), n=n)
-    y = torch.fft.irfft(u_f * k_f, n=n)[..., :L]
-    if D is not None:
-        y = y + u.to(cdt) * D.to(cdt).unsqueeze(-1)
-    return y.to(u.dtype)
+    return torch.fft.irfft(u_f * k_f, n=n)[..., :L]
+
+
+def causal_fftconv_backward(
+    grad: torch.Tensor, u: torch.Tensor, k: torch.Tensor, needs: Sequence[bool]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of `causal_fftconv` (u, k) as autograd forms them, op for op, so that the op's
+    gradients equal the plain function's bit for bit: each FFT's backward is the one PyTorch
+    registers (irfft: an rfft with the mirrored bins doubled; rfft: a zero-padded inverse c2c,
+    real part), the product's are products with the conjugates, k's broadcast reduces by sum_to.
+    The two spectra are recomputed (two rffts) instead of saved."""
+    L, Lk = u.shape[-1], k.shape[-1]
+    cdt = _compute_dtype(u.dtype)
+    n = fft_size(L, min(L, Lk))
+    u_c, k_c = u.to(cdt), k[..., :L].to(cdt)
+    full = grad.new_zeros(*grad.shape[:-1], n)
+    full[..., :L].copy_(grad)
+    g_prod = torch.ops.aten._fft_r2c(full, [full.dim() - 1], 2, True)  # irfft's backward (norm by n)
+    mirrored = n - g_prod.shape[-1]
+    if mirrored > 0:
+        g_prod.narrow(-1, 1, mirrored).mul_(2)
+
+    def rfft_backward(g_f: torch.Tensor, size: int) -> torch.Tensor:
+        nf = g_f.shape[-1]
+        if n > nf:
+            padded = g_f.new_zeros(*g_f.shape[:-1], n)
+            padded[..., :nf].copy_(g_f)
+            g_f = padded
+        x = torch.real(torch.ops.aten._fft_c2c(g_f, [g_f.dim() - 1], 0, False))
+        return torch.constant_pad_nd(x, (0, size - n))
+
+    g_u = g_k = None
+    if needs[0]:
+        g_u = rfft_backward(g_prod * torch.fft.rfft(k_c, n=n).conj(), L).to(u.dtype)
+    if needs[1]:
+        g_kf = (g_prod * torch.fft.rfft(u_c, n=n).conj()).sum_to_size(*k_c.shape[:-1], n // 2 + 1)
+        g_k = rfft_backward(g_kf, k_c.shape[-1]).to(k.dtype)
+        if Lk > L:  # taps beyond L never reach an output
+            padded = g_k.new_zeros(k.shape)
+            padded[..., :L].copy_(g_k)
+            g_k = padded
+    return g_u, g_k
 
 
 def fftconv_ref(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:

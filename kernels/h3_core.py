@@ -46,6 +46,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from hippo.kernels import ops as _ops
 from hippo.kernels._flashconv_support import flashconv_unsupported
 from hippo.kernels.documents import check_doc_start, document_spans, shared_plan
 from hippo.kernels.fftconv import fftconv
@@ -435,7 +436,13 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
         torch.mul(q[..., t0 : t0 + tb], s_q, out=y[..., t0 : t0 + tb])
         halo = kbuf[:, -1]
         if save:
-            saved.append((kbuf if bp is None else kext, kp, vb, s_q, before))
+            # With starts, kbuf and k' are views into buffers with a row per pair correction; saved
+            # as contiguous copies they have the shapes and strides they have without documents,
+            # which a custom op's fake implementation must predict (`kernels.ops`). Backward
+            # rebuilds the pair rows from kbuf.
+            if bp is not None:
+                kbuf, kp = kbuf.contiguous(), kp.contiguous()
+            saved.append((kbuf, kp, vb, s_q, before))
     kv_last = kv.view(C, ab, Bsz, P)[:, -1].clone()
     return y, before[:, -1].clone(), kv_last, saved
 
@@ -560,7 +567,7 @@ class _BlockedH3(torch.autograd.Function):
         g_halo = None
         spans = _spans(L, ctx.T, P)
         for i in range(len(spans) - 1, -1, -1):
-            (t0, tb, tp), (kbuf, kp, vb, s_q, before) = spans[i], blocks[i]  # with a plan kbuf is kext
+            (t0, tb, tp), (kbuf, kp, vb, s_q, before) = spans[i], blocks[i]
             ab = tp // P
             R = ab * Bsz
             rows = (C, R, P)
@@ -622,7 +629,10 @@ class _BlockedH3(torch.autograd.Function):
                         gk[:, :-1] += torch.bmm(g_next, S1_t).view(C, ab - 1, Bsz, P)
                     g_halo_here = torch.bmm(g_kp4[:, 0], S1_t)
             else:
-                gk, g_prev = _shift_starts_backward(g_kvx, kbuf, Bsz, S0, S1, g_S0, g_S1, bp, need_k)
+                kext = torch.empty(C, R + Bsz + bp.pair_rows.numel(), P, dtype=rdtype, device=dev)
+                kext[:, : R + Bsz].copy_(kbuf.view(C, R + Bsz, P))
+                _fill_pairs(kext[:, Bsz:], bp.pair_in, bp)  # the pair rows as the forward filled them
+                gk, g_prev = _shift_starts_backward(g_kvx, kext, Bsz, S0, S1, g_S0, g_S1, bp, need_k)
                 if need_k:
                     if ab > 1:  # chunk a also fed chunk a + 1 through S1
                         gk[:, :-1] += g_prev[:, 1:]
@@ -651,26 +661,35 @@ def _h3_core_chunked(
         raise ValueError(f"block length must be a positive multiple of {P}, got {T}")
 
     # Shift SSM: k' = k @ S0 (this chunk) + k_prev @ S1 (previous chunk's tail), Dk at lag 0.
-    w_shift = _ShiftMats.apply(shift_B.to(rdtype), shift_C.to(rdtype), shift_D.to(rdtype), P)  # (C, P, 2P)
-    toep, to_state, from_state, decay = _DiagMats.apply(ssm.dA, ssm.dB, ssm.C, D, P, rdtype)
+    routed = _ops.routed()
+    shift_args = (shift_B.to(rdtype), shift_C.to(rdtype), shift_D.to(rdtype), P)
+    w_shift = _ops.shift_mats(*shift_args) if routed else _ShiftMats.apply(*shift_args)  # (C, P, 2P)
+    diag_args = (ssm.dA, ssm.dB, ssm.C, D, P, rdtype)
+    toep, to_state, from_state, decay = _ops.diag_mats(*diag_args) if routed else _DiagMats.apply(*diag_args)
     cdtype = decay.dtype
     x0 = initial_state.to(cdtype).transpose(0, 1).contiguous() if initial_state is not None else None
     args = (q, k, v, w_shift, toep, to_state, from_state, decay, x0, T)
-    # One plan per map and blocks, shared by the layers of a forward (`kernels.documents.shared_plan`).
-    plan = shared_plan(doc_start, _spans(L, T, P), P, rdtype) if doc_start is not None else None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:9]):
-        y, before_last, kv_last = _BlockedH3.apply(*args, plan)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:9])
+    if routed:  # hippo::h3_blocks builds the ChunkPlan inside, from doc_start
+        y, before_last, kv_last, last_tail, last_keep = _ops.h3_blocks(*args, doc_start, grad)
     else:
-        y, before_last, kv_last, _ = _blocked_forward(*args, False, plan)
+        # One plan per map and blocks, shared by the layers of a forward (`kernels.documents.shared_plan`).
+        plan = shared_plan(doc_start, _spans(L, T, P), P, rdtype) if doc_start is not None else None
+        if grad:
+            y, before_last, kv_last = _BlockedH3.apply(*args, plan)
+        else:
+            y, before_last, kv_last, _ = _blocked_forward(*args, False, plan)
+        last_tail, last_keep = (None, None) if plan is None else (plan.last_tail, plan.last_keep)
     if not return_state:
         return y
     # State after position L-1, closed from the state before the last chunk and its r inputs
     # (the chunk grid may run past L; dividing out padded steps would not be stable); with
-    # documents only the last one's inputs, and the carry only if the last chunk has no start.
+    # documents only the last one's inputs, and the carry only if the last chunk has no start
+    # (through the op, the masks are ones where doc_start has no start: the same numbers).
     r = L - (-(-L // P) - 1) * P
-    if plan is not None:
-        kv_last = kv_last * plan.last_tail.unsqueeze(0)
-        before_last = before_last * plan.last_keep.unsqueeze(0)
+    if last_tail is not None and last_tail.numel():
+        kv_last = kv_last * last_tail.unsqueeze(0)
+        before_last = before_last * last_keep.unsqueeze(0)
     g = (ssm.dB.to(torch.complex128).unsqueeze(-1) * dA_powers(ssm.dA, range(r)).flip(-1)).to(cdtype)  # (C, N/2, r)
     state = torch.einsum("cbl,cnl->bcn", kv_last[..., :r].to(cdtype), g)
     return y, state + before_last.transpose(0, 1) * dA_powers(ssm.dA, range(r, r + 1))[..., 0].to(cdtype)

@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from hippo.kernels import ops as _ops
+
 __all__ = [
     "DiscreteDiagonalSSM",
     "discretize_diagonal",
@@ -96,7 +98,14 @@ def shift_ring_from_prefix(x: torch.Tensor, N: int) -> torch.Tensor:
 def shift_ring_step(window: torch.Tensor, taps: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
     """Token x_t (batch, channels) through the shift SSM: writes it into `window` (in place,
     slot t mod N) and returns y_t (batch, channels) = sum_j K[j] x_{t-j} + D x_t, as the
-    shifted-state recurrence computes it (`tests/kernels/ssm_ref.shift_step_ref`)."""
+    shifted-state recurrence computes it (`tests/kernels/ssm_ref.shift_step_ref`).
+    The op `hippo::shift_ring_step`, body `shift_ring_step_impl`."""
+    if _ops.routed():
+        return _ops.shift_ring_step(window, taps, x, t)
+    return shift_ring_step_impl(window, taps, x, t)
+
+
+def shift_ring_step_impl(window: torch.Tensor, taps: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
     N = window.shape[1]
     p = t % N
     with torch.autocast(x.device.type, enabled=False):  # bmm: autocast would take it to bf16
@@ -246,7 +255,8 @@ def diagonal_kernel(ssm: DiscreteDiagonalSSM, length: int) -> torch.Tensor:
 
     Blocked (see `_DiagonalKernel`): no (C, N/2, L) intermediate and O(C N) saved for backward.
     """
-    return _DiagonalKernel.apply(ssm.C * ssm.dB, ssm.dA, length)
+    cb = ssm.C * ssm.dB
+    return _ops.diagonal_kernel(cb, ssm.dA, length) if _ops.routed() else _DiagonalKernel.apply(cb, ssm.dA, length)
 
 
 class DiagonalDecoder(NamedTuple):
@@ -279,7 +289,14 @@ def diagonal_decode_step(s: torch.Tensor, dec: DiagonalDecoder, x: torch.Tensor)
     in place to dA s + x and returns y (batch, channels) = 2 Re(sum_n C dB s') + D x, as the
     recurrence state' = dA state + dB x computes it (`tests/kernels/ssm_ref.diagonal_step_ref`).
     Two in-place passes over the state and one batched product reading it (per channel:
-    (1 x N) @ (N x batch) over its real and imaginary parts)."""
+    (1 x N) @ (N x batch) over its real and imaginary parts). The op `hippo::diagonal_decode_step`,
+    body `diagonal_decode_step_impl`."""
+    if _ops.routed():
+        return _ops.diagonal_decode_step(s, dec.dA, dec.out, dec.D, x)
+    return diagonal_decode_step_impl(s, dec, x)
+
+
+def diagonal_decode_step_impl(s: torch.Tensor, dec: DiagonalDecoder, x: torch.Tensor) -> torch.Tensor:
     C, Bt, M = s.shape
     with torch.autocast(x.device.type, enabled=False):  # bmm: autocast would take it to bf16
         s_real = torch.view_as_real(s)

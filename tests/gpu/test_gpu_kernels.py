@@ -101,3 +101,22 @@ def test_diagonal_ssm_kernel_matches_float64(target):
     got = diagonal_kernel(discretize_diagonal(*(t.to(target.device, torch.float32) for t in params)), L)
     err = ((got.double().cpu() - want).abs().max() / want.abs().max()).item()
     assert err <= L * 2.0**-24 + 1e-6, err
+
+
+def test_custom_ops_opcheck_on_the_device(target):
+    """opcheck of the `hippo::` ops on the device (tests/kernels/test_custom_ops.py runs the CPU
+    ones): the Triton FlashConv op and its backward, the chunked core's blocks and matrices."""
+    from tests.kernels import test_custom_ops as op_cases
+
+    dev = target.device
+    g = torch.Generator().manual_seed(0)
+    B, C, L = 2, 4, 256
+    u, v, q = (torch.randn(B, C, L, generator=g).to(dev).requires_grad_() for _ in range(3))
+    k = torch.randn(C, L, generator=g).to(dev).requires_grad_()
+    D = torch.randn(C, generator=g).to(dev).requires_grad_()
+    torch.library.opcheck(torch.ops.hippo.flashconv, (u, k, D, v, q))
+    torch.library.opcheck(torch.ops.hippo.flashconv, (u, k, None, None, None))
+    tensors, x0 = op_cases._block_inputs(torch.float32, L=200, x0=True)
+    starts = op_cases._starts(2, 200, (0, 70), (1, 130)).to(dev)
+    leaves = [t.to(dev).requires_grad_() for t in (*tensors, x0)]
+    torch.library.opcheck(torch.ops.hippo.h3_blocks, (*leaves, 128, starts, True))
