@@ -20,7 +20,10 @@ the previous document, its EOS, then the next document's first tokens.
 
 Tokens before a window's first EOS at window index < 64 are left out: their document position is
 unknown. Each export is scored as it was trained (the isolated one isolates, the other reads across
-EOS). CPU, fp32; each run is a few minutes on 2 free cores at the default 300 steps.
+EOS). CPU, fp32; each run is a few minutes on 2 free cores at the default 300 steps (the four
+runs, data preparation and scoring: 11-12 min on a shared 2-core machine, one thread). At the
+default 6 MB the corpus is 3,028 definitions of ~2,000 bytes: one boundary per ~2,000 tokens, 283
+held-out windows (BENCHMARKS.md, "Document isolation: what it changes").
 """
 
 from __future__ import annotations
@@ -130,23 +133,42 @@ def boundary_windows(data: Path, config: str, seq_len: int, eos: int) -> torch.T
     return torch.stack([tokens[f : f + seq_len + 1] for f in first]) if first else tokens.new_zeros(0, seq_len + 1)
 
 
+BUCKETS = ("first64", "rest", "doc_start")
+
+
 @torch.no_grad()
-def score(export: Path, windows: torch.Tensor, eos: int, batch: int = 8) -> dict[str, float]:
+def score(export: Path, windows: torch.Tensor, eos: int, batch: int = 8) -> tuple[dict[str, float], torch.Tensor]:
+    """Mean held-out loss and token count per bucket, and the (windows, 3) loss sums per window and
+    bucket (for the paired comparison of two models on the same windows: `paired_difference`)."""
     from hippo.pretrain.models import HippoLM
 
     model = HippoLM.from_pretrained(export)
-    sums, counts = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.long)
+    per_window, counts = [], torch.zeros(3, dtype=torch.long)
     for window in windows.split(batch):
         logits = model(window[:, :-1])[..., : model.cfg.vocab_size]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), window[:, 1:], reduction="none").double()
         buckets = position_buckets(window, eos)
-        for k in range(3):
-            sums[k] += nll[buckets == k].sum()
-            counts[k] += int((buckets == k).sum())
-    names = ("first64", "rest", "doc_start")
-    out = {n: (sums[k] / counts[k]).item() if counts[k] else math.nan for k, n in enumerate(names)}
-    out.update({f"{n}_tokens": int(counts[k]) for k, n in enumerate(names)})
-    return out
+        per_window.append(torch.stack([(nll * (buckets == k)).sum(1) for k in range(3)], 1))
+        counts += torch.stack([(buckets == k).sum() for k in range(3)])
+    sums = torch.cat(per_window)
+    out = {n: (sums[:, k].sum() / counts[k]).item() if counts[k] else math.nan for k, n in enumerate(BUCKETS)}
+    out.update({f"{n}_tokens": int(counts[k]) for k, n in enumerate(BUCKETS)})
+    return out, sums
+
+
+def paired_difference(on: torch.Tensor, off: torch.Tensor, windows: torch.Tensor, eos: int) -> dict[str, list[float]]:
+    """Per bucket, (on - off) mean loss over the same tokens and its standard error over windows
+    (a ratio estimator: windows hold different numbers of a bucket's tokens). It measures how much
+    the comparison depends on which held-out windows were drawn, not the spread between training
+    seeds."""
+    buckets = position_buckets(windows, eos)
+    n = torch.stack([(buckets == k).sum(1) for k in range(3)], 1).double()  # (windows, 3)
+    d = on - off
+    delta = d.sum(0) / n.sum(0)
+    resid = d - delta * n
+    w = len(windows)
+    se = (resid.pow(2).sum(0) * w / max(w - 1, 1)).sqrt() / n.sum(0)
+    return {b: [delta[k].item(), se[k].item()] for k, b in enumerate(BUCKETS)}
 
 
 def main() -> None:
@@ -167,13 +189,19 @@ def main() -> None:
         raise SystemExit("no document boundary in the held-out split: raise --corpus-bytes")
     rows = []
     for model in args.models:
+        sums = {}
         for isolation in (False, True):
             export = train_run(args.out, model, isolation, data, args.steps, args.set)
-            row = {"model": model, "isolation": isolation, "steps": args.steps, **score(export, windows, eos)}
+            scores, sums[isolation] = score(export, windows, eos)
+            row = {"model": model, "isolation": isolation, "steps": args.steps, **scores}
             rows.append(row)
             print(f"{model:12s} isolation {'on ' if isolation else 'off'}: held-out loss first64 {row['first64']:.4f} "
                   f"({row['first64_tokens']} tokens)  rest {row['rest']:.4f} ({row['rest_tokens']})  "
                   f"doc_start {row['doc_start']:.4f} ({row['doc_start_tokens']})", flush=True)
+        diff = paired_difference(sums[True], sums[False], windows, eos)
+        rows.append({"model": model, "on_minus_off": diff})
+        print(f"{model:12s} on - off (+- standard error over windows): "
+              + "  ".join(f"{b} {d:+.4f} +- {e:.4f}" for b, (d, e) in diff.items()), flush=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -36,6 +36,7 @@ from hippo.parallel.runtime import import_deepspeed
 from hippo.parallel.tensor_parallel import mark_sequence_parallel_norms, megatron_linears, sequence_parallel_grad_hooks
 from hippo.pretrain.models.config import ModelConfig
 from hippo.pretrain.models.linear import Linears, partition_dim
+from hippo.pretrain.models.loss import IGNORE_INDEX, eod_masked_labels, kept_token_losses
 
 OptimizerFactory = Callable[[nn.Module, type[torch.optim.AdamW]], tuple[torch.optim.Optimizer, Any]]
 """(module, optimizer class) -> (optimizer over the module's parameters, its LR scheduler)."""
@@ -63,10 +64,11 @@ def deepspeed_config(layout: ParallelLayout, *, precision: str, grad_clip: float
     }
 
 
-def build_module(cfg: ModelConfig, state: ParallelState, linears: Linears, *, seed: int) -> nn.Module:
+def build_module(cfg: ModelConfig, state: ParallelState, linears: Linears, *, seed: int,
+                 loss_fn: BatchLoss | None = None) -> nn.Module:
     """This rank's part of the model as the layer list DeepSpeed runs, on the rank's device."""
     layout = state.layout
-    loss_fn = mean_token_loss(linears)
+    loss_fn = loss_fn or BatchLoss(linears)
     if layout.pipelined:
         module = build_pipeline(cfg, layout, linears, state.topology, loss_fn, seed=seed)
     else:
@@ -78,29 +80,47 @@ def build_module(cfg: ModelConfig, state: ParallelState, linears: Linears, *, se
     return module
 
 
-def mean_token_loss(linears: Linears) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return linears.cross_entropy(logits, labels).mean()
+class BatchLoss:
+    """The layer list's loss function: DeepSpeed calls it per micro-batch on this rank's chunk, and
+    averages the results over the micro-batches and the replicas (data x context).
 
-    return loss
+    Every position kept, the chunk's mean: chunks are equal, so that average is the global batch's
+    mean. With positions left out (`masked`: labels holding `IGNORE_INDEX`, `train.eod_mask_loss`)
+    chunks keep different numbers of positions, and a mean of means would weigh them unequally and
+    depend on the layout. So each chunk's *sum* of kept losses is multiplied by `scale`, which
+    `TrainEngine` sets before every batch to (micro-batches x replicas) / (kept positions of the
+    global batch): DeepSpeed's average is then the mean over the global batch's kept positions,
+    exactly what one process computes on the whole batch at once, in any layout.
+    """
+
+    def __init__(self, linears: Linears, *, masked: bool = False):
+        self.linears, self.masked, self.scale = linears, masked, 1.0
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.masked:
+            return self.linears.cross_entropy(logits, labels).mean()
+        return kept_token_losses(self.linears.cross_entropy, logits, labels).sum() * self.scale
 
 
 def build_train_engine(cfg: ModelConfig, state: ParallelState, optimizer_factory: OptimizerFactory, *, seed: int,
                        precision: str = "fp32", grad_clip: float = 1.0, load_universal: bool = False,
-                       initial_weights: Callable[[str], torch.Tensor] | None = None) -> TrainEngine:
+                       initial_weights: Callable[[str], torch.Tensor] | None = None,
+                       eod_mask_id: int | None = None) -> TrainEngine:
     """Model, optimizer and DeepSpeed engine for this rank. `load_universal`: the engine will
     load a universal checkpoint (one written under another layout). `initial_weights(name)`: the
     single-process tensor of each parameter to start from (a pretrained model) instead of the
     seeded initialization; loaded before DeepSpeed copies the weights into its optimizer.
-    `precision`: "fp32", "bf16" or `deepspeed_compat.BF16_AUTOCAST`."""
+    `precision`: "fp32", "bf16" or `deepspeed_compat.BF16_AUTOCAST`. `eod_mask_id`: leave out of
+    the loss (training and evaluation) every position whose input is this token (`train.eod_mask_loss`)."""
     deepspeed = import_deepspeed()
     layout = state.layout
     linears = dataclasses.replace(
         megatron_linears(state.tp_rank, layout.tensor, layout.pipeline, sequence_parallel=layout.sequence_parallel),
         sequence=sequence_split(state.cp_group, state.cp_rank, layout.context),
     )
+    loss_fn = BatchLoss(linears, masked=eod_mask_id is not None)
     with quiet():
-        module = build_module(cfg, state, linears, seed=seed)
+        module = build_module(cfg, state, linears, seed=seed, loss_fn=loss_fn)
     if initial_weights is not None:
         load_full_parameters(module, state, initial_weights)
     optimizer, scheduler = optimizer_factory(module, FiniteStepAdamW)
@@ -125,7 +145,7 @@ def build_train_engine(cfg: ModelConfig, state: ParallelState, optimizer_factory
     with torch.device("meta"):  # every stage's parameter names, without allocating
         whole_model = SequentialLM(cfg, linears, None, seed=seed)
     set_universal_checkpoint_info(module, whole_model)
-    return TrainEngine(engine, module, optimizer, linears, state)
+    return TrainEngine(engine, module, optimizer, linears, state, loss_fn=loss_fn, eod_mask_id=eod_mask_id)
 
 
 class TrainEngine:
@@ -133,8 +153,10 @@ class TrainEngine:
 
     last_step_skipped = False
 
-    def __init__(self, engine, module: nn.Module, optimizer, linears: Linears, state: ParallelState):
+    def __init__(self, engine, module: nn.Module, optimizer, linears: Linears, state: ParallelState, *,
+                 loss_fn: BatchLoss | None = None, eod_mask_id: int | None = None):
         self.engine, self.module, self.optimizer, self.linears, self.state = engine, module, optimizer, linears, state
+        self.loss_fn, self.eod_mask_id = loss_fn, eod_mask_id
         self.pipelined = state.layout.pipelined
         # Megatron's sequence-parallel buffers go to torch.cuda.current_device(): the CPU, during steps.
         self._device_scope = (cpu_current_device if state.layout.sequence_parallel and state.device.type == "cpu"
@@ -151,12 +173,11 @@ class TrainEngine:
 
     def _train_batch(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
         skipped_before = self.engine.skipped_steps
-        it: Iterator = iter(micro_batches)
+        batches = self._this_rank(micro_batches)
         if self.pipelined:
-            loss = self.engine.train_batch(data_iter=self._this_rank(it)).item()
+            loss = self.engine.train_batch(data_iter=batches).item()
         else:
             total = torch.zeros((), device=self.state.device)
-            batches = self._this_rank(it)
             for _ in range(self.state.layout.grad_accum_steps):
                 input_ids, labels = next(batches)
                 micro_loss = self.engine(input_ids, labels)
@@ -174,12 +195,11 @@ class TrainEngine:
             return self._eval_batch(micro_batches)
 
     def _eval_batch(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        it: Iterator = iter(micro_batches)
+        batches = self._this_rank(micro_batches)
         if self.pipelined:
-            return self.engine.eval_batch(data_iter=self._this_rank(it)).item()
+            return self.engine.eval_batch(data_iter=batches).item()
         self.engine.eval()
         total = torch.zeros((), device=self.state.device)
-        batches = self._this_rank(it)
         for _ in range(self.state.layout.grad_accum_steps):
             input_ids, labels = next(batches)
             total += self.engine(input_ids, labels)
@@ -190,12 +210,30 @@ class TrainEngine:
         dist.all_reduce(value, group=self.state.replica_group)
         return (value / self.state.layout.replicas).item()
 
-    def _this_rank(self, micro_batches: Iterator) -> Iterator:
-        """(input_ids, labels) on the device, cut to this rank's chunk of each sequence."""
+    def _this_rank(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator:
+        """(input_ids, labels) on the device, cut to this rank's chunk of each sequence. Under
+        `eod_mask_id` the labels are masked and the loss scaled for the global batch first, before
+        the engine runs (the count is a collective: not inside DeepSpeed's pipeline schedule)."""
+        if self.eod_mask_id is not None:
+            micro_batches = [(x, eod_masked_labels(x, y, self.eod_mask_id)) for x, y in micro_batches]
+            self._scale_for_kept_positions(micro_batches)
+        return self._chunks(iter(micro_batches))
+
+    def _chunks(self, micro_batches: Iterator) -> Iterator:
         cp, size = self.state.cp_rank, self.state.layout.context
         for input_ids, labels in micro_batches:
             yield (to_device(chunk_of(input_ids, cp, size), self.state.device),
                    to_device(chunk_of(labels, cp, size), self.state.device))
+
+    def _scale_for_kept_positions(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """`BatchLoss.scale` for this global batch: (micro-batches x replicas) / its kept positions,
+        counted on the whole sequences (every context rank holds them) and summed over the replicas."""
+        layout = self.state.layout
+        kept = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro_batches)
+        total = torch.tensor(kept, dtype=torch.int64, device=self.state.device)
+        dist.all_reduce(total, group=self.state.replica_group)
+        kept_global = total.item() // layout.context  # each context rank counted the same sequences
+        self.loss_fn.scale = layout.grad_accum_steps * layout.replicas / max(kept_global, 1)
 
     @property
     def grad_norm(self) -> float | None:

@@ -33,14 +33,29 @@ MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def build_engine(cfg: HippoConfig, state: ParallelState, *, load_universal: bool = False,
-                 init_from: Path | None = None) -> TrainEngine:
+                 init_from: Path | None = None, data_eos_id: int | None = None) -> TrainEngine:
     """`init_from`: an export (`hippo export`, `hippo import h3`) whose weights the run starts from,
-    with a fresh optimizer, in any parallel layout."""
+    with a fresh optimizer, in any parallel layout. `data_eos_id`: the data's end-of-document token
+    (for `train.eod_mask_loss` where `model.eos_id` is unset)."""
     return build_train_engine(
         cfg.model, state, optimizer_factory(cfg.optim, cfg.train.steps), seed=cfg.train.seed,
         precision=cfg.train.precision, grad_clip=cfg.optim.grad_clip, load_universal=load_universal,
         initial_weights=None if init_from is None else weight_reader(init_from),
+        eod_mask_id=eod_mask_id(cfg, data_eos_id),
     )
+
+
+def eod_mask_id(cfg: HippoConfig, data_eos_id: int | None = None) -> int | None:
+    """The token whose positions `train.eod_mask_loss` leaves out of the loss (None when off):
+    `model.eos_id`, else the data's. The model config is left as it is (it says what the weights
+    mean; a loss option must not change it, or turning it on would be refused on resume)."""
+    if not cfg.train.eod_mask_loss:
+        return None
+    eos = cfg.model.eos_id if cfg.model.eos_id is not None else data_eos_id
+    if eos is None:
+        raise ConfigError("train.eod_mask_loss=true needs the end-of-document token: set model.eos_id "
+                          "(`hippo train` takes it from the data's tokenizer)")
+    return eos
 
 
 def check_init_from(cfg: HippoConfig, export: Path, tokenizer_id: str) -> None:

@@ -105,6 +105,14 @@ class TrainConfig:
     """Wall-clock seconds this invocation may run (e.g. the scheduler's limit minus start-up): the
     run checkpoints and exits cleanly when the next step and checkpoint would not fit; 0: none."""
     """Checkpoint and exit when the step is a multiple of this (a job-length limit); 0: never."""
+    eod_mask_loss: bool = False
+    """Leave out of the loss every position whose *input* token is the EOS (Megatron-LM's
+    `--eod-mask-loss`): the guess of a new document's first token from the end of the previous one.
+    The loss is then the mean over the kept positions of the whole global batch, whatever the layout
+    (micro-batches, data and context ranks), and the validation loss is masked the same way (as
+    Megatron's). The EOS is `model.eos_id`, else the data's tokenizer's (`hippo train`); the model
+    config is not changed, so turning it on or off on resume is a `--allow-config-change` change.
+    Off, every position counts, as the paper trained."""
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU (e.g. 989e12 for an H100 in bf16); 0: detected from the GPU's
     name (`hippo.parallel.runtime.PEAK_BF16_FLOPS`; nothing on CPU or an unknown GPU)."""

@@ -55,7 +55,7 @@ def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None, allow_c
     """Train `cfg` into `run_dir`, resuming from its latest checkpoint (or `resume`) if any, else
     starting from the weights of the export `init_from` (or the seeded initialization)."""
     clock = WallClock(cfg.train.time_limit, time.monotonic())
-    layout, tokenizer_id = _checked_layout(cfg)  # refuse a bad layout or data before any work
+    layout, tokenizer_id, data_eos_id = _checked_layout(cfg)  # refuse a bad layout or data before any work
     state = init_parallel(layout, cfg.train.seed)
     run_dir, lock = Path(run_dir), _claim_run_dir(Path(run_dir), state)
     checkpoints = CheckpointManager(run_dir / "checkpoints", rank=state.rank, keep_last=cfg.checkpoint.keep_last)
@@ -63,7 +63,7 @@ def train(cfg: HippoConfig, run_dir: Path, *, resume: str | None = None, allow_c
     _check_data_order(ckpt)
     init_from = _check_resumable(cfg, ckpt, tokenizer_id, allow_config_change=allow_config_change, init_from=init_from)
     universal = checkpoints.prepare_load(ckpt, layout, precision=cfg.train.precision)
-    engine = build_engine(cfg, state, load_universal=universal, init_from=init_from)
+    engine = build_engine(cfg, state, load_universal=universal, init_from=init_from, data_eos_id=data_eos_id)
     stream = build_train_stream(cfg, state)
     step, skipped, run_id = _resume(checkpoints, ckpt, engine, stream, universal=universal) if ckpt else (0, 0, None)
     tracker = build_tracker(cfg, run_dir, state, run_id=run_id)
@@ -197,13 +197,13 @@ def _finish(cfg: HippoConfig, run_dir: Path, step: int, engine: TrainEngine, sta
     return val_loss
 
 
-def _checked_layout(cfg: HippoConfig) -> tuple[ParallelLayout, str]:
-    """The run's layout on this job's world size, and its data's tokenizer identity, both checked
-    before any process group exists."""
+def _checked_layout(cfg: HippoConfig) -> tuple[ParallelLayout, str, int]:
+    """The run's layout on this job's world size, and its data's tokenizer identity and EOS id, all
+    checked before any process group exists."""
     if cfg.data is None:
         raise ConfigError("hippo train needs data.paths: prepared folders from `hippo data prepare`")
     _join_single_process_job()
-    return cfg.layout(int(os.environ["WORLD_SIZE"])), _check_data_fits_model(cfg)
+    return cfg.layout(int(os.environ["WORLD_SIZE"])), *_check_data_fits_model(cfg)
 
 
 def _join_single_process_job() -> None:
@@ -263,13 +263,13 @@ def _check_resumable(cfg: HippoConfig, ckpt: Checkpoint | None, tokenizer_id: st
     return _starting_weights(cfg, ckpt, init_from, tokenizer_id)
 
 
-def _check_data_fits_model(cfg: HippoConfig) -> str:
-    """The tokenizer identity of the run's data, after checking the folders fit the model and
-    share one tokenizer."""
+def _check_data_fits_model(cfg: HippoConfig) -> tuple[str, int]:
+    """The tokenizer identity and EOS id of the run's data, after checking the folders fit the model
+    and share one tokenizer."""
     from hippo.data_pipeline.manifest import check_against_shards, load_manifest
     from hippo.data_pipeline.tokenizer import identity_label
 
-    identities = {}
+    identities, eos_id = {}, None
     for path in cfg.data.paths:
         m = load_manifest(path)
         check_against_shards(path, m, cfg.data.split)
@@ -279,20 +279,23 @@ def _check_data_fits_model(cfg: HippoConfig) -> str:
                 f"set train.seq_len={m.seq_len} and model.vocab_size >= {m.tokenizer['vocab_size']}"
             )
         identities[path] = identity_label(m.tokenizer)
-        _take_eos_id(cfg, m.tokenizer["eos_id"], path)
+        eos_id = m.tokenizer["eos_id"]
+        _take_eos_id(cfg, eos_id, path)
     if len(set(identities.values())) > 1:
         raise ConfigError(f"data.paths were made with different tokenizers: {identities}")
-    return next(iter(identities.values()))
+    return next(iter(identities.values())), eos_id
 
 
 def _take_eos_id(cfg: HippoConfig, eos_id: int, path: str) -> None:
     """Under `model.document_isolation` the model must know the data's end-of-document token: taken
-    from the data when unset (so checkpoints and the export record it), refused when it differs."""
+    from the data when unset (so checkpoints and the export record it), refused when it differs (as
+    under `train.eod_mask_loss`, which reads it without writing it into the model config)."""
     m = cfg.model
-    if not m.document_isolation:
+    if not (m.document_isolation or cfg.train.eod_mask_loss):
         return
     if m.eos_id is None:
-        m.eos_id = eos_id
+        if m.document_isolation:
+            m.eos_id = eos_id
     elif m.eos_id != eos_id:
         raise ConfigError(f"model.eos_id={m.eos_id}, but {path} ends documents with token {eos_id}: "
                           f"set model.eos_id={eos_id} or leave it unset (taken from the data)")

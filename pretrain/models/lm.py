@@ -19,6 +19,7 @@ from hippo.pretrain.models.embedding import TokenEmbedding
 from hippo.pretrain.models.inference import InferenceParams
 from hippo.pretrain.models.init import init_parameters
 from hippo.pretrain.models.linear import SINGLE_PROCESS, Linears
+from hippo.pretrain.models.loss import mean_kept_loss
 from hippo.pretrain.models.pretrained import check_files, load_weights, read_config, save_weights, write_config, write_record
 
 
@@ -107,8 +108,10 @@ class HippoLM(nn.Module):
         return self.norm_f(h)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross entropy over all positions (whole vocabulary, also under TP)."""
-        return self.linears.cross_entropy(self(input_ids), labels).mean()
+        """Mean next-token cross entropy (whole vocabulary, also under TP) over the positions whose
+        label is not `loss.IGNORE_INDEX` (all of them unless labels were masked, as
+        `loss.eod_masked_labels` does for `train.eod_mask_loss`)."""
+        return mean_kept_loss(self.linears.cross_entropy, self(input_ids), labels)
 
     def save_pretrained(self, folder: str | Path, **meta: Any) -> Path:
         """Config (plus `meta`: tokenizer, step, ...) and weights (the tied head stored once)."""

@@ -16,6 +16,7 @@ import torch
 
 from hippo.parallel.memory import stage_parameter_counts
 from hippo.pretrain.models import HippoLM
+from hippo.pretrain.models.loss import eod_masked_labels
 from hippo.pretrain.optim import build_optimizer, build_scheduler
 from tests.helpers import ROOT, torchrun
 from tests.parallel.common import config, global_batches
@@ -23,6 +24,7 @@ from tests.parallel.common import config, global_batches
 pytestmark = pytest.mark.dist  # several ranks under torchrun (counted as slow)
 
 ISOLATED = ["model.document_isolation=true", "model.eos_id=5"]
+EOD_MASK = "train.eod_mask_loss=true"
 
 # (tensor, pipeline, data, extra options): each layout also exercises one other feature.
 LAYOUTS = {
@@ -46,6 +48,9 @@ LAYOUTS = {
     "cp2_isolation": (1, 1, 1, ["parallel.context=2", *ISOLATED]),
     "cp4_isolation": (1, 1, 1, ["parallel.context=4", *ISOLATED]),
     "pp2_isolation": (1, 2, 1, ISOLATED),
+    # The EOS positions left out of the loss: micro-batches, data ranks and context chunks keep different
+    # numbers of positions, and the loss is still the mean over the whole global batch's kept positions.
+    "dp2_cp2_eod_mask": (1, 1, 2, ["parallel.context=2", *ISOLATED, EOD_MASK]),
 }
 # Largest parameter difference after the steps. Sequence parallelism sums the gradients of the
 # replicated parameters (norms, row-parallel biases) from each rank's half of the sequence, then
@@ -61,12 +66,14 @@ def context_size(extra: list[str]) -> int:
 
 
 def model_options(extra: list[str]) -> tuple[str, ...]:
-    return tuple(o for o in extra if o.startswith("model."))
+    """The options that change what the single-process reference trains."""
+    return tuple(o for o in extra if o.startswith("model.") or o == EOD_MASK)
 
 
 @pytest.fixture(scope="module")
 def references() -> dict:
-    """Single-process runs by model options (the layouts' `model.*` overrides), each made once."""
+    """Single-process runs by model options (the layouts' `model.*` overrides and the loss mask), each
+    made once."""
     return {}
 
 
@@ -87,7 +94,8 @@ def single_process_run(overrides: list[str]) -> dict:
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
     losses, norms = [], []
     for batch in global_batches(cfg):
-        loss = model.loss(batch[:, :-1], batch[:, 1:])
+        x, y = batch[:, :-1], batch[:, 1:]
+        loss = model.loss(x, eod_masked_labels(x, y, cfg.model.eos_id) if cfg.train.eod_mask_loss else y)
         optimizer.zero_grad()
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).item())
@@ -116,6 +124,23 @@ def test_isolation_changes_what_the_isolated_layouts_train(references):
     model.load_state_dict(HippoLM(cfg.model, seed=cfg.train.seed).state_dict())
     first = model.loss(*(lambda b: (b[:, :-1], b[:, 1:]))(global_batches(cfg)[0])).item()
     assert abs(first - isolated[0]) > 10 * 1e-5 * abs(isolated[0])  # 10x the layouts' loss bound
+
+
+def test_the_loss_mask_changes_what_the_masked_layout_trains(references):
+    """Guards the masked layout: the single-process run's first loss moves by far more than the parity
+    bound, and a mean of per-micro-batch means (a layout-dependent normalization) misses the whole
+    batch's mean by more than the bound too."""
+    key = model_options([*ISOLATED, EOD_MASK])
+    masked = references.setdefault(key, single_process_run(list(key)))["losses"]
+    unmasked = references.setdefault(model_options(ISOLATED), single_process_run(list(ISOLATED)))["losses"]
+    assert abs(masked[0] - unmasked[0]) > 10 * 1e-5 * abs(masked[0])
+    cfg = config(list(key))
+    model = HippoLM(cfg.model, seed=cfg.train.seed)
+    batch = global_batches(cfg)[0]
+    x, y = batch[:, :-1], eod_masked_labels(batch[:, :-1], batch[:, 1:], cfg.model.eos_id)
+    with torch.no_grad():
+        per_micro = torch.stack([model.loss(a, b) for a, b in zip(x.split(2), y.split(2))]).mean().item()
+    assert abs(per_micro - masked[0]) > 10 * 1e-5 * abs(masked[0])
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
