@@ -7,6 +7,7 @@ reference: a single-node torchrun with 2 processes, same config, uninterrupted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -336,6 +337,23 @@ def _wait_until(condition, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+def _fill(f, disk: Path, leave: int = 16 * 1024) -> None:
+    """Fill `disk` to its last `leave` bytes through the open file f. The job writes to the same
+    disk meanwhile (checkpoints, metrics), so the free space read a moment ago may be gone: an
+    allocation that no longer fits is retried against the new free space (it failed whole)."""
+    for _ in range(20):
+        free = shutil.disk_usage(disk).free - leave
+        if free <= 0:
+            return
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size + free)
+            return
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+    raise AssertionError(f"could not fill {disk}: the job kept writing")
+
+
 def _inject(kind: str, job: subprocess.Popen, disk: Path | None, rng: random.Random) -> None:
     """Cause the fault and return once the job has taken it in (a dead worker gone, a full disk
     failed a write: the job restarted its workers or ended)."""
@@ -352,7 +370,7 @@ def _inject(kind: str, job: subprocess.Popen, disk: Path | None, rng: random.Ran
         return
     filler = disk / "filler"
     with open(filler, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free - 16 * 1024)
+        _fill(f, disk)
     try:
         _wait_until(lambda: job.poll() is not None or getattr(rank_process(job, 0), "pid", before) != before, 300)
     finally:
