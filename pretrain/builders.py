@@ -40,6 +40,7 @@ def build_engine(cfg: HippoConfig, state: ParallelState, *, load_universal: bool
         cfg.model, state, optimizer_factory(cfg.optim, cfg.train.steps), seed=cfg.train.seed,
         precision=cfg.train.precision, grad_clip=cfg.optim.grad_clip, load_universal=load_universal,
         initial_weights=None if init_from is None else weight_reader(init_from),
+        compile_seq_len=cfg.train.seq_len if cfg.train.compile_on(state.device.type) else None,
     )
 
 

@@ -46,6 +46,8 @@ LAYOUTS = {
     "cp2_isolation": (1, 1, 1, ["parallel.context=2", *ISOLATED]),
     "cp4_isolation": (1, 1, 1, ["parallel.context=4", *ISOLATED]),
     "pp2_isolation": (1, 2, 1, ISOLATED),
+    # `train.compile` (issue 27): every rank's blocks compiled in place, Megatron layers and pipeline stages.
+    "tp2_pp2_compiled": (2, 2, 1, ["train.compile=true"]),
 }
 # Largest parameter difference after the steps. Sequence parallelism sums the gradients of the
 # replicated parameters (norms, row-parallel biases) from each rank's half of the sequence, then
