@@ -150,7 +150,8 @@ def _resolve_impl(
     if impl == "auto":
         why = triton_unsupported(capability, dtype, length, device.type, **{**facts, "interpret": False})
     key = (device.type, chosen, bool(why) and "doc_start" in why)
-    if impl == "auto" and key not in _auto_logged:
+    # Not while dynamo traces (a compiled block): a log call there is a graph break.
+    if impl == "auto" and not torch.compiler.is_compiling() and key not in _auto_logged:
         _auto_logged.add(key)
         log.info("h3_core impl='auto' picked %r on %s%s", chosen, device.type, f" ({why})" if why else "")
     return chosen

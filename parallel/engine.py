@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from hippo.parallel.compiled import CompileResult, compile_blocks
 from hippo.parallel.context_parallel import chunk_of, sequence_split
 from hippo.parallel.deepspeed_compat import (engine_device, precision_config, quiet, skip_single_replica_allreduce,
                                              ssm_dynamics_kept_in_fp32)
@@ -105,13 +106,16 @@ class BatchLoss:
 def build_train_engine(cfg: ModelConfig, state: ParallelState, optimizer_factory: OptimizerFactory, *, seed: int,
                        precision: str = "fp32", grad_clip: float = 1.0, load_universal: bool = False,
                        initial_weights: Callable[[str], torch.Tensor] | None = None,
-                       eod_mask_id: int | None = None) -> TrainEngine:
+                       eod_mask_id: int | None = None,
+                       compile_seq_len: int | None = None) -> TrainEngine:
     """Model, optimizer and DeepSpeed engine for this rank. `load_universal`: the engine will
     load a universal checkpoint (one written under another layout). `initial_weights(name)`: the
     single-process tensor of each parameter to start from (a pretrained model) instead of the
     seeded initialization; loaded before DeepSpeed copies the weights into its optimizer.
     `precision`: "fp32", "bf16" or `deepspeed_compat.BF16_AUTOCAST`. `eod_mask_id`: leave out of
-    the loss (training and evaluation) every position whose input is this token (`train.eod_mask_loss`)."""
+    the loss (training and evaluation) every position whose input is this token (`train.eod_mask_loss`).
+    `compile_seq_len`: compile every block in place (`compiled.compile_blocks`), warmed up at this
+    sequence length; None: eager."""
     deepspeed = import_deepspeed()
     layout = state.layout
     linears = dataclasses.replace(
@@ -145,13 +149,28 @@ def build_train_engine(cfg: ModelConfig, state: ParallelState, optimizer_factory
     with torch.device("meta"):  # every stage's parameter names, without allocating
         whole_model = SequentialLM(cfg, linears, None, seed=seed)
     set_universal_checkpoint_info(module, whole_model)
-    return TrainEngine(engine, module, optimizer, linears, state, loss_fn=loss_fn, eod_mask_id=eod_mask_id)
+    train_engine = TrainEngine(engine, module, optimizer, linears, state, loss_fn=loss_fn, eod_mask_id=eod_mask_id)
+    if compile_seq_len is not None:
+        # After DeepSpeed's set-up: the blocks hold their training dtype (bf16 mode casts them).
+        train_engine.compiled = compile_blocks(
+            module, micro_batch_size=layout.micro_batch_size, chunk_length=hidden_length(layout, compile_seq_len),
+            documents=cfg.document_isolation, recompute_without_grad=layout.activation_checkpointing,
+            announce=state.rank == 0)
+    return train_engine
+
+
+def hidden_length(layout: ParallelLayout, seq_len: int) -> int:
+    """Positions of the hidden states a block of this rank sees: its context-parallel chunk, split
+    again over the TP group under sequence parallelism."""
+    return seq_len // layout.context // (layout.tensor if layout.sequence_parallel else 1)
 
 
 class TrainEngine:
     """One optimizer step per `train_batch` call, whatever the DeepSpeed engine underneath."""
 
     last_step_skipped = False
+    compiled: CompileResult | None = None
+    """What `train.compile` did on this rank (None: not asked)."""
 
     def __init__(self, engine, module: nn.Module, optimizer, linears: Linears, state: ParallelState, *,
                  loss_fn: BatchLoss | None = None, eod_mask_id: int | None = None):

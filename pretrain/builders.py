@@ -42,6 +42,7 @@ def build_engine(cfg: HippoConfig, state: ParallelState, *, load_universal: bool
         precision=cfg.train.precision, grad_clip=cfg.optim.grad_clip, load_universal=load_universal,
         initial_weights=None if init_from is None else weight_reader(init_from),
         eod_mask_id=eod_mask_id(cfg, data_eos_id),
+        compile_seq_len=cfg.train.seq_len if cfg.train.compile_on(state.device.type) else None,
     )
 
 

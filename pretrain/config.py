@@ -113,9 +113,18 @@ class TrainConfig:
     Megatron's). The EOS is `model.eos_id`, else the data's tokenizer's (`hippo train`); the model
     config is not changed, so turning it on or off on resume is a `--allow-config-change` change.
     Off, every position counts, as the paper trained."""
+    compile: Literal[True, False, "auto"] = "auto"
+    """Compile each block in place (`torch.compile` through `nn.Module.compile()`: state-dict keys
+    and checkpoints unchanged), in every layout; the compile time is logged once, a failed
+    compilation trains eager with one warning. auto: on for CUDA, off on CPU, where it does not
+    pay for itself within the quickstart's 300 steps (BENCHMARKS.md, "Compiled blocks")."""
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU (e.g. 989e12 for an H100 in bf16); 0: detected from the GPU's
     name (`hippo.parallel.runtime.PEAK_BF16_FLOPS`; nothing on CPU or an unknown GPU)."""
+
+    def compile_on(self, device_type: str) -> bool:
+        """Whether the blocks are compiled on this device type (`compile` with auto resolved)."""
+        return device_type == "cuda" if self.compile == "auto" else bool(self.compile)
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_batches",
@@ -125,6 +134,8 @@ class TrainConfig:
         for name in ("eval_interval", "exit_interval", "time_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.compile is not True and self.compile is not False and self.compile != "auto":
+            raise ConfigError(f"train.compile must be true, false or auto, got {self.compile!r}")
         if self.eval_tasks_limit is not None and self.eval_tasks_limit <= 0:
             raise ConfigError(f"train.eval_tasks_limit must be > 0 (a count, or a fraction below 1), got {self.eval_tasks_limit}")
 
@@ -418,8 +429,8 @@ class HippoConfig:
                               f"{m.max_position_embeddings}")
 
 
-RESUME_FREE = ("parallel.", "model.conv_impl", "train.exit_interval", "train.time_limit", "train.log_interval",
-               "data.max_corrupt_fraction")
+RESUME_FREE = ("parallel.", "model.conv_impl", "train.compile", "train.exit_interval", "train.time_limit",
+               "train.log_interval", "data.max_corrupt_fraction")
 """May differ from the checkpoint's config: a new layout loads through a universal checkpoint, and
 these say how this invocation runs, not what is trained."""
 RESUME_NEVER = ("model.",)

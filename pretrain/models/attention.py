@@ -23,6 +23,7 @@ Without a boundary map (`doc_start=None`) nothing changes: plain causal SDPA, no
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -133,7 +134,7 @@ class CausalSelfAttention(nn.Module):
             # keys' documents (a chunk's own ids would restart at 0 on every rank).
             doc = doc_start.to(torch.int32)
             doc = self.sequence.preceding(doc, dim=1) if split else doc
-            with self.tp_rng():
+            with self._dropout_rng(dropout):
                 y = same_document_attention(q, k, v, doc, dropout)
             if y is not None:
                 return self.out_proj(y.transpose(1, 2).reshape(B, L, -1))
@@ -141,11 +142,16 @@ class CausalSelfAttention(nn.Module):
         elif inference_params is not None and L == 1:
             mask = self._decode_mask(inference_params, B, offset)
         # A single new token attends to the whole cache, so only the prefill needs the causal mask.
-        with self.tp_rng():  # attention dropout acts on this rank's heads: its own mask
+        with self._dropout_rng(dropout):  # attention dropout acts on this rank's heads: its own mask
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=L > 1 and mask is None, dropout_p=dropout
             )
         return self.out_proj(y.transpose(1, 2).reshape(B, L, -1))
+
+    def _dropout_rng(self, dropout: float):
+        """The TP dropout stream's context, only where dropout draws from it: entering it reads and
+        sets RNG states (a graph break in a compiled block), for nothing at p = 0."""
+        return self.tp_rng() if dropout > 0 else contextlib.nullcontext()
 
     @staticmethod
     def _decode_mask(params: InferenceParams, B: int, offset: int) -> torch.Tensor | None:
@@ -195,6 +201,12 @@ def same_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
     if use_flex(q, S, dropout):
         k_doc = document_ids(doc)
         return flex_same_document(q, k, v, k_doc[:, -L:], k_doc)
+    if torch.compiler.is_compiling():
+        # A compiled block (`train.compile`) is one graph: no host read of the boundaries, the
+        # whole (L x S) same-document mask instead (exact; the segmented path's memory saving lost).
+        k_doc = document_ids(doc)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=same_document_mask(k_doc[:, -L:], k_doc),
+                                              dropout_p=dropout)
     cuts = doc[:, 1:].nonzero().tolist()  # one host read (the paths below need the boundaries)
     if not cuts:
         return None

@@ -9,6 +9,8 @@ final norm.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -66,14 +68,19 @@ class Block(nn.Module):
             return h if self.last else (h, doc_start)
         return self._forward(x, inference_params, doc_start)
 
+    def _dropout_rng(self):
+        """The sequence-parallel dropout stream's context, only where dropout draws from it
+        (entering it reads and sets RNG states: a graph break in a compiled block)."""
+        return self.dropout_rng() if self.training and self.dropout.p > 0 else contextlib.nullcontext()
+
     def _forward(self, x: torch.Tensor, inference_params: InferenceParams | None,
                  doc_start: torch.Tensor | None) -> torch.Tensor:
         h = self.norm1(x)
         # Without a map the mixers are called as before isolation existed (no keyword at all).
         mixed = self.mixer(h, inference_params) if doc_start is None else self.mixer(h, inference_params,
                                                                                      doc_start=doc_start)
-        with self.dropout_rng():
+        with self._dropout_rng():
             x = x + self.sequence.dropout(mixed, self.dropout.p, self.training)
         mlp = self.mlp(self.norm2(x))
-        with self.dropout_rng():
+        with self._dropout_rng():
             return x + self.sequence.dropout(mlp, self.dropout.p, self.training)

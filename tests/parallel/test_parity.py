@@ -51,6 +51,8 @@ LAYOUTS = {
     # The EOS positions left out of the loss: micro-batches, data ranks and context chunks keep different
     # numbers of positions, and the loss is still the mean over the whole global batch's kept positions.
     "dp2_cp2_eod_mask": (1, 1, 2, ["parallel.context=2", *ISOLATED, EOD_MASK]),
+    # `train.compile` (issue 27): every rank's blocks compiled in place, Megatron layers and pipeline stages.
+    "tp2_pp2_compiled": (2, 2, 1, ["train.compile=true"]),
 }
 # Largest parameter difference after the steps. Sequence parallelism sums the gradients of the
 # replicated parameters (norms, row-parallel biases) from each rank's half of the sequence, then

@@ -192,3 +192,18 @@ def test_document_isolation_and_its_eos_id_are_part_of_what_the_weights_mean():
     assert resume_changes(older, off) == ([], [])
     never, _ = resume_changes(older, on)
     assert "model.document_isolation: False -> True" in never
+
+
+def test_train_compile_resolves_by_device_and_may_change_on_resume():
+    """`train.compile`: true, false, or auto (the default: on for CUDA, off on CPU, where compiling
+    does not pay for itself within the quickstart's 300 steps); anything else names the option.
+    It says how this invocation runs, not what is trained: a resume may switch it."""
+    auto = load_config("tiny_hybrid")
+    assert auto.train.compile == "auto"
+    assert auto.train.compile_on("cuda") and not auto.train.compile_on("cpu")
+    on, off = (load_config("tiny_hybrid", [f"train.compile={v}"]) for v in ("true", "false"))
+    assert on.train.compile_on("cpu") and not off.train.compile_on("cuda")
+    for bad in ("maybe", "1"):
+        with pytest.raises(ConfigError, match=r"train\.compile"):
+            load_config("tiny_hybrid", [f"train.compile={bad}"])
+    assert resume_changes(to_dict(off), on) == ([], [])
