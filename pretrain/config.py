@@ -94,6 +94,7 @@ class TrainConfig:
     max_skipped_steps: int = 5
     """Stop (after a checkpoint of the last good state) after this many non-finite steps in a row."""
     exit_interval: int = 0
+    """Checkpoint and exit when the step is a multiple of this (a job-length limit); 0: never."""
     eval_tasks: list[str] = field(default_factory=list)
     """lm-evaluation-harness tasks run every `eval_interval` steps and at the end (rank 0, on the
     gathered weights; logged to MLflow as eval/<task>/<metric>); needs the `eval` extra."""
@@ -104,7 +105,6 @@ class TrainConfig:
     time_limit: float = 0.0
     """Wall-clock seconds this invocation may run (e.g. the scheduler's limit minus start-up): the
     run checkpoints and exits cleanly when the next step and checkpoint would not fit; 0: none."""
-    """Checkpoint and exit when the step is a multiple of this (a job-length limit); 0: never."""
     eod_mask_loss: bool = False
     """Leave out of the loss every position whose *input* token is the EOS (Megatron-LM's
     `--eod-mask-loss`): the guess of a new document's first token from the end of the previous one.
