@@ -14,8 +14,9 @@ the registered backward itself, so AOTAutograd traces it and double backward kee
 where it is not (the blocked core's reverse walk, the Triton kernels) it is an op of its own.
 The decode steps update their state in place (declared mutated) and have no backward.
 
-Costs: each op call adds ~0.1 ms of Python dispatch (an H3 layer's fwd+bwd makes 4 op calls:
-~1 ms at tiny shapes, within noise at B 4, d 256, L 1K; benchmarks/bench_custom_ops.py), and with
+Costs: each op call adds Python dispatch (an H3 layer's fwd+bwd makes 4 op calls: ~1 ms at tiny
+shapes, 4-5% at B 4, d 256, L 1K; benchmarks/bench_custom_ops.py), which is why only compiled
+code goes through them (`routed`), and with
 documents the ChunkPlan is looked up from `doc_start` in each op (an op cannot keep a Python
 object between the two), which `documents.shared_plan` answers with one build per map.
 
@@ -27,8 +28,9 @@ storage offsets (opcheck compares them), which is why most fakes run the impleme
 on fake tensors. `torch.library.custom_op` / `register_fake` / `register_autograd` are in
 torch >= 2.4, the package's floor.
 
-`direct()` runs the Functions as before the ops (the tests' bit-for-bit baseline, and a way out
-if an op misbehaves). This module imports only torch at import time: the implementations'
+Eager calls run the Functions (see `routed`): the ops are for the compiler. `always()` sends eager
+calls through the ops (the tests' bit-for-bit comparison), `direct()` keeps the Functions even
+while compiling (a way out if an op misbehaves). This module imports only torch at import time: the implementations'
 modules import it, so it reaches them at call time.
 """
 
@@ -43,6 +45,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "always",
     "diag_mats",
     "diagonal_decode_step",
     "diagonal_kernel",
@@ -55,23 +58,38 @@ __all__ = [
     "shift_ring_step",
 ]
 
-_routed = True
+_route: bool | None = None  # None: through the ops while torch.compile traces, else the Functions
 
 
 def routed() -> bool:
-    """True where the public kernels call the `hippo::` ops (the default)."""
-    return _routed
+    """True where the public kernels call the `hippo::` ops: while `torch.compile` traces (where
+    the Functions would break the graph), or inside `always()`. Eager calls run the Functions
+    themselves: the same numbers bit for bit, without the ops' dispatch, which cost an eager H3
+    layer 4-5% at B 4, d 256, L 1K (193.9 vs 183.8 ms on one thread, 138.5 vs 133.4 on two,
+    interleaved medians; main at 1641108)."""
+    return torch.compiler.is_compiling() if _route is None else _route
 
 
 @contextlib.contextmanager
-def direct() -> Iterator[None]:
-    """Within it, the public kernels call the autograd Functions directly, as before the ops."""
-    global _routed
-    before, _routed = _routed, False
+def _routing(route: bool) -> Iterator[None]:
+    global _route
+    before, _route = _route, route
     try:
         yield
     finally:
-        _routed = before
+        _route = before
+
+
+def always() -> contextlib.AbstractContextManager[None]:
+    """Within it, eager calls go through the `hippo::` ops too (the tests compare them bit for bit
+    with the Functions)."""
+    return _routing(True)
+
+
+def direct() -> contextlib.AbstractContextManager[None]:
+    """Within it, the public kernels call the autograd Functions even while compiling (a way out
+    if an op misbehaves; the graph then breaks at each kernel)."""
+    return _routing(False)
 
 
 def _mod(name: str):

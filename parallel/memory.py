@@ -66,12 +66,13 @@ def rank_memory(cfg: ModelConfig, layout: ParallelLayout, *, precision: str = "f
 BLOCK_SAVED_BYTES = {
     ("h3", "fp32"): 84, ("h3", "bf16"): 52,
     ("attention", "fp32"): 64, ("attention", "bf16"): 32,
-    ("s4d", "fp32"): 66, ("s4d", "bf16"): 38,
+    ("s4d", "fp32"): 88, ("s4d", "bf16"): 58,
 }
 """Bytes autograd saves per token and per d_model channel for one block (norms, mixer, MLP), by
 mixer and precision. H3 and S4D keep fp32 internals under bf16 (their cores compute in fp32).
-Attention is SDPA's memory-efficient path (no L x L matrix). S4D's convolution runs as the
-`hippo::fftconv` op, which saves its inputs, not autograd's FFT intermediates (88 / 58 before)."""
+Attention is SDPA's memory-efficient path (no L x L matrix). Eager (the CPU default): a compiled
+S4D block's convolution is the `hippo::fftconv` op, which saves its inputs, not autograd's FFT
+intermediates (measured 66 / 38), so the estimate is high for compiled S4D runs."""
 REPLICATED_SAVED_ELEMENTS = 4
 """Of those, per channel and token, elements tensor parallelism does not split: the two norms'
 inputs and outputs (the column-parallel maps' inputs)."""
