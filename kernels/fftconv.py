@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hippo.kernels import ops as _ops
+from hippo.kernels.torch_compat import fft_c2c, fft_r2c
 
 __all__ = ["causal_fftconv", "causal_fftconv_backward", "fftconv", "fftconv_ref", "fft_size"]
 
@@ -77,7 +78,7 @@ def causal_fftconv_backward(
     u_c, k_c = u.to(cdt), k[..., :L].to(cdt)
     full = grad.new_zeros(*grad.shape[:-1], n)
     full[..., :L].copy_(grad)
-    g_prod = torch.ops.aten._fft_r2c(full, [full.dim() - 1], 2, True)  # irfft's backward (norm by n)
+    g_prod = fft_r2c(full)  # irfft's backward (norm by n)
     mirrored = n - g_prod.shape[-1]
     if mirrored > 0:
         g_prod.narrow(-1, 1, mirrored).mul_(2)
@@ -88,7 +89,7 @@ def causal_fftconv_backward(
             padded = g_f.new_zeros(*g_f.shape[:-1], n)
             padded[..., :nf].copy_(g_f)
             g_f = padded
-        x = torch.real(torch.ops.aten._fft_c2c(g_f, [g_f.dim() - 1], 0, False))
+        x = torch.real(fft_c2c(g_f))
         return torch.constant_pad_nd(x, (0, size - n))
 
     g_u = g_k = None

@@ -30,7 +30,7 @@ torch >= 2.4, the package's floor.
 
 Eager calls run the Functions (see `routed`): the ops are for the compiler. `always()` sends eager
 calls through the ops (the tests' bit-for-bit comparison), `direct()` keeps the Functions even
-while compiling (a way out if an op misbehaves). This module imports only torch at import time: the implementations'
+while compiling (a way out if an op misbehaves). This module imports only torch (and `torch_compat`) at import time: the implementations'
 modules import it, so it reaches them at call time.
 """
 
@@ -43,6 +43,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
+
+from hippo.kernels.torch_compat import eager_view_dispatch
 
 __all__ = [
     "always",
@@ -96,9 +98,6 @@ def _mod(name: str):
     return importlib.import_module(f"hippo.kernels.{name}")
 
 
-_LAZY_VIEW_KEYS = (torch._C.DispatchKey.Conjugate, torch._C.DispatchKey.Negative)
-
-
 def _eager_views(fn):
     """Run an op's body with the conjugate / negative view fallbacks on, as in eager.
 
@@ -106,17 +105,12 @@ def _eager_views(fn):
     Negative keys: inside an opaque op, `x.conj()` then stays an unresolved view that later ops
     read as x (opcheck: `torch.view_as_real(2 * cb.conj())` in `_DiagMats` gave +Im, and
     `_BlockedH3.backward`'s `decay.conj()` would be read unconjugated). The bodies are eager code
-    on real tensors: give them eager's dispatch back.
+    on real tensors: give them eager's dispatch back (`torch_compat.eager_view_dispatch`).
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        exclude = torch._C._dispatch_tls_local_exclude_set()
-        if not any(exclude.has(key) for key in _LAZY_VIEW_KEYS):
-            return fn(*args, **kwargs)
-        for key in _LAZY_VIEW_KEYS:
-            exclude = exclude.remove(key)
-        with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        with eager_view_dispatch():
             return fn(*args, **kwargs)
 
     return wrapper

@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from hippo.kernels.torch_compat import dynamo_counts, raise_recompile_limit, undo_module_compile
 from hippo.pretrain.models.block import Block
 
 log = logging.getLogger(__name__)
@@ -65,17 +66,17 @@ def compile_blocks(module: nn.Module, *, micro_batch_size: int, chunk_length: in
         for block in blocks:
             block.compile()
         _allow_an_entry_per_block_and_call(len(blocks))
-        graphs_before, breaks_before = _dynamo_counts()
+        graphs_before, breaks_before = dynamo_counts()
         with _rng_restored(blocks[0].norm1.weight.device):
             for block in blocks:
                 _warm_up(block, micro_batch_size, chunk_length, documents, recompute_without_grad)
     except Exception as e:  # noqa: BLE001 - any failure of dynamo/inductor: train eager instead
         for block in blocks:
-            block._compiled_call_impl = None  # what `nn.Module.compile()` set: back to eager calls
+            undo_module_compile(block)
         why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         log.warning("train.compile: compiling the blocks failed (%s); training eager", why)  # on any rank
         return CompileResult(0, time.perf_counter() - start, 0, 0, error=why)
-    graphs, breaks = _dynamo_counts()
+    graphs, breaks = dynamo_counts()
     result = CompileResult(len(blocks), time.perf_counter() - start, graphs - graphs_before, breaks - breaks_before)
     if announce:
         log.info("compiled %d blocks in %.1f s (%d graphs, %d graph breaks)", result.blocks, result.seconds,
@@ -88,16 +89,7 @@ def _allow_an_entry_per_block_and_call(blocks: int) -> None:
     `recompile_limit` (8) compiled entries per code object before it silently runs the rest eager.
     Blocks of one mixer share an entry per call kind, but guards on a block's own constants (the
     last block returns no tuple) may split them: room for three call kinds of every block."""
-    import torch._dynamo.config as config
-
-    config.recompile_limit = max(config.recompile_limit, 3 * blocks)
-
-
-def _dynamo_counts() -> tuple[int, int]:
-    """(graphs captured, graph breaks) so far in this process, from dynamo's counters."""
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    raise_recompile_limit(3 * blocks)
 
 
 def _warm_up(block: Block, batch: int, length: int, documents: bool, recompute_without_grad: bool) -> None:
