@@ -7,10 +7,10 @@ isolation minus the free response of the state just before s(t) over [s(t), t]. 
 path (`kernels.h3_core`) subtracts exactly that, from the indices of `ChunkPlan`:
   - shift SSM (taps of lags < N <= P): the previous chunk's band (S1) reads only its inputs from
     its last start on and writes only the outputs before this chunk's first start (masks); the
-    in-chunk band (S0) products that cross a start are subtracted (one P x P product per start);
+    in-chunk band (S0) products that cross a start are subtracted (one P/2 x P product per start);
   - diagonal SSM: the state restarts at each start: the incoming state's response stops at a
     chunk's first start, the carry into the next chunk comes only from after its last start, and
-    the in-chunk Toeplitz products that cross a start are subtracted (one P x P product per start).
+    the in-chunk Toeplitz products that cross a start are subtracted (one P/2 x P product per start).
 Nothing here reads token ids or configs. Imports only torch.
 """
 
@@ -67,9 +67,19 @@ class _BlockPlan:
     head: torch.Tensor  # (1, ab B, P): t before the row's first start (the incoming state reaches it)
     tail: torch.Tensor  # (1, ab B, P): i at or after the row's last start (feeds the outgoing state)
     prev_tail: torch.Tensor  # (1, ab B, P): `tail` of the chunk before each row's (the halo's for the first)
-    pair_rows: torch.Tensor  # (n,) row of each start at an offset > 0
+    pair_rows: torch.Tensor  # (n,) row of each start at an offset > 0, those at offsets <= P/2 first
     pair_in: torch.Tensor  # (1, n, P): i before that start
     pair_out: torch.Tensor  # (1, n, P): t from that start to the row's next one
+    n_early: int  # starts at offsets <= P/2: their inputs lie in the chunk's first half (the
+    # others' outputs in its second), so each correction needs half of the P x P matrix
+    halves: bool  # corrections as half products (dense starts), else riding as extra rows
+
+
+HALVES_MIN_STARTS_PER_ROW = 0.5
+"""Blocks with at least this many in-chunk starts per chunk row correct them with half products
+(`kernels.h3_core._cross_starts`); sparser ones let them ride in the block's product. Measured at
+C 128, P 64 on one CPU thread: a separate product costs ~0.25 ms whatever its few rows (per-matrix
+overhead), riding ~0.04 ms per pair row."""
 
 
 class ChunkPlan:
@@ -82,8 +92,8 @@ class ChunkPlan:
       start on (`prev_tail`, `tail`, `keep` stops the carry) and reach only this chunk's outputs
       before its first start (`head`): separable, no product of their own at any density;
     - inside a chunk, per start at an offset > 0 (`pair_*`): the in-chunk products that cross it
-      (inputs before it, outputs from it to the row's next start) are subtracted: one P x P
-      product per such start, the same rows for both SSMs.
+      (inputs before it, outputs from it to the row's next start) are subtracted: one product
+      with half of the P x P matrix per such start (`n_early`), the same rows for both SSMs.
     """
 
     def __init__(self, doc_start: torch.Tensor, spans: list[tuple[int, int, int]], P: int, dtype: torch.dtype):
@@ -109,17 +119,21 @@ class ChunkPlan:
             return m[:, a0 : a0 + ab].transpose(0, 1).reshape(1, ab * B, -1)
 
         self.blocks = []
+        early = o_idx <= P // 2
         for t0, _, tp in spans:
             a0, ab = t0 // P, tp // P
             sel = (a_idx >= a0) & (a_idx < a0 + ab)
+            order = torch.cat(((sel & early).nonzero().flatten(), (sel & ~early).nonzero().flatten()))
             self.blocks.append(_BlockPlan(
                 keep=keep[:, a0 : a0 + ab].transpose(0, 1).reshape(1, ab, B, 1),
                 head=rows(head, a0, ab),
                 tail=rows(tail, a0, ab),
                 prev_tail=rows(prev_tail, a0, ab),
-                pair_rows=(a_idx[sel] - a0) * B + b_idx[sel],
-                pair_in=pair_in[sel].unsqueeze(0),
-                pair_out=pair_out[sel].unsqueeze(0),
+                pair_rows=(a_idx[order] - a0) * B + b_idx[order],
+                pair_in=pair_in[order].unsqueeze(0),
+                pair_out=pair_out[order].unsqueeze(0),
+                n_early=int((sel & early).sum()),
+                halves=int(sel.sum()) >= HALVES_MIN_STARTS_PER_ROW * ab * B,
             ))
         # The last chunk, for the final state (`kernels.h3_core._h3_core_chunked`): (B, P), (B, 1).
         self.last_tail, self.last_keep = tail[:, -1], keep[:, -1]

@@ -361,7 +361,7 @@ def _store(dst: torch.Tensor, src: torch.Tensor, tb: int, buf: torch.Tensor) -> 
         dst.copy_(st[..., :tb])
 
 
-def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T, save, plan=None):
+def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T, save, plan=None, keep_ext=False):
     """The chunked H3 core over blocks of T positions, carrying both SSM states between blocks.
 
     Blocks are chunk-major, (C, ab, B, P): row a B + b of a channel's matrices is chunk a of
@@ -374,12 +374,15 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
       y = q s, in q's layout.
     Returns y, the state before the last chunk (C, B, N/2), k'v of the last chunk (C, B, P), and
     (when `save`) per block what backward needs: the k block with its halo, k', v, s, the states.
+    With documents and `keep_ext` (the eager Function, whose saved tensors no fake implementation
+    has to predict), a block saves its k and k'v buffers with their pair rows as filled here, so
+    backward neither copies nor refills them: (kext, k', v, s, states, kvx).
 
     Documents (`plan`, a `kernels.documents.ChunkPlan`): across chunks by masks (the shift SSM's
     S1 reads the previous chunk from its last start on and writes this one's outputs before its
     first start; the incoming state's response stops at the first start, the end state comes from
     the last start on, the carry stops); inside a chunk the S0 and Toeplitz products that cross a
-    start are subtracted, their rows stacked onto the block's own product (`_cross_starts`).
+    start are subtracted, with half of the product's matrix per start (`_cross_starts`).
     None: today's ops, untouched.
     """
     Bsz, C, L = q.shape
@@ -441,6 +444,9 @@ def _blocked_forward(q, k, v, w_shift, toep, to_state, from_state, decay, x0, T,
             # as contiguous copies they have the shapes and strides they have without documents,
             # which a custom op's fake implementation must predict (`kernels.ops`). Backward
             # rebuilds the pair rows from kbuf.
+            if bp is not None and keep_ext:
+                saved.append((kext, kp, vb, s_q, before, kvx))
+                continue
             if bp is not None:
                 kbuf, kp = kbuf.contiguous(), kp.contiguous()
             saved.append((kbuf, kp, vb, s_q, before))
@@ -462,33 +468,62 @@ def _fill_pairs(ext, mask, bp, negate=False):
 
 def _cross_starts(x_ext, W, bp):
     """x @ W chunk by chunk, without the products that cross a start inside a chunk: per start
-    at an offset > 0, its row's inputs before it (`pair_in`) times W, at the outputs from it to the
-    row's next start (`pair_out`). The in-chunk product of both SSMs (S0, the Toeplitz).
+    at an offset o > 0, its row's inputs before it (`pair_in`) times W, at the outputs from it to
+    the row's next start (`pair_out`). The in-chunk product of both SSMs (S0, the Toeplitz).
 
-    x_ext (C, R + n, P): x's R rows and n free ones, which take the pair rows, so that one product
-    reads W for both (W is a C x P x P stack: reading it again costs about as much as a product
-    of a few rows). Returns (C, R, P), a view."""
+    x_ext (C, R + n, P): x's R rows and n free ones, which take the masked pair rows. Two ways,
+    by the block's density of starts (`bp.halves`, `kernels.documents`):
+    - few starts: the pair rows ride in the block's own product as extra rows, so W (a C x P x P
+      stack) is read once; a separate product of a few rows costs about as much as that read;
+    - about one start per chunk or more: a correction needs only half of W (a start at o <= P/2,
+      the first `n_early`, has its inputs in W's rows [0, P/2); a later one its outputs in its
+      columns [P/2, P)), two half products instead of doubling the block's rows.
+    Returns (C, R, P) (a view when riding)."""
     n = bp.pair_rows.numel()
     R = x_ext.shape[1] - n
-    out = torch.bmm(_fill_pairs(x_ext, bp.pair_in, bp), W)
-    if n:
-        out[:, :R].index_add_(1, bp.pair_rows, out[:, R:].mul_(bp.pair_out), alpha=-1)
-    return out[:, :R]
+    if not bp.halves:
+        out = torch.bmm(_fill_pairs(x_ext, bp.pair_in, bp), W)
+        if n:
+            out[:, :R].index_add_(1, bp.pair_rows, out[:, R:].mul_(bp.pair_out), alpha=-1)
+        return out[:, :R]
+    out = torch.bmm(x_ext[:, :R], W)
+    pairs = _fill_pairs(x_ext, bp.pair_in, bp)[:, R:]
+    ne, h = bp.n_early, W.shape[-1] // 2
+    if ne:
+        corr = torch.bmm(pairs[:, :ne, :h], W[:, :h]).mul_(bp.pair_out[:, :ne])
+        out.index_add_(1, bp.pair_rows[:ne], corr, alpha=-1)
+    if ne < n:
+        corr = torch.bmm(pairs[:, ne:], W[:, :, h:]).mul_(bp.pair_out[:, ne:, h:])
+        out[:, :, h:].index_add_(1, bp.pair_rows[ne:], corr, alpha=-1)
+    return out
 
 
 def _cross_starts_backward(g_ext, x_ext, W_t, g_W, bp, need_x=True):
     """Backward of `_cross_starts`. g_ext (C, R + n, P): d loss / d out in its first R rows (the
     rest free); x_ext: x with its pair rows as the forward filled them. Adds to g_W; returns
-    (C, R + n, P), d loss / d x in its first R rows (None without need_x). The pair rows ride
-    in the block's products again: one for g_W, one for x."""
+    d loss / d x in the first R rows of a (C, R + n, P) or (C, R, P) tensor (None without need_x).
+
+    The weight gradient always lets the pairs ride: they add to the product's inner dimension,
+    which costs far less than a separate product with an inner dimension of a few pairs. The
+    input gradient takes the forward's way (`bp.halves`)."""
     n = bp.pair_rows.numel()
-    R = g_ext.shape[1] - n
+    R = x_ext.shape[1] - n
     g_W.baddbmm_(x_ext.transpose(1, 2), _fill_pairs(g_ext, bp.pair_out, bp, negate=True))
     if not need_x:
         return None
-    g_x = torch.bmm(g_ext, W_t)
-    if n:
-        g_x[:, :R].index_add_(1, bp.pair_rows, g_x[:, R:].mul_(bp.pair_in))
+    if not bp.halves:
+        g_x = torch.bmm(g_ext, W_t)
+        if n:
+            g_x[:, :R].index_add_(1, bp.pair_rows, g_x[:, R:].mul_(bp.pair_in))
+        return g_x
+    g_x = torch.bmm(g_ext[:, :R], W_t)
+    ne, h, gp = bp.n_early, W_t.shape[-1] // 2, g_ext[:, R:]  # gp: the pairs' gradients, negated
+    if ne:
+        corr = torch.bmm(gp[:, :ne], W_t[:, :, :h]).mul_(bp.pair_in[:, :ne, :h])
+        g_x[:, :, :h].index_add_(1, bp.pair_rows[:ne], corr)
+    if ne < n:
+        corr = torch.bmm(gp[:, ne:, h:], W_t[:, h:]).mul_(bp.pair_in[:, ne:])
+        g_x.index_add_(1, bp.pair_rows[ne:], corr)
     return g_x
 
 
@@ -504,12 +539,12 @@ def _shift_starts(kext, Bsz, S0, S1, bp):
 
 
 def _shift_starts_backward(g_ext, kext, Bsz, S0, S1, g_S0, g_S1, bp, need_k):
-    """Backward of `_shift_starts` for one block. g_ext (C, R + n, P): d loss / d k' in its first
-    R rows (the rest free). Adds to g_S0 and g_S1; returns (None without need_k) the gradients of
-    the block's own chunks through S0 and of each row's previous chunk (the halo for the first
+    """Backward of `_shift_starts` for one block. g_ext (C, R [+ anything], P): d loss / d k' in
+    its first R rows. Adds to g_S0 and g_S1; returns (None without need_k) the gradients of the
+    block's own chunks through S0 and of each row's previous chunk (the halo for the first
     chunk) through S1, both (C, ab, B, P)."""
     C, _, P = kext.shape
-    R = g_ext.shape[1] - bp.pair_rows.numel()
+    R = kext.shape[1] - Bsz - bp.pair_rows.numel()
     g_head = g_ext[:, :R] * bp.head
     k_prev = kext[:, :R] * bp.prev_tail
     g_S1.baddbmm_(k_prev.transpose(1, 2), g_head)
@@ -536,8 +571,9 @@ class _BlockedH3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, w_shift, toep, to_state, from_state, decay, x0, T, plan=None):
         mats = (w_shift, toep, to_state, from_state, decay)
-        y, before_last, kv_last, saved = _blocked_forward(q, k, v, *mats, x0, T, True, plan)
+        y, before_last, kv_last, saved = _blocked_forward(q, k, v, *mats, x0, T, True, plan, keep_ext=True)
         ctx.T, ctx.has_x0, ctx.plan = T, x0 is not None, plan
+        ctx.block_sizes = [len(blk) for blk in saved]
         ctx.save_for_backward(q, k, v, *mats, *(t for blk in saved for t in blk))
         return y, before_last, kv_last
 
@@ -545,7 +581,9 @@ class _BlockedH3(torch.autograd.Function):
     @_no_autocast
     def backward(ctx, gy, g_before_last, g_kv_last):
         q, k, v, w_shift, toep, to_state, from_state, decay, *flat = ctx.saved_tensors
-        blocks = [flat[i : i + 5] for i in range(0, len(flat), 5)]
+        sizes = getattr(ctx, "block_sizes", None) or [5] * (len(flat) // 5)  # 6: `keep_ext` blocks
+        offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+        blocks = [flat[o : o + n] for o, n in zip(offsets, sizes)]
         Bsz, C, L = q.shape
         P = w_shift.shape[1]
         n2 = decay.shape[-1]
@@ -568,7 +606,7 @@ class _BlockedH3(torch.autograd.Function):
         g_halo = None
         spans = _spans(L, ctx.T, P)
         for i in range(len(spans) - 1, -1, -1):
-            (t0, tb, tp), (kbuf, kp, vb, s_q, before) = spans[i], blocks[i]
+            (t0, tb, tp), (kbuf, kp, vb, s_q, before, *kvx_saved) = spans[i], blocks[i]
             ab = tp // P
             R = ab * Bsz
             rows = (C, R, P)
@@ -609,16 +647,26 @@ class _BlockedH3(torch.autograd.Function):
                 g_ts.baddbmm_(kv.transpose(1, 2), g_ends_r)
                 g_kv = torch.bmm(g_s, toep_t).baddbmm_(g_ends_r, ts_t)
             else:  # end states only from each chunk's last start on; the in-chunk products that crossed a start
-                kvx = torch.empty(C, R + bp.pair_rows.numel(), P, dtype=rdtype, device=dev)
-                kv = torch.mul(kp, vbr, out=kvx[:, :R])
+                if kvx_saved:  # saved by the forward with its pair rows (`keep_ext`)
+                    kvx = kvx_saved[0]
+                    kv = kvx[:, :R]
+                else:
+                    kvx = torch.empty(C, R + bp.pair_rows.numel(), P, dtype=rdtype, device=dev)
+                    kv = torch.mul(kp, vbr, out=kvx[:, :R])
+                    _fill_pairs(kvx, bp.pair_in, bp)
                 g_ts.baddbmm_((kv * bp.tail).transpose(1, 2), g_ends_r)
-                g_kvx = _cross_starts_backward(g_sx, _fill_pairs(kvx, bp.pair_in, bp), toep_t, g_toep, bp)
+                g_kvx = _cross_starts_backward(g_sx, kvx, toep_t, g_toep, bp)
                 g_kv = g_kvx[:, :R].addcmul_(torch.bmm(g_ends_r, ts_t), bp.tail)
             if last:
                 g_kv.view(C, ab, Bsz, P)[:, -1] += g_kv_last
             if need_v:
                 _store(g_v[..., t0 : t0 + tb], (g_kv * kp).view(C, ab, Bsz, P), tb, buf)
-            g_kp = g_kv.mul_(vbr)
+            if bp is not None and g_kvx.shape[1] < R + bp.pair_rows.numel():
+                # Half products left g_kvx without free rows; the shift SSM's backward needs them.
+                g_kvx = torch.empty(C, R + bp.pair_rows.numel(), P, dtype=rdtype, device=dev)
+                g_kp = torch.mul(g_kv, vbr, out=g_kvx[:, :R])
+            else:
+                g_kp = g_kv.mul_(vbr)
             if bp is None:
                 g_S0.baddbmm_(kbuf[:, 1:].reshape(rows).transpose(1, 2), g_kp)
                 g_S1.baddbmm_(kbuf[:, :-1].reshape(rows).transpose(1, 2), g_kp)  # the previous chunks
@@ -630,9 +678,12 @@ class _BlockedH3(torch.autograd.Function):
                         gk[:, :-1] += torch.bmm(g_next, S1_t).view(C, ab - 1, Bsz, P)
                     g_halo_here = torch.bmm(g_kp4[:, 0], S1_t)
             else:
-                kext = torch.empty(C, R + Bsz + bp.pair_rows.numel(), P, dtype=rdtype, device=dev)
-                kext[:, : R + Bsz].copy_(kbuf.view(C, R + Bsz, P))
-                _fill_pairs(kext[:, Bsz:], bp.pair_in, bp)  # the pair rows as the forward filled them
+                if kvx_saved:  # kbuf is the forward's kext, pair rows filled
+                    kext = kbuf
+                else:
+                    kext = torch.empty(C, R + Bsz + bp.pair_rows.numel(), P, dtype=rdtype, device=dev)
+                    kext[:, : R + Bsz].copy_(kbuf.view(C, R + Bsz, P))
+                    _fill_pairs(kext[:, Bsz:], bp.pair_in, bp)  # the pair rows as the forward filled them
                 gk, g_prev = _shift_starts_backward(g_kvx, kext, Bsz, S0, S1, g_S0, g_S1, bp, need_k)
                 if need_k:
                     if ab > 1:  # chunk a also fed chunk a + 1 through S1

@@ -19,6 +19,7 @@ from hippo.kernels import (
     h3_core,
     select_impl,
 )
+from hippo.kernels import documents
 from hippo.kernels.documents import document_spans
 from hippo.kernels.h3_core import _h3_core_chunked, triton_unsupported
 from hippo.pretrain.models.config import ConfigError
@@ -99,8 +100,17 @@ def test_packed_equals_separate_with_initial_and_final_state():
     assert _rel(torch.view_as_real(s_torch[:1]), torch.view_as_real(alone)) < 1e-12
 
 
+@pytest.fixture(params=["ride", "halves"])
+def correction_mode(request, monkeypatch):
+    """Both ways the chunked path corrects in-chunk starts (`kernels.h3_core._cross_starts`):
+    riding in the block's products, or half products; the density threshold forced each way."""
+    monkeypatch.setattr(documents, "HALVES_MIN_STARTS_PER_ROW", float("inf") if request.param == "ride" else 0.0)
+    monkeypatch.setattr(documents, "_last_plan", None)
+    return request.param
+
+
 @pytest.mark.parametrize("block", [None, 128, 64])
-def test_gradients_equal_the_reference_paths(block):
+def test_gradients_equal_the_reference_paths(block, correction_mode):
     """Backward of the chunked path (hand-written) against autograd through the per-document
     reference, for every input and parameter, with the final state in the loss."""
     B, C, L = 2, 3, L_EDGE
@@ -374,7 +384,7 @@ def test_decode_after_a_reset_equals_a_fresh_start(kind):
 
 
 @pytest.mark.parametrize("seed,density", [(0, 0.002), (1, 0.02), (2, 0.2), (3, 0.6)])
-def test_random_maps_chunked_equals_per_document_reference(seed, density):
+def test_random_maps_chunked_equals_per_document_reference(seed, density, correction_mode):
     """Random lengths and start maps from sparse to most positions, with an initial state and
     the final state in the loss, blocks of one chunk (every start near a block edge) and whole:
     the chunked path's outputs, state and every gradient equal the per-document reference's."""

@@ -134,8 +134,8 @@ def test_default_blocks_span_long_sequences(monkeypatch):
     seen = []
     real_forward = mod._blocked_forward
 
-    def spy(*args):
-        out = real_forward(*args)
+    def spy(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
         seen.extend(t.numel() for blk in out[3] for t in blk)
         return out
 
