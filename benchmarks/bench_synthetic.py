@@ -12,6 +12,8 @@ Prints one line per seed, then a Markdown table with per-seed accuracies, mean a
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import time
 
 import torch
@@ -29,6 +31,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--loss", choices=["all", "last"], default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="append each seed's result, its validation curve included, to this JSON-lines file")
     p.add_argument("--speed", action="store_true",
                    help="time the ensemble against the same seeds run one after another (no table)")
     return p.parse_args()
@@ -52,12 +55,17 @@ def table(args: argparse.Namespace, seeds: list[int]) -> None:
             seconds = time.perf_counter() - t0
             for r in results:
                 print(f"{task:20s} {mixer:10s} seed={r['seed']} test_acc={r['test_accuracy']:.3f} "
+                      f"(best validation epoch {r['best_epoch']}; last epoch {r['test_accuracy_last']:.3f}) "
                       f"epochs={r['epochs']}", flush=True)
             rows.append((task, mixer, cfg, results, seconds))
-    print("\n| task | mixer | loss on | epochs | test accuracy per seed (epochs run) | mean | min | seconds |")
+            if args.json:  # every seed's validation accuracy per epoch: the evidence for a missed target
+                with open(args.json, "a") as f:
+                    for r in results:
+                        f.write(json.dumps({"task": task, "mixer": mixer, "loss": cfg.loss, **r}) + "\n")
+    print("\n| task | mixer | loss on | epochs | test accuracy per seed (best validation epoch / epochs run) | mean | min | seconds |")
     print("|---|---|---|---:|---|---:|---:|---:|")
     for task, mixer, cfg, results, seconds in rows:
-        per_seed = ", ".join(f"{r['seed']}: {r['test_accuracy']:.3f} ({r['epochs']})" for r in results)
+        per_seed = ", ".join(f"{r['seed']}: {r['test_accuracy']:.3f} ({r['best_epoch']}/{r['epochs']})" for r in results)
         s = summarize(results)
         print(f"| {task} | {mixer} | {cfg.loss} | {cfg.epochs} | {per_seed} | {s['mean']:.3f} | {s['min']:.3f} | {seconds:.0f} |")
 
@@ -82,6 +90,7 @@ def speed(args: argparse.Namespace, seeds: list[int]) -> None:
 
 def main() -> None:
     args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the every-10-epochs lines
     torch.set_num_threads(args.threads)
     seeds = _parse_seeds(args.seeds)
     (speed if args.speed else table)(args, seeds)

@@ -43,7 +43,8 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
     for r in results:
         print(
             f"task={cfg.task} mixer={cfg.mixer} loss={cfg.loss} seed={r['seed']} epochs={r['epochs']} "
-            f"val_accuracy={r['val_accuracy']:.3f} test_accuracy={r['test_accuracy']:.3f} seconds={r['seconds']:.1f}"
+            f"best_epoch={r['best_epoch']} val_accuracy={r['val_accuracy']:.3f} "
+            f"test_accuracy_last={r['test_accuracy_last']:.3f} test_accuracy={r['test_accuracy']:.3f} seconds={r['seconds']:.1f}"
         )
     if len(results) > 1:
         s = summarize(results)

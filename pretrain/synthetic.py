@@ -483,40 +483,52 @@ class EnsembleTrainer:
         return correct / data.shape[1], loss / data.shape[1]
 
 
-def run_seeds(cfg: SyntheticConfig, seeds: Sequence[int], progress: bool = True, log_every: int = 10) -> list[dict[str, float]]:
-    """Train one model per seed, all as one ensemble; per seed: test accuracy, the validation
-    accuracy and epoch it stopped at, and the ensemble's seconds until then.
+def run_seeds(cfg: SyntheticConfig, seeds: Sequence[int], progress: bool = True, log_every: int = 10) -> list[dict]:
+    """Train one model per seed, all as one ensemble; per seed: the test accuracy at its best
+    validation epoch, the validation accuracy and epoch it stopped at, its validation accuracy at
+    every epoch, and the ensemble's seconds until then.
 
-    A seed stops (its test accuracy is read, and it leaves the ensemble) at the first epoch its
-    validation accuracy reaches `stop_accuracy`. Every `log_every` epochs logs each seed's
-    answer-token loss on the training batches and on the validation set: a model stuck at chance
-    shows both at ln(V - 2); one memorising the training set shows the first falling while the
-    second rises.
+    Model selection follows the authors' checkpoint on the best validation accuracy, with a
+    validation set of its own (theirs is the test set): `test_accuracy` is read at the first
+    epoch with the seed's highest validation accuracy, `test_accuracy_last` at its last epoch.
+    A seed stops (and leaves the ensemble) at the first epoch its validation accuracy reaches
+    `stop_accuracy`. Every `log_every` epochs logs each seed's answer-token loss on the training
+    batches and on the validation set: a model stuck at chance shows both at ln(V - 2); one
+    memorising the training set shows the first falling while the second rises.
     """
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds repeat: {list(seeds)}")
     trainer = EnsembleTrainer(cfg, seeds)
-    results: dict[int, dict[str, float]] = {}
+    results: dict[int, dict] = {}
+    curves: dict[int, list[float]] = {s: [] for s in seeds}
+    best: dict[int, tuple[float, int, float]] = {s: (-1.0, 0, 0.0) for s in seeds}  # (val, epoch, test)
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc=f"{cfg.task}/{cfg.mixer} x{trainer.E}", disable=not progress)
     for epoch in bar:
         answer = trainer.train_epoch()
         val_acc, val_loss = trainer.evaluate(trainer.val)
-        val_acc_l = val_acc.tolist()  # the one host sync of an epoch
+        val_acc_l = val_acc.tolist()  # the one host sync of an epoch (and one more when a seed improves)
         bar.set_postfix(val_acc=" ".join(f"{a:.3f}" for a in val_acc_l))
-        if log_every and (epoch + 1) % log_every == 0:
-            for e, seed in enumerate(trainer.seeds):
-                log.info("seed %d epoch %d: answer-token loss train %.3f val %.3f, val accuracy %.3f", seed, epoch + 1,
-                         answer[e].item() / trainer.train.shape[1], val_loss[e].item(), val_acc_l[e])
+        for e, seed in enumerate(trainer.seeds):
+            curves[seed].append(round(val_acc_l[e], 4))
+        improved = [e for e, seed in enumerate(trainer.seeds) if val_acc_l[e] > best[seed][0]]
         last = epoch + 1 == cfg.epochs
         stopping = [e for e in range(trainer.E) if last or val_acc_l[e] >= cfg.stop_accuracy]
+        test_acc = trainer.evaluate(trainer.test)[0].tolist() if improved or stopping else None
+        for e in improved:
+            best[trainer.seeds[e]] = (val_acc_l[e], epoch + 1, test_acc[e])
+        if log_every and (epoch + 1) % log_every == 0:
+            for e, seed in enumerate(trainer.seeds):
+                log.info("seed %d epoch %d: answer-token loss train %.3f val %.3f, val accuracy %.3f (best %.3f at %d)",
+                         seed, epoch + 1, answer[e].item() / trainer.train.shape[1], val_loss[e].item(),
+                         val_acc_l[e], best[seed][0], best[seed][1])
         if not stopping:
             continue
-        test_acc = trainer.evaluate(trainer.test)[0].tolist()
         for e in stopping:
-            results[trainer.seeds[e]] = {"seed": trainer.seeds[e], "test_accuracy": test_acc[e],
-                                         "val_accuracy": val_acc_l[e], "epochs": epoch + 1,
-                                         "seconds": time.perf_counter() - t0}
+            seed = trainer.seeds[e]
+            results[seed] = {"seed": seed, "test_accuracy": best[seed][2], "test_accuracy_last": test_acc[e],
+                             "best_epoch": best[seed][1], "val_accuracy": val_acc_l[e], "epochs": epoch + 1,
+                             "val_curve": curves[seed], "seconds": time.perf_counter() - t0}
         staying = [e for e in range(trainer.E) if e not in stopping]
         if not staying:
             break

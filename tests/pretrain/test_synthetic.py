@@ -202,6 +202,42 @@ def test_run_seeds_equals_one_seed_runs_through_early_stops():
     assert together == [drop(run_seeds(cfg, [s], progress=False)[0]) for s in [1, 2, 3, 4]]
 
 
+def test_test_accuracy_is_read_at_the_best_validation_epoch(monkeypatch):
+    """The authors keep the checkpoint of the best validation accuracy: `test_accuracy` is the test
+    accuracy at each seed's first epoch with its highest validation accuracy (read from every
+    evaluation made), `test_accuracy_last` at its last epoch, `val_curve` every epoch's."""
+    cfg = SyntheticConfig(task="induction_head", mixer="attention", loss="last", lr=3e-3, seq_len=12, num_train=256,
+                          num_val=64, num_test=64, epochs=10, stop_accuracy=2.0)
+    seen: list[tuple[str, list[float]]] = []
+    evaluate = EnsembleTrainer.evaluate
+
+    def spy(self, data, batch_size=500):
+        out = evaluate(self, data, batch_size)
+        seen.append(("test" if data is self.test else "val", out[0].tolist()))
+        return out
+
+    monkeypatch.setattr(EnsembleTrainer, "evaluate", spy)
+    results = run_seeds(cfg, [1, 2, 3], progress=False)
+    vals = [acc for kind, acc in seen if kind == "val"]
+    assert len(vals) == cfg.epochs
+    # The test accuracy of each epoch: the evaluation that follows that epoch's validation, if any.
+    tests: dict[int, list[float]] = {}
+    epoch = 0
+    for kind, acc in seen:
+        if kind == "val":
+            epoch += 1
+        else:
+            tests[epoch] = acc
+    for e, r in enumerate(results):
+        curve = [v[e] for v in vals]
+        assert r["val_curve"] == pytest.approx(curve, abs=1e-4)
+        best = max(range(cfg.epochs), key=lambda i: (curve[i], -i)) + 1
+        assert r["best_epoch"] == best
+        assert r["test_accuracy"] == tests[best][e]
+        assert r["test_accuracy_last"] == tests[cfg.epochs][e]
+    assert any(r["best_epoch"] < cfg.epochs for r in results), "no seed peaked before its last epoch: a weak test"
+
+
 def test_dropout_acts_in_training_only():
     trainer = _trainer("attention", [0])
     ids = trainer.val[:, :4, :-1]
