@@ -181,7 +181,10 @@ def dA_powers(dA: torch.Tensor, exponents: range) -> torch.Tensor:
 def _polar_powers(z: torch.Tensor, exponents: range) -> torch.Tensor:
     """z^e (..., N/2, len(e)) for complex128 z, each formed in float64 polar form."""
     e = torch.arange(exponents.start, exponents.stop, exponents.step, dtype=torch.float64, device=z.device)
-    return torch.polar(torch.exp(torch.log(z.abs()).unsqueeze(-1) * e), z.angle().unsqueeze(-1) * e)
+    modulus = torch.exp(torch.log(z.abs()).unsqueeze(-1) * e)
+    phase = z.angle().unsqueeze(-1) * e
+    # What torch.polar computes, at less than half its CPU time (its complex kernel is not vectorized).
+    return torch.complex(modulus * torch.cos(phase), modulus * torch.sin(phase))
 
 
 def _block_factors(dA: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
