@@ -12,6 +12,7 @@ as an export (`models.hf_config`): `hippo train --init-from`, `generate` and `ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +22,6 @@ import torch
 from hippo.data_pipeline.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from hippo.pretrain.config import ConfigError, ModelConfig
 from hippo.pretrain.models import HippoLM
-from hippo.pretrain.models.config import refuse_document_isolation
 from hippo.pretrain.models.hf_config import HF_CODE, to_hf_config
 from hippo.pretrain.models.pretrained import CONFIG, INDEX, WEIGHTS, load_weights, read_config, save_weights
 
@@ -113,7 +113,8 @@ def export_hf(source: str | Path, out: str | Path) -> Path:
     """Write the Hugging Face folder `out` of an export, run folder or checkpoint."""
     source, out = Path(source), Path(out)
     params, cfg, tok, step = _source(source, out)
-    refuse_document_isolation(cfg, "the Hugging Face model (modeling_hippo.py)")
+    if cfg.document_isolation and cfg.eos_id is None:  # the modeling file reads document ends from it
+        cfg = dataclasses.replace(cfg, eos_id=tok.eos_id)
     params = _in_model_order(params, cfg, source)
     out.mkdir(parents=True, exist_ok=True)
     for name in HF_CODE:

@@ -34,6 +34,8 @@ class HippoConfig(PretrainedConfig):
         max_position_embeddings: int = 2048,
         layer_norm_eps: float = 1e-5,
         init_std: float = 0.02,
+        document_isolation: bool = False,
+        eos_id: int | None = None,
         use_cache: bool = False,
         tie_word_embeddings: bool = True,
         **kwargs,
@@ -52,6 +54,9 @@ class HippoConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.layer_norm_eps = layer_norm_eps
         self.init_std = init_std
+        # Packed documents: a token after eos_id begins a new one, which sees nothing before it.
+        self.document_isolation = document_isolation
+        self.eos_id = eos_id
         # Off for a plain forward (scoring needs no recurrent state); `generate` turns it on.
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -16,6 +16,11 @@ SSM's last N inputs, the diagonal SSM's complex state, and the attention layers'
 values). SSM parameters and arithmetic stay float32 (kernels and prefix states in float64) when
 the model is loaded in bf16. Left padding is handled: padded positions are zeroed before every
 SSM and masked out of attention, so they never enter a state.
+
+Packed documents (`config.document_isolation`): a token after `config.eos_id` begins a new
+document, and each position sees only its own document: every convolution runs on each document
+alone, attention keys are limited to the query's document, and a cached decode clears the SSM
+states before the first token of a new document.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class HippoCache:
     def __init__(self) -> None:
         self.layers: dict[int, tuple[torch.Tensor, ...]] = {}
         self.seen_tokens = 0
+        self.doc_ids: torch.Tensor | None = None  # (batch, seen) document of every seen position
+        self.last_eos: torch.Tensor | None = None  # (batch,) the last seen token was EOS
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -63,6 +70,39 @@ class HippoCache:
         """Beam search: keep the states of the chosen beams (every state is batch-first)."""
         for i, states in self.layers.items():
             self.layers[i] = tuple(s.index_select(0, beam_idx.to(s.device)) for s in states)
+        if self.doc_ids is not None:
+            self.doc_ids = self.doc_ids.index_select(0, beam_idx.to(self.doc_ids.device))
+            self.last_eos = self.last_eos.index_select(0, beam_idx.to(self.last_eos.device))
+
+
+# ------------------------------------------------------------------------------- documents
+def documents(input_ids: torch.Tensor, eos_id: int, cache: HippoCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(docs, starts), both (batch, L): the document index of each new position (continuing the
+    cache's), and whether it begins a document (the token before it is EOS)."""
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[:, 1:] = input_ids[:, :-1] == eos_id
+    first = torch.zeros_like(input_ids[:, 0])
+    if cache is not None and cache.doc_ids is not None:
+        starts[:, 0] = cache.last_eos
+        first = cache.doc_ids[:, -1]
+    return first.unsqueeze(-1) + starts.long().cumsum(-1), starts
+
+
+def per_document(conv, x: torch.Tensor, docs: torch.Tensor | None) -> torch.Tensor:
+    """conv applied to each document of each row alone: x (batch, channels, L), docs (batch, L)."""
+    if docs is None:
+        return conv(x)
+    out = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        cuts = [0, *(torch.nonzero(docs[b, 1:] != docs[b, :-1]).flatten() + 1).tolist(), x.shape[-1]]
+        for start, end in zip(cuts[:-1], cuts[1:]):
+            out[b : b + 1, :, start:end] = conv(x[b : b + 1, :, start:end])
+    return out
+
+
+def _in_last_document(docs: torch.Tensor | None) -> torch.Tensor | None:
+    """(batch, 1, L) float: 1 where a position is in its row's last document (what a prefix state keeps)."""
+    return None if docs is None else (docs == docs[:, -1:]).unsqueeze(1).float()
 
 
 # ------------------------------------------------------------------------------------ the SSMs
@@ -134,14 +174,18 @@ class DiagonalSSM(nn.Module):
         return tuple(t.to(torch.complex64) for t in self.discrete())
 
 
-def diagonal_steps(ssm: DiagonalSSM, state: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def diagonal_steps(ssm: DiagonalSSM, state: torch.Tensor, x: torch.Tensor,
+                   starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (batch, channels, T) float32 through the recurrence s' = dA s + dB x_t,
-    y_t = 2 Re(sum_m C s') + D x_t. Returns y (batch, channels, T) and the new state."""
+    y_t = 2 Re(sum_m C s') + D x_t; the state is cleared where `starts` (batch, T) begins a
+    document. Returns y (batch, channels, T) and the new state."""
     dA, dB, C = ssm.step_constants()
     D = ssm.D.float()
     ys = []
     for t in range(x.shape[-1]):
         xt = x[..., t]
+        if starts is not None:
+            state = state * (~starts[:, t]).view(-1, 1, 1)
         state = dA * state + dB * xt.unsqueeze(-1)
         ys.append(2 * (C * state).sum(-1).real + D * xt)
     return torch.stack(ys, dim=-1), state
@@ -163,7 +207,8 @@ class H3(nn.Module):
         self.diag_ssm = DiagonalSSM(d, config.d_state)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, u: torch.Tensor, mask: torch.Tensor | None, cache: HippoCache | None, **_) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, mask: torch.Tensor | None, cache: HippoCache | None,
+                docs: torch.Tensor | None = None, starts: torch.Tensor | None = None, **_) -> torch.Tensor:
         q = self.q_proj(u).float().transpose(1, 2)  # (batch, channels, L)
         k = _zero_padding(self.k_proj(u), mask).float().transpose(1, 2)
         v = self.v_proj(u).float().transpose(1, 2)
@@ -173,14 +218,18 @@ class H3(nn.Module):
             window, state = cache.layers[self.layer_idx]
             shifted = []
             for t in range(L):  # window: the last N inputs of the shift SSM, newest last
+                if starts is not None:  # a new document: nothing before it
+                    window = window * (~starts[:, t]).view(-1, 1, 1)
                 window = torch.cat((window[..., 1:], k[..., t : t + 1]), dim=-1)
                 shifted.append((window * taps.flip(-1)).sum(-1) + Dk * k[..., t])
-            s, state = diagonal_steps(self.diag_ssm, state, torch.stack(shifted, dim=-1) * v)
+            s, state = diagonal_steps(self.diag_ssm, state, torch.stack(shifted, dim=-1) * v, starts)
         else:
-            kv = (causal_conv(k, taps) + Dk.unsqueeze(-1) * k) * v
-            kernel, state = self.diag_ssm.kernel_and_state(kv if cache is not None else None, L)
-            s = causal_conv(kv, kernel) + self.diag_ssm.D.float().unsqueeze(-1) * kv
-            window = F.pad(k, (max(N - L, 0), 0))[..., -N:]
+            kv = (per_document(lambda x: causal_conv(x, taps), k, docs) + Dk.unsqueeze(-1) * k) * v
+            last = _in_last_document(docs)  # a prefix state holds the last document only
+            kernel, state = self.diag_ssm.kernel_and_state(
+                None if cache is None else kv if last is None else kv * last, L)
+            s = per_document(lambda x: causal_conv(x, kernel), kv, docs) + self.diag_ssm.D.float().unsqueeze(-1) * kv
+            window = F.pad(k if last is None else k * last, (max(N - L, 0), 0))[..., -N:]
         if cache is not None:
             cache.layers[self.layer_idx] = (window, state)
         return self.out_proj((q * s).transpose(1, 2).to(u.dtype))
@@ -195,13 +244,16 @@ class S4D(nn.Module):
         self.ssm = DiagonalSSM(config.d_model, config.d_state)
         self.out_proj = nn.Linear(config.d_model, 2 * config.d_model)
 
-    def forward(self, u: torch.Tensor, mask: torch.Tensor | None, cache: HippoCache | None, **_) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, mask: torch.Tensor | None, cache: HippoCache | None,
+                docs: torch.Tensor | None = None, starts: torch.Tensor | None = None, **_) -> torch.Tensor:
         x = _zero_padding(u, mask).float().transpose(1, 2)
         if cache is not None and cache.seen_tokens > 0:
-            y, state = diagonal_steps(self.ssm, cache.layers[self.layer_idx][0], x)
+            y, state = diagonal_steps(self.ssm, cache.layers[self.layer_idx][0], x, starts)
         else:
-            kernel, state = self.ssm.kernel_and_state(x if cache is not None else None, x.shape[-1])
-            y = causal_conv(x, kernel) + self.ssm.D.float().unsqueeze(-1) * x
+            last = _in_last_document(docs)
+            kernel, state = self.ssm.kernel_and_state(
+                None if cache is None else x if last is None else x * last, x.shape[-1])
+            y = per_document(lambda z: causal_conv(z, kernel), x, docs) + self.ssm.D.float().unsqueeze(-1) * x
         if cache is not None:
             cache.layers[self.layer_idx] = (state,)
         return F.glu(self.out_proj(F.gelu(y.transpose(1, 2).to(u.dtype))), dim=-1)
@@ -229,7 +281,8 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: HippoCache | None,
-                positions: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+                positions: torch.Tensor, key_mask: torch.Tensor | None, key_docs: torch.Tensor | None = None,
+                **_) -> torch.Tensor:
         B, L, _ = x.shape
         q, k, v = (p(x).view(B, L, self.n_head, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -242,16 +295,18 @@ class Attention(nn.Module):
         if cache is not None:
             cache.layers[self.layer_idx] = (k, v)
         S = k.shape[2]
-        if key_mask is None and past == 0:
+        if key_mask is None and key_docs is None and past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
-        elif key_mask is None and L == 1:
+        elif key_mask is None and key_docs is None and L == 1:
             y = F.scaled_dot_product_attention(q, k, v)
-        else:  # query i (at S - L + i) sees unpadded keys up to itself, and always itself
+        else:  # query i (at S - L + i) sees unpadded keys of its document up to itself, and always itself
             rows = torch.arange(S - L, S, device=x.device).unsqueeze(-1)
             cols = torch.arange(S, device=x.device)
             allowed = (cols <= rows).expand(B, 1, L, S)
             if key_mask is not None:
                 allowed = (allowed & key_mask[:, None, None, -S:].bool()) | (cols == rows)
+            if key_docs is not None:
+                allowed = allowed & (key_docs[:, None, None, -S:] == key_docs[:, None, -L:, None])
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.out_proj(y.transpose(1, 2).reshape(B, L, -1))
 
@@ -377,8 +432,17 @@ class HippoForCausalLM(HippoPreTrainedModel, GenerationMixin):
                                  f"{self.config.max_position_embeddings}")
             h = h + self.embedding.position(positions)
         mask = attention_mask[:, -L:] if attention_mask is not None else None
+        isolation = {}
+        if getattr(self.config, "document_isolation", False):
+            if input_ids is None:
+                raise ValueError("document_isolation reads document ends from input_ids; inputs_embeds alone cannot")
+            docs, starts = documents(input_ids, self.config.eos_id, cache if past else None)
+            key_docs = torch.cat((cache.doc_ids, docs), dim=1) if past else docs
+            isolation = {"docs": docs, "starts": starts if past else None, "key_docs": key_docs}
+            if cache is not None:
+                cache.doc_ids, cache.last_eos = key_docs, input_ids[:, -1] == self.config.eos_id
         for block in self.layers:
-            h = block(h, mask=mask, cache=cache, positions=positions, key_mask=attention_mask)
+            h = block(h, mask=mask, cache=cache, positions=positions, key_mask=attention_mask, **isolation)
         if cache is not None:
             cache.seen_tokens += L
         h = self.norm_f(h[:, -logits_to_keep:] if logits_to_keep else h)

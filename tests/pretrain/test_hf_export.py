@@ -45,6 +45,7 @@ MODELS = {  # name: ModelConfig fields of a tiny model (d_model 16, 2 layers, 2 
     "hybrid": dict(attn_layer_idx=[1]),
     "transformer": dict(attn_layer_idx=[0, 1], position_embedding="learned", max_position_embeddings=320),
     "s4d_rotary": dict(mixer="s4d", attn_layer_idx=[1], position_embedding="rotary", rotary_dim=4),
+    "hybrid_isolated": dict(attn_layer_idx=[1], document_isolation=True, eos_id=256),  # EOS in both rows at L 300
 }
 ALL = [*MODELS, "authors_rotary"]  # + an import of the authors' layout: H3 + attention, rotary on 8 of 16 dims
 
@@ -321,18 +322,63 @@ def test_a_folder_saved_again_by_transformers_goes_back_into_hippo(tmp_path):
         assert torch.equal(HippoLM.from_pretrained(tmp_path / "back")(ids), HippoLM.from_pretrained(export)(ids))
 
 
-@pytest.mark.parametrize("fmt", ["hf", "h3"])
-def test_a_model_with_document_isolation_is_refused_naming_the_option(tmp_path, capsys, fmt):
-    """Neither the HF modeling file nor the authors' H3 code isolates packed documents: exporting
-    such a model would change its logits silently, so it is refused in one line."""
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=16, n_layer=2, n_head=2, document_isolation=True, eos_id=256,
-                      **MODELS["hybrid"])
-    export = save_export(tmp_path / "export", dict(HippoLM(cfg, seed=1).named_parameters()), cfg, tokenizer="byte",
-                         step=1)
-    assert main(["export", str(export), "-o", str(tmp_path / fmt), "--format", fmt]) == 2
+def _isolated(name: str, root: Path) -> Path:
+    """A Hippo export of model `name` with `model.document_isolation` (EOS 256)."""
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=16, n_layer=2, n_head=2, init_std=0.3, document_isolation=True,
+                      eos_id=256, **MODELS[name])
+    return save_export(root / name / "export", dict(HippoLM(cfg, seed=11).named_parameters()), cfg, tokenizer="byte",
+                       step=1)
+
+
+def _packed(L: int, every: int = 23, batch: int = 2) -> torch.Tensor:
+    """Random byte windows with an EOS every `every` tokens, at other offsets in each row, two in a
+    row once, and one at position 0 of the first row."""
+    ids = _ids(L, batch) % 256
+    for b in range(batch):
+        ids[b, (5 + 7 * b) :: every] = 256
+    ids[0, 0] = ids[0, 40] = ids[0, 41] = 256
+    return ids
+
+
+@pytest.mark.parametrize("name", ["hybrid", "s4d_rotary", "transformer"])
+def test_document_isolation_hf_model_computes_hippos_logits_and_decodes_across_documents(tmp_path, name):
+    """An isolated model exports (`hippo export --format hf`): the HF model's logits on packed
+    windows equal Hippo's (each document alone), they differ from the same weights without
+    isolation, its cached decoding through EOS tokens (the states cleared after each) equals its
+    full forward, and Hippo reads the folder back with isolation on."""
+    export = _isolated(name, tmp_path)
+    hf = tmp_path / "hf"
+    assert main(["export", str(export), "-o", str(hf), "--format", "hf"]) == 0
+    model = HippoLM.from_pretrained(export)
+    ref = _reference(hf)
+    ids = _packed(90)
+    with torch.no_grad():
+        full = ref(ids).logits
+        assert _err(model(ids)[..., :VOCAB], full) < TOL
+        config = json.loads((hf / "config.json").read_text())
+        config["document_isolation"] = False
+        (hf / "config.json").write_text(json.dumps(config))
+        assert _err(_reference(hf)(ids).logits, full) > 1e-3  # isolation is what made them equal
+        out = ref(ids[:, :30], use_cache=True)
+        steps = [out.logits[:, -1]]
+        for t in range(30, 90):
+            out = ref(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[:, -1])
+    assert _err(torch.stack(steps[:-1], dim=1), full[:, 29:89]) < TOL
+    config["document_isolation"] = True
+    (hf / "config.json").write_text(json.dumps(config))
+    back = import_hf(hf, tmp_path / "back")
+    assert HippoLM.from_pretrained(back).cfg.document_isolation is True
+
+
+def test_a_model_with_document_isolation_is_refused_by_the_h3_format_naming_the_option(tmp_path, capsys):
+    """The authors' H3 code does not isolate packed documents: exporting such a model to their
+    format would change its logits silently, so it is refused in one line."""
+    export = _isolated("hybrid", tmp_path)
+    assert main(["export", str(export), "-o", str(tmp_path / "h3"), "--format", "h3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hippo: error: model.document_isolation=true") and err.count("\n") == 1, err
-    assert not (tmp_path / fmt).exists()
+    assert not (tmp_path / "h3").exists()
 
 
 def test_an_hf_folder_older_than_document_isolation_still_imports(tmp_path):
