@@ -12,6 +12,8 @@ machine is shared). Break-even: compile time / (eager step - compiled step).
         .venv/bin/python benchmarks/bench_compiled_step.py --threads 1
 
 Run it a second time with the same TORCHINDUCTOR_CACHE_DIR for the warm-cache compile time.
+Also prints what each step saves for backward (saved-tensor hooks), the part of a step's peak
+memory compiling can change.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 
 import torch
 
+from hippo.kernels.torch_compat import dynamo_counts
 from hippo.parallel.compiled import compile_blocks
 from hippo.pretrain.config import load_config
 from hippo.pretrain.models import HippoLM
@@ -74,8 +77,31 @@ def main() -> None:
         print(f"  {k:9s} step {cpu[k] * 1e3:8.1f} ms CPU  {wall[k] * 1e3:8.1f} ms wall")
     saved = cpu["eager"] - cpu["compiled"]
     print(f"  compiled / eager = {cpu['compiled'] / cpu['eager']:.3f} (CPU)")
+    graphs_before = dynamo_counts()
+    mem = {k: saved_for_backward(m, tokens) for k, m in models.items()}
+    recompiled = dynamo_counts() != graphs_before
+    print(f"  saved for backward (the step's peak beyond weights, gradients and AdamW state, equal in both): "
+          f"eager {mem['eager'] / 2**20:.1f} MiB, compiled {mem['compiled'] / 2**20:.1f} MiB "
+          f"({mem['compiled'] / mem['eager']:.3f})" + (" [measured with a recompile]" if recompiled else ""))
     print(f"  {n} steps: eager {n * cpu['eager']:.1f} s, compiled {compile_cpu + n * cpu['compiled']:.1f} s "
           f"(compile included) CPU; break-even " + (f"{compile_cpu / saved:.0f} steps" if saved > 0 else "never"))
+
+
+def saved_for_backward(model: HippoLM, tokens: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves in one training forward (parameters excluded),
+    through saved-tensor hooks (a compiled graph saves through its autograd Function too)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in seen.items() if ptr not in own)
 
 
 def _cpu_with_children() -> float:
