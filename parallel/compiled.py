@@ -51,12 +51,15 @@ class CompileResult:
 
 
 def compile_blocks(module: nn.Module, *, micro_batch_size: int, chunk_length: int, documents: bool,
-                   recompute_without_grad: bool = False, announce: bool = True) -> CompileResult:
+                   recompute_without_grad: bool = False, sequence_first: bool = False,
+                   announce: bool = True) -> CompileResult:
     """Compile every `Block` of `module` in place and warm each one up at the training shape
     (micro_batch_size, chunk_length, d_model): a forward and backward in training mode and a
     forward under no_grad in eval mode (validation); with `recompute_without_grad` (activation
     checkpointing: its first forward runs without grad) also a no_grad forward in training mode.
     `documents`: the blocks take and return the layer list's (hidden, doc_start).
+    `sequence_first`: the hidden states are stored sequence-first (sequence parallelism's layers
+    transpose around Megatron's collectives), which dynamo guards on like a shape.
     `announce`: log the compile time (one rank does; a failure is logged by every rank it happens on)."""
     blocks = [m for m in module.modules() if isinstance(m, Block)]
     if not blocks:
@@ -69,7 +72,7 @@ def compile_blocks(module: nn.Module, *, micro_batch_size: int, chunk_length: in
         graphs_before, breaks_before = dynamo_counts()
         with _rng_restored(blocks[0].norm1.weight.device):
             for block in blocks:
-                _warm_up(block, micro_batch_size, chunk_length, documents, recompute_without_grad)
+                _warm_up(block, micro_batch_size, chunk_length, documents, recompute_without_grad, sequence_first)
     except Exception as e:  # noqa: BLE001 - any failure of dynamo/inductor: train eager instead
         for block in blocks:
             undo_module_compile(block)
@@ -92,11 +95,14 @@ def _allow_an_entry_per_block_and_call(blocks: int) -> None:
     raise_recompile_limit(3 * blocks)
 
 
-def _warm_up(block: Block, batch: int, length: int, documents: bool, recompute_without_grad: bool) -> None:
+def _warm_up(block: Block, batch: int, length: int, documents: bool, recompute_without_grad: bool,
+             sequence_first: bool = False) -> None:
     """The calls a training run makes, so that each compiles now (dynamo guards on grad mode,
-    training mode, dtypes and shapes: each combination is one compilation)."""
+    training mode, dtypes, shapes and strides: each combination is one compilation)."""
     weight = block.norm1.weight
-    x = torch.randn(batch, length, weight.shape[-1], device=weight.device, dtype=weight.dtype, requires_grad=True)
+    shape = (length, batch, weight.shape[-1]) if sequence_first else (batch, length, weight.shape[-1])
+    x = torch.randn(*shape, device=weight.device, dtype=weight.dtype)
+    x = (x.transpose(0, 1) if sequence_first else x).requires_grad_()
 
     def call(h: torch.Tensor) -> torch.Tensor:
         if not documents:

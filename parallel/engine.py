@@ -151,11 +151,13 @@ def build_train_engine(cfg: ModelConfig, state: ParallelState, optimizer_factory
     set_universal_checkpoint_info(module, whole_model)
     train_engine = TrainEngine(engine, module, optimizer, linears, state, loss_fn=loss_fn, eod_mask_id=eod_mask_id)
     if compile_seq_len is not None:
-        # After DeepSpeed's set-up: the blocks hold their training dtype (bf16 mode casts them).
-        train_engine.compiled = compile_blocks(
-            module, micro_batch_size=layout.micro_batch_size, chunk_length=hidden_length(layout, compile_seq_len),
-            documents=cfg.document_isolation, recompute_without_grad=layout.activation_checkpointing,
-            announce=state.rank == 0)
+        # After DeepSpeed's set-up: the blocks hold their training dtype (bf16 mode casts them). The
+        # warm-up calls run the blocks as steps do, so in the steps' device scope.
+        with train_engine._device_scope():
+            train_engine.compiled = compile_blocks(
+                module, micro_batch_size=layout.micro_batch_size, chunk_length=hidden_length(layout, compile_seq_len),
+                documents=cfg.document_isolation, recompute_without_grad=layout.activation_checkpointing,
+                sequence_first=layout.sequence_parallel, announce=state.rank == 0)
     return train_engine
 
 

@@ -25,7 +25,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from hippo.parallel.megatron_compat import ModelParallelConfig, tensor_parallel
+from hippo.parallel.megatron_compat import ModelParallelConfig, parallel_state, tensor_parallel
 from hippo.parallel.runtime import import_deepspeed
 from hippo.pretrain.models.linear import Linears, mark_tensor_parallel
 
@@ -54,6 +54,20 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return y if bias is None else y + bias
 
 
+def _traced() -> bool:
+    """Inside `torch.compile`: Megatron's linear autograd function overlaps its gradient all-reduce
+    with async collectives and warns once through a function attribute, and dynamo breaks the
+    graph on both (`async_op=True`, `setattr` on a function, `warnings.warn`: 36 breaks in a TP2
+    hybrid). The compiled blocks take the same products through Megatron's region mappings, whose
+    collectives are synchronous (dynamo traces them)."""
+    return torch.compiler.is_compiling()
+
+
+def _tp_group():
+    """Passed explicitly: without it Megatron's mappings warn (a graph break of its own)."""
+    return parallel_state.get_tensor_model_parallel_group()
+
+
 class ColumnLinear(tensor_parallel.ColumnParallelLinear):
     """in -> out / TP; the input gradient is all-reduced over the TP group (with SP: the input is
     all-gathered along the sequence, its gradient reduce-scattered)."""
@@ -68,6 +82,12 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.single_rank:
+            return _dense(x, self.weight, self.bias)
+        if _traced():  # all-gather (reduce-scatter the gradient) along the sequence, or all-reduce the gradient
+            if self.sequence_parallel:
+                x = _sequence_first(lambda t: tensor_parallel.gather_from_sequence_parallel_region(t, group=_tp_group()), x)
+            else:
+                x = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=_tp_group())
             return _dense(x, self.weight, self.bias)
         if self.sequence_parallel:
             return _sequence_first(lambda t: super(ColumnLinear, self).forward(t)[0], x)
@@ -89,6 +109,13 @@ class RowLinear(tensor_parallel.RowParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.single_rank:
             return _dense(x, self.weight, self.bias)
+        if _traced():  # the partial products summed over the group (reduce-scattered under SP), then the bias
+            y = _dense(x, self.weight, None)
+            if self.sequence_parallel:
+                y = _sequence_first(lambda t: tensor_parallel.reduce_scatter_to_sequence_parallel_region(t, group=_tp_group()), y)
+            else:
+                y = tensor_parallel.reduce_from_tensor_model_parallel_region(y, group=_tp_group())
+            return y if self.bias is None else y + self.bias
         if self.sequence_parallel:
             return _sequence_first(lambda t: super(RowLinear, self).forward(t)[0], x)
         return super().forward(x)[0]

@@ -126,7 +126,11 @@ class CausalSelfAttention(nn.Module):
             # right. CUDA's flash / memory-efficient kernels apply it without materializing it;
             # on CPU SDPA builds the (L/CP x keys) mask (see BENCHMARKS.md, context parallelism).
             k, v = self.sequence.preceding(k, dim=2), self.sequence.preceding(v, dim=2)
-            mask = causal_lower_right(L, k.shape[2])
+            # Inside torch.compile the same mask as booleans: dynamo cannot build the CausalBias
+            # tensor subclass (a graph break per call); the compiled graph materializes it anyway.
+            S = k.shape[2]
+            mask = (torch.ones(L, S, dtype=torch.bool, device=x.device).tril(S - L) if torch.compiler.is_compiling()
+                    else causal_lower_right(L, S))
         if doc_start is not None and L > 1:
             if inference_params is not None:  # a prefill: decode steps see only the last document
                 inference_params.doc_begin = last_document_start(doc_start)

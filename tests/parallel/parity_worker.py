@@ -8,12 +8,14 @@ parameters after the steps, gathered under single-process names.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 import torch
 
+from hippo.kernels.torch_compat import dynamo_counts
 from hippo.parallel.gather import gather_to_rank0
 from hippo.parallel.groups import destroy_parallel, init_parallel
 from hippo.parallel.pipeline import canonical_named_parameters
@@ -42,9 +44,11 @@ def main() -> None:
     layout = cfg.layout(int(os.environ["WORLD_SIZE"]))
     state = init_parallel(layout, cfg.train.seed)
     engine = build_engine(cfg, state)
+    graphs_before = dynamo_counts()
     losses = []
     for batch in global_batches(cfg):
         losses.append(engine.train_batch(rank_micro_batches(batch, layout, state.dp_rank)))
+    compiled = getattr(engine, "compiled", None)
     # Dropout streams: one draw from the default generator and one inside the TP-rank context.
     with engine.linears.tp_rng():
         tp_draw = torch.rand(4).tolist()
@@ -57,6 +61,10 @@ def main() -> None:
         "losses": losses, "local_param_numel": local,
         "optimizer_state_bytes": optimizer_state_bytes(engine.optimizer),
         "tp_rng_draw": tp_draw, "default_rng_draw": default_draw,
+        # `train.compile`: what compile_blocks did, and graphs or breaks dynamo added while training
+        # (a guard the warm-up missed recompiles; 0 when every training call hit a compiled entry).
+        "compiled": dataclasses.asdict(compiled) if compiled is not None else None,
+        "graphs_while_training": [a - b for a, b in zip(dynamo_counts(), graphs_before)],
     }
     (out / f"rank{state.rank}.json").write_text(json.dumps(report))
     if params is not None:

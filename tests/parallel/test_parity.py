@@ -51,8 +51,12 @@ LAYOUTS = {
     # The EOS positions left out of the loss: micro-batches, data ranks and context chunks keep different
     # numbers of positions, and the loss is still the mean over the whole global batch's kept positions.
     "dp2_cp2_eod_mask": (1, 1, 2, ["parallel.context=2", *ISOLATED, EOD_MASK]),
-    # `train.compile` (issue 27): every rank's blocks compiled in place, Megatron layers and pipeline stages.
-    "tp2_pp2_compiled": (2, 2, 1, ["train.compile=true"]),
+    # `train.compile` (issue 27): every rank's blocks compiled in place: Megatron layers, pipeline stages and
+    # recomputed blocks; context parallelism with isolated documents and ZeRO-2; sequence parallelism.
+    "tp2_pp2_recompute_compiled": (2, 2, 1, ["parallel.activation_checkpointing=true", "train.compile=true"]),
+    "dp2_cp2_zero2_isolation_compiled": (1, 1, 2, ["parallel.context=2", "parallel.zero_stage=2", *ISOLATED,
+                                                   "train.compile=true"]),
+    "tp2_sequence_parallel_compiled": (2, 1, 1, ["parallel.sequence_parallel=true", "train.compile=true"]),
 }
 # Largest parameter difference after the steps. Sequence parallelism sums the gradients of the
 # replicated parameters (norms, row-parallel biases) from each rank's half of the sequence, then
@@ -60,7 +64,8 @@ LAYOUTS = {
 # amplifies where a gradient is tiny. Measured 1.02e-5 (2026-12-07, deepspeed 0.19.8, megatron-core
 # 0.16.1, torch 2.13.0; the 9307dce tree gives the same 1.0218e-5, so the drift is the libraries'
 # resolution, not Hippo's); an error of the layout (a missed reduction) moves weights by > 1e-3.
-PARAM_TOL = {"tp2_sequence_parallel": 2e-5, "tp2_sequence_parallel_isolation": 2e-5}
+PARAM_TOL = {"tp2_sequence_parallel": 2e-5, "tp2_sequence_parallel_isolation": 2e-5,
+             "tp2_sequence_parallel_compiled": 2e-5}
 
 
 def context_size(extra: list[str]) -> int:
@@ -154,6 +159,14 @@ def test_layout_matches_single_process(name, reference, tmp_path):
     world = tp * pp * dp * cp
     torchrun(world, [str(ROOT / "tests/parallel/parity_worker.py"), *args])
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+    # Compiled layouts: every rank compiled its blocks (no fallback to eager), without graph breaks,
+    # and training ran on the compiled entries (no graph captured after the warm-up).
+    if "train.compile=true" in extra:
+        for rep in reports:
+            c = rep["compiled"]
+            assert c is not None and c["error"] is None and c["blocks"] > 0 and c["graph_breaks"] == 0, (rep["rank"], c)
+            assert rep["graphs_while_training"] == [0, 0], (rep["rank"], rep["graphs_while_training"])
 
     # Losses of every step, on every rank, equal the single-process run within 1e-5 relative.
     ref = torch.tensor(reference["losses"])
