@@ -383,6 +383,7 @@ def test_decode_after_a_reset_equals_a_fresh_start(kind):
     assert _rel(got[0], plain[0]) > 1e-3  # without the reset the prompt would still be heard
 
 
+@pytest.mark.slow  # 8 cases of 3-13 s: the edge-row gradient test covers both modes in the fast tier
 @pytest.mark.parametrize("seed,density", [(0, 0.002), (1, 0.02), (2, 0.2), (3, 0.6)])
 def test_random_maps_chunked_equals_per_document_reference(seed, density, correction_mode):
     """Random lengths and start maps from sparse to most positions, with an initial state and
