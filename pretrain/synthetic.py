@@ -149,6 +149,17 @@ def induction_head(n: int, vocab_size: int, seq_len: int, rng: np.random.Generat
     return out
 
 
+def query_occurrences(seqs: torch.Tensor) -> torch.Tensor:
+    """(..., 2 P + 3) associative-recall sequences -> (...,) how many of the P pairs hold the
+    queried key. A key seen once must be looked up exactly; a key seen several times has its value
+    stored several times, which a lossy superposed memory (an SSM state) recalls more easily."""
+    return (seqs[..., 0:-3:2] == seqs[..., -2:-1]).sum(-1)
+
+
+OCCURRENCE_GROUPS = ("1", "2", "3+")
+"""How `accuracy_by_occurrence` groups the validation set: queries of a key seen 1, 2, >= 3 times."""
+
+
 def distinct_sequences(draw: Callable[[int], np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
     """n distinct sequences from `draw`, in random order: the authors deduplicate each split, so a
     small task cannot fill it with copies of a few sequences."""
@@ -471,16 +482,28 @@ class EnsembleTrainer:
         return answer
 
     @torch.no_grad()
+    def answer_logits(self, data: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """(E, n, V) logits of the answer token of every sequence of data (E, n, L), eval mode."""
+        return torch.cat([self.model(data[:, s : s + batch_size, :-1])[:, :, -1]
+                          for s in range(0, data.shape[1], batch_size)], dim=1)
+
     def evaluate(self, data: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
         """(accuracy, mean cross entropy) of the answer token per member; ln(V - 2) is chance loss."""
-        correct, loss = torch.zeros(self.E), torch.zeros(self.E)
-        for start in range(0, data.shape[1], batch_size):
-            seqs = data[:, start : start + batch_size]
-            logits = self.model(seqs[:, :, :-1])[:, :, -1]
-            correct += (logits.argmax(-1) == seqs[:, :, -1]).sum(1)
-            ce = F.cross_entropy(logits.flatten(0, 1), seqs[:, :, -1].flatten(), reduction="none")
-            loss += ce.view(self.E, -1).sum(1)
-        return correct / data.shape[1], loss / data.shape[1]
+        logits = self.answer_logits(data, batch_size)
+        correct = (logits.argmax(-1) == data[:, :, -1]).float().mean(1)
+        ce = F.cross_entropy(logits.flatten(0, 1), data[:, :, -1].flatten(), reduction="none")
+        return correct, ce.view(self.E, -1).mean(1)
+
+    def accuracy_by_occurrence(self, data: torch.Tensor) -> torch.Tensor:
+        """(E, 3) associative-recall accuracy per member on the queries of a key the context holds
+        once, twice, three times or more (`OCCURRENCE_GROUPS`); NaN for an empty group."""
+        correct = (self.answer_logits(data).argmax(-1) == data[:, :, -1]).float()
+        count = query_occurrences(data).clamp(max=len(OCCURRENCE_GROUPS))
+        out = torch.full((self.E, len(OCCURRENCE_GROUPS)), float("nan"))
+        for g in range(len(OCCURRENCE_GROUPS)):
+            mask = count == g + 1
+            out[:, g] = (correct * mask).sum(1) / mask.sum(1)
+        return out
 
 
 def run_seeds(cfg: SyntheticConfig, seeds: Sequence[int], progress: bool = True, log_every: int = 10) -> list[dict]:
@@ -494,13 +517,17 @@ def run_seeds(cfg: SyntheticConfig, seeds: Sequence[int], progress: bool = True,
     A seed stops (and leaves the ensemble) at the first epoch its validation accuracy reaches
     `stop_accuracy`. Every `log_every` epochs logs each seed's answer-token loss on the training
     batches and on the validation set: a model stuck at chance shows both at ln(V - 2); one
-    memorising the training set shows the first falling while the second rises.
+    memorising the training set shows the first falling while the second rises. On associative
+    recall it also logs (and keeps, `val_by_query_count`) the validation accuracy split by how
+    often the queried key occurs in the context: a model that recalls only repeated keys shows
+    it there.
     """
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds repeat: {list(seeds)}")
     trainer = EnsembleTrainer(cfg, seeds)
     results: dict[int, dict] = {}
     curves: dict[int, list[float]] = {s: [] for s in seeds}
+    occurrence: dict[int, list[tuple[int, list[float]]]] = {s: [] for s in seeds}
     best: dict[int, tuple[float, int, float]] = {s: (-1.0, 0, 0.0) for s in seeds}  # (val, epoch, test)
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc=f"{cfg.task}/{cfg.mixer} x{trainer.E}", disable=not progress)
@@ -518,17 +545,24 @@ def run_seeds(cfg: SyntheticConfig, seeds: Sequence[int], progress: bool = True,
         for e in improved:
             best[trainer.seeds[e]] = (val_acc_l[e], epoch + 1, test_acc[e])
         if log_every and (epoch + 1) % log_every == 0:
+            by_count = trainer.accuracy_by_occurrence(trainer.val).tolist() if cfg.task == "associative_recall" else None
             for e, seed in enumerate(trainer.seeds):
-                log.info("seed %d epoch %d: answer-token loss train %.3f val %.3f, val accuracy %.3f (best %.3f at %d)",
+                split = ""
+                if by_count is not None:
+                    occurrence[seed].append((epoch + 1, [round(a, 4) for a in by_count[e]]))
+                    split = ", by query-key count " + " ".join(
+                        f"{g}: {a:.3f}" for g, a in zip(OCCURRENCE_GROUPS, by_count[e]))
+                log.info("seed %d epoch %d: answer-token loss train %.3f val %.3f, val accuracy %.3f (best %.3f at %d)%s",
                          seed, epoch + 1, answer[e].item() / trainer.train.shape[1], val_loss[e].item(),
-                         val_acc_l[e], best[seed][0], best[seed][1])
+                         val_acc_l[e], best[seed][0], best[seed][1], split)
         if not stopping:
             continue
         for e in stopping:
             seed = trainer.seeds[e]
             results[seed] = {"seed": seed, "test_accuracy": best[seed][2], "test_accuracy_last": test_acc[e],
                              "best_epoch": best[seed][1], "val_accuracy": val_acc_l[e], "epochs": epoch + 1,
-                             "val_curve": curves[seed], "seconds": time.perf_counter() - t0}
+                             "val_curve": curves[seed], "val_by_query_count": occurrence[seed],
+                             "seconds": time.perf_counter() - t0}
         staying = [e for e in range(trainer.E) if e not in stopping]
         if not staying:
             break

@@ -18,6 +18,7 @@ from hippo.pretrain.synthetic import (
     build_optimizer,
     induction_head,
     make_split,
+    query_occurrences,
     run_seeds,
     special_tokens,
     warmup_steps,
@@ -58,6 +59,26 @@ def test_associative_recall_query_is_uniform_over_the_distinct_keys():
     observed, uniform, weighted = hit / len(data), uniform / len(data), weighted / len(data)
     assert abs(observed - uniform) < 0.03, (observed, uniform, weighted)
     assert abs(observed - weighted) > 0.08, (observed, uniform, weighted)
+
+
+def test_accuracy_by_query_key_count_groups_the_validation_set():
+    """The diagnostic split of issue 28: each member's accuracy on the queries of a key seen once,
+    twice, three times or more, against a per-sequence count and tally in plain Python."""
+    trainer = EnsembleTrainer(SyntheticConfig(num_train=32, num_val=200, num_test=8, epochs=1), [1, 2])
+    for _ in range(3):  # a few steps, so that some answers are right
+        trainer.step(trainer.train[:, :32])
+    got = trainer.accuracy_by_occurrence(trainer.val)
+    right = (trainer.answer_logits(trainer.val).argmax(-1) == trainer.val[:, :, -1]).tolist()
+    counts = query_occurrences(trainer.val).tolist()
+    for e in range(2):
+        tally = {1: [0, 0], 2: [0, 0], 3: [0, 0]}
+        for seq, ok in zip(trainer.val[e].tolist(), right[e]):
+            count = min(seq[0:40:2].count(seq[41]), 3)
+            tally[count][0] += ok
+            tally[count][1] += 1
+        assert min(n for _, n in tally.values()) > 20
+        assert got[e].tolist() == pytest.approx([k / n for k, n in tally.values()])
+        assert [min(c, 3) for c in counts[e]] == [min(s[0:40:2].count(s[41]), 3) for s in trainer.val[e].tolist()]
 
 
 def test_induction_head_sequences():
