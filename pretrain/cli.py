@@ -305,6 +305,10 @@ def _add_synthetic(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW decay on all but the SSM dynamics (default 0.1)")
+    p.add_argument("--warmup-fraction", dest="warmup_fraction", type=float, help="linear warmup over this share of the epochs (default 0.1)")
+    p.add_argument("--min-lr-ratio", dest="min_lr_ratio", type=float,
+                   help="the cosine ends at lr x this (default 0.1; 1 holds the lr after the warmup)")
     p.add_argument("--d-model", dest="d_model", type=int)
     p.add_argument("--n-layer", dest="n_layer", type=int)
     p.add_argument("--loss", choices=["all", "last"], help="next-token loss on every position (default) or the answer only")

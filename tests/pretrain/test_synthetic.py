@@ -283,6 +283,17 @@ def test_cli_runs_and_prints_accuracy_last(mixer, capsys):
     assert last.startswith("test_accuracy=") and 0.0 <= float(last.split("=")[1]) <= 1.0
 
 
+def test_cli_schedule_and_decay_options_reach_the_run(monkeypatch):
+    seen = []
+    monkeypatch.setattr("hippo.pretrain.synthetic.run_seeds",
+                        lambda cfg, seeds, progress: seen.append(cfg) or [{"seed": 0, "test_accuracy": 0.5,
+                        "test_accuracy_last": 0.5, "best_epoch": 1, "val_accuracy": 0.5, "epochs": 1, "seconds": 0.0}])
+    assert main(["synthetic", "--lr", "2e-3", "--weight-decay", "0.05", "--warmup-fraction", "0.2",
+                 "--min-lr-ratio", "1", "--no-progress"]) == 0
+    cfg = seen[0]
+    assert (cfg.lr, cfg.weight_decay, cfg.warmup_fraction, cfg.min_lr_ratio) == (2e-3, 0.05, 0.2, 1.0)
+
+
 def test_cli_seeds_print_each_seed_mean_and_min(capsys):
     rc = main(["synthetic", "--task", "induction_head", "--num-train", "64", "--num-val", "32", "--num-test", "32",
                "--epochs", "1", "--seq-len", "12", "--no-progress", "--seeds", "1,2"])
